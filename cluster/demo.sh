@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The README's walk-through on the local cluster, run by `make demo` as the unprivileged hk-alice.
+set -euo pipefail
+cd "$HOME"
+mkdir -p "$HOME/demo-workspace"
+echo "a file in the workspace" >"$HOME/demo-workspace/README.txt"
+step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; }
+
+# A demo kernel left over from an interrupted run must not block this one.
+hpc-kernel shutdown demo >/dev/null 2>&1 || true
+
+step hpc-kernel submit --profile local --name demo --workspace "$HOME/demo-workspace"
+hpc-kernel submit --profile local --name demo --workspace "$HOME/demo-workspace"
+
+step hpc-kernel exec demo "'import socket; print(socket.gethostname())'"
+hpc-kernel exec demo 'import socket; print(socket.gethostname())'
+
+step hpc-kernel exec demo "'...: the network, home and the workspace from inside the sandbox'"
+hpc-kernel exec demo '
+import os, socket
+try:
+    socket.create_connection(("10.77.7.1", 22), timeout=3)
+except OSError as e:
+    print("network:  ", e)
+print("home:     ", os.path.expanduser("~"), "->", sorted(os.listdir("/home")))
+print("workspace:", os.getcwd(), os.listdir("."))
+try:
+    open("new-file", "w")
+except OSError as e:
+    print("write:    ", e)
+'
+
+step 'jupyter console --existing "$(hpc-kernel connect demo)"   # with input from a pipe'
+printf 'x = 6 * 7\nprint("the answer is", x)\n' |
+    jupyter console --existing "$(hpc-kernel connect demo)" --simple-prompt 2>&1 | grep -v '^$' | tail -n 4
+
+step hpc-kernel list
+hpc-kernel list
+step hpc-kernel status demo
+hpc-kernel status demo
+step hpc-kernel logs demo
+hpc-kernel logs demo
+step hpc-kernel shutdown demo
+hpc-kernel shutdown demo
+step "squeue --me; hpc-kernel list"
+squeue --me
+hpc-kernel list

@@ -1,0 +1,103 @@
+# shellcheck shell=bash disable=SC2034  # variables are used by the sourcing scripts
+# Shared settings and helpers for the hpc-kernels test cluster scripts.
+# Sourced by setup.sh, up.sh, down.sh and status.sh; not meant to be run.
+
+HK_STATE=/var/lib/hpc-kernels-cluster      # everything the cluster writes lives here
+HK_RUN=$HK_STATE/run                       # pid files
+HK_LOG=$HK_STATE/log                       # daemon logs
+HK_CONF=/etc/slurm/slurm.conf              # default path: every user's client finds it
+HK_BRIDGE=hkbr0
+HK_NET_PREFIX=10.77.7
+HK_LOGIN_IP=$HK_NET_PREFIX.1
+HK_NODES=(c1 c2)                           # node N gets $HK_NET_PREFIX.1N
+HK_HOSTS_MARK='# hpc-kernels-cluster'      # marks our /etc/hosts lines
+HK_USERS=(hk-alice hk-bob)
+HK_GROUP=hk-cluster                        # test users; may append to the jobcomp file (sacct -c)
+HK_VENV=/opt/hpc-kernels/venv
+# Daemons are started with a clean, predictable environment.
+HK_DAEMON_ENV=(env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 "SLURM_CONF=$HK_CONF")
+
+hk_node_ip() { echo "$HK_NET_PREFIX.1${1#c}"; }
+
+hk_log() { echo "[$(basename "$0")] $*"; }
+hk_die() { echo "[$(basename "$0")] ERROR: $*" >&2; exit 1; }
+
+hk_need_root() { [[ $(id -u) -eq 0 ]] || hk_die "must run as root"; }
+
+# True if PID exists and is not a zombie (PID 1 here reaps slowly: state Z counts as gone).
+hk_alive() {
+    local pid=$1 stat
+    [[ $pid =~ ^[0-9]+$ ]] || return 1
+    stat=$(cat "/proc/$pid/stat" 2>/dev/null) || return 1
+    stat=${stat##*) }                      # strip "pid (comm) "; comm may contain spaces
+    [[ ${stat%% *} != Z && ${stat%% *} != X ]]
+}
+
+# Executable name of PID ("" if gone).
+hk_comm() { cat "/proc/$1/comm" 2>/dev/null || true; }
+
+# PID recorded in pid file $1 if that process is alive and named $2, else fail.
+hk_pid_from_file() {
+    local file=$1 name=$2 pid
+    [[ -r $file ]] || return 1
+    pid=$(tr -dc '0-9' <"$file")
+    hk_alive "$pid" && [[ $(hk_comm "$pid") == "$name" ]] || return 1
+    echo "$pid"
+}
+
+# Wait up to $1 seconds (float ok) for all PIDs given after it to be gone.
+hk_wait_gone() {
+    local timeout=$1; shift
+    local deadline=$(( $(date +%s%N) + ${timeout%.*} * 1000000000 )) p left
+    while :; do
+        left=0
+        for p in "$@"; do hk_alive "$p" && left=1; done
+        (( left == 0 )) && return 0
+        (( $(date +%s%N) >= deadline )) && return 1
+        sleep 0.1
+    done
+}
+
+# SIGTERM the PIDs, wait up to $1 s, then SIGKILL what is left and wait for it.
+hk_terminate() {
+    local timeout=$1; shift
+    (( $# )) || return 0
+    kill -TERM "$@" 2>/dev/null || true
+    hk_wait_gone "$timeout" "$@" && return 0
+    kill -KILL "$@" 2>/dev/null || true
+    hk_wait_gone 5 "$@" || hk_log "warning: still alive after SIGKILL: $*"
+}
+
+# Stop the daemon whose pid file is $1 (named $2). Removes the pid file.
+hk_stop_pidfile() {
+    local file=$1 name=$2 pid
+    if pid=$(hk_pid_from_file "$file" "$name"); then
+        hk_log "stopping $name (pid $pid)"
+        hk_terminate 10 "$pid"
+    fi
+    rm -f "$file"
+}
+
+hk_slurmd_pidfile() { echo "$HK_RUN/slurmd-$1.pid"; }
+
+# The given PIDs plus all their (live) descendants, one per line.
+hk_with_descendants() {
+    (( $# )) || return 0
+    ps -e -o pid=,ppid=,stat= | awk -v roots="$*" '
+        { ppid[$1] = $2; st[$1] = $3 }
+        END {
+            n = split(roots, r, " "); for (i = 1; i <= n; i++) want[r[i]] = 1
+            do { added = 0
+                 for (p in ppid) if (!(p in want) && (ppid[p] in want)) { want[p] = 1; added = 1 }
+            } while (added)
+            for (p in want) if ((p in st) && st[p] !~ /^Z/) print p
+        }'
+}
+
+# Live processes inside node $1 (its netns), with their descendants (e.g. bwrap sandboxes,
+# which live in a netns of their own).
+hk_node_pids() {
+    [[ -e /run/netns/$1 ]] || return 0
+    # shellcheck disable=SC2046
+    hk_with_descendants $(ip netns pids "$1" 2>/dev/null)
+}

@@ -1,0 +1,256 @@
+#!/usr/bin/env bash
+# Start the hpc-kernels test cluster (idempotent; a fast check when it is already up).
+#
+# Layout: this host is the login node and runs slurmctld (10.77.7.1 on bridge hkbr0);
+# compute nodes c1 (10.77.7.11) and c2 (10.77.7.12) are network namespaces, each running
+# its own slurmd with its own hostname (UTS ns) and a private node-local /tmp (mount ns).
+# /home and everything else stays shared, like a cluster file system.
+# Run cluster/setup.sh once before. Stop with cluster/down.sh.
+set -euo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=lib.sh
+source "$HERE/lib.sh"
+
+LOGIN_HOST=$(hostname -s)
+WAIT_SECONDS=30
+declare -A STARTED_AT=()   # node -> time its slurmd was started by this run (must re-register)
+
+preflight() {
+    hk_need_root
+    local c
+    for c in slurmctld slurmd sinfo scontrol munged nsenter unshare ip; do
+        command -v "$c" >/dev/null || hk_die "$c not found: run cluster/setup.sh first"
+    done
+    mkdir -p "$HK_RUN" "$HK_LOG" "$HK_STATE/ctld"
+    chmod 0755 "$HK_STATE" "$HK_LOG"
+    # "sacct -c" (finished jobs without slurmdbd) opens JobCompLoc with O_WRONLY|O_APPEND even
+    # to read it, so test users (group $HK_GROUP, made by setup.sh) need write access.
+    local jc=$HK_STATE/jobcomp.txt
+    [[ -e $jc ]] || install -m 0664 /dev/null "$jc"
+    if getent group "$HK_GROUP" >/dev/null; then chgrp "$HK_GROUP" "$jc"; chmod 0664 "$jc"; fi
+}
+
+# --- munge ------------------------------------------------------------------------------
+start_munged() {
+    local pid
+    hk_pid_from_file "$HK_RUN/munged.pid" munged >/dev/null && return 0
+    mkdir -p /run/munge && chown munge:munge /run/munge && chmod 0755 /run/munge
+    [[ -s /etc/munge/munge.key ]] || { hk_log "creating munge key"; runuser -u munge -- mungekey -c; }
+    # A munged already running on this machine (started by hand earlier): adopt it.
+    if ! pid=$(hk_pid_from_file /run/munge/munged.pid munged); then
+        hk_log "starting munged"
+        rm -f /run/munge/munged.pid
+        (cd / && "${HK_DAEMON_ENV[@]}" runuser -u munge -- /usr/sbin/munged) </dev/null >>"$HK_LOG/munged.stdout" 2>&1 ||
+            hk_die "munged failed to start: $(tail -n 5 "$HK_LOG/munged.stdout"; tail -n 5 /var/log/munge/munged.log 2>/dev/null)"
+        for _ in $(seq 50); do pid=$(hk_pid_from_file /run/munge/munged.pid munged) && break; sleep 0.1; done
+        [[ -n ${pid:-} ]] || hk_die "munged did not write /run/munge/munged.pid"
+    fi
+    echo "$pid" >"$HK_RUN/munged.pid"
+}
+
+# --- network: bridge + one netns/veth per node --------------------------------------------
+setup_network() {
+    if ! ip link show "$HK_BRIDGE" >/dev/null 2>&1; then
+        hk_log "creating bridge $HK_BRIDGE ($HK_LOGIN_IP/24)"
+        ip link add "$HK_BRIDGE" type bridge
+    fi
+    ip -br addr show dev "$HK_BRIDGE" | grep -qw "$HK_LOGIN_IP/24" || ip addr add "$HK_LOGIN_IP/24" dev "$HK_BRIDGE"
+    ip link set "$HK_BRIDGE" up
+    local n ip
+    for n in "${HK_NODES[@]}"; do
+        ip=$(hk_node_ip "$n")
+        [[ -e /run/netns/$n ]] || { hk_log "creating netns $n ($ip)"; ip netns add "$n"; }
+        if ! ip link show "veth-$n" >/dev/null 2>&1; then
+            # Host end veth-cN joins the bridge; the other end is eth0 inside the node.
+            ip -n "$n" link del eth0 2>/dev/null || true
+            ip link add "veth-$n" type veth peer name eth0 netns "$n"
+        fi
+        ip link set "veth-$n" master "$HK_BRIDGE" up
+        ip -n "$n" -br addr show dev eth0 | grep -qw "$ip/24" || ip -n "$n" addr add "$ip/24" dev eth0
+        ip -n "$n" link set lo up
+        ip -n "$n" link set eth0 up
+    done
+}
+
+# --- /etc/hosts: our lines, each marked so down.sh can remove them ------------------------
+update_hosts() {
+    local want n cur
+    want=$(printf '%s %s %s\n' "$HK_LOGIN_IP" "$LOGIN_HOST" "$HK_HOSTS_MARK"
+           for n in "${HK_NODES[@]}"; do printf '%s %s %s\n' "$(hk_node_ip "$n")" "$n" "$HK_HOSTS_MARK"; done)
+    cur=$(grep -F -- "$HK_HOSTS_MARK" /etc/hosts || true)
+    [[ $cur == "$want" ]] && return 0
+    hk_log "updating /etc/hosts"
+    # NB: if the file already maps the login host name to 127.0.0.1 (it does on these VMs),
+    # getaddrinfo() on a compute node still prefers 127.0.0.1 (= the node itself), wherever our
+    # line is. Jobs that must reach the login node should use $HK_LOGIN_IP.
+    # Rewrite in place (not mv): /etc/hosts may be a bind mount in containers.
+    local rest
+    rest=$(grep -vF -- "$HK_HOSTS_MARK" /etc/hosts || true)
+    printf '%s\n%s\n' "$rest" "$want" >/etc/hosts
+}
+
+# --- slurm.conf ---------------------------------------------------------------------------
+write_slurm_conf() {
+    local tmp n
+    tmp=$(mktemp)
+    cat >"$tmp" <<CONF
+# Written by hpc-kernels cluster/up.sh: a throwaway test cluster. Do not edit by hand.
+ClusterName=hk
+SlurmctldHost=$LOGIN_HOST($HK_LOGIN_IP)
+SlurmUser=root
+AuthType=auth/munge
+CredType=cred/munge
+MpiDefault=none
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+DefMemPerCPU=500
+SchedulerType=sched/backfill
+SchedulerParameters=batch_sched_delay=0,sched_min_interval=0
+ReturnToService=2
+MinJobAge=300
+# scancel: SIGTERM, then SIGKILL after KillWait seconds (default 30; short for tests)
+KillWait=5
+MailProg=/bin/true
+AccountingStorageType=accounting_storage/none
+# Finished jobs for "sacct -c" without slurmdbd
+JobCompType=jobcomp/filetxt
+JobCompLoc=$HK_STATE/jobcomp.txt
+StateSaveLocation=$HK_STATE/ctld
+SlurmctldPidFile=$HK_RUN/slurmctld.pid
+SlurmctldLogFile=$HK_LOG/slurmctld.log
+# %n = node name: several slurmd share this file system
+SlurmdSpoolDir=$HK_STATE/spool/%n
+SlurmdPidFile=$HK_RUN/slurmd-%n.pid
+SlurmdLogFile=$HK_LOG/slurmd-%n.log
+CONF
+    for n in "${HK_NODES[@]}"; do
+        echo "NodeName=$n NodeAddr=$(hk_node_ip "$n") CPUs=2 RealMemory=4000 State=UNKNOWN" >>"$tmp"
+    done
+    local all_nodes
+    all_nodes=$(IFS=,; echo "${HK_NODES[*]}")
+    cat >>"$tmp" <<CONF
+PartitionName=debug Nodes=$all_nodes Default=YES MaxTime=INFINITE State=UP
+PartitionName=short Nodes=${HK_NODES[0]} MaxTime=01:00:00 State=UP
+CONF
+    if cmp -s "$tmp" "$HK_CONF"; then rm -f "$tmp"; return 0; fi
+    hk_log "writing $HK_CONF"
+    mkdir -p "$(dirname "$HK_CONF")"
+    install -m 0644 "$tmp" "$HK_CONF"
+    rm -f "$tmp"
+    # Daemons running with an older config: restart them (node changes need a restart).
+    if slurm_daemons_running; then
+        hk_log "slurm.conf changed: restarting Slurm daemons"
+        for n in "${HK_NODES[@]}"; do hk_stop_pidfile "$(hk_slurmd_pidfile "$n")" slurmd; done
+        hk_stop_pidfile "$HK_RUN/slurmctld.pid" slurmctld
+    fi
+}
+
+slurm_daemons_running() {
+    local n
+    hk_pid_from_file "$HK_RUN/slurmctld.pid" slurmctld >/dev/null && return 0
+    for n in "${HK_NODES[@]}"; do
+        hk_pid_from_file "$(hk_slurmd_pidfile "$n")" slurmd >/dev/null && return 0
+    done
+    return 1
+}
+
+# --- daemons ------------------------------------------------------------------------------
+# wait_pidfile FILE NAME LOG: wait up to 10 s for a daemon to write a live pid into FILE.
+wait_pidfile() {
+    local pid
+    for _ in $(seq 100); do
+        pid=$(hk_pid_from_file "$1" "$2") && return 0
+        sleep 0.1
+    done
+    hk_die "$2 did not start; last lines of $3:
+$(tail -n 20 "$3" 2>/dev/null)"
+}
+
+start_slurmctld() {
+    hk_pid_from_file "$HK_RUN/slurmctld.pid" slurmctld >/dev/null && return 0
+    hk_log "starting slurmctld"
+    rm -f "$HK_RUN/slurmctld.pid"
+    # slurmctld daemonizes itself and writes SlurmctldPidFile.
+    (cd / && "${HK_DAEMON_ENV[@]}" slurmctld) </dev/null >>"$HK_LOG/slurmctld.stdout" 2>&1 ||
+        hk_die "slurmctld failed: $(tail -n 20 "$HK_LOG/slurmctld.stdout" "$HK_LOG/slurmctld.log" 2>/dev/null)"
+    wait_pidfile "$HK_RUN/slurmctld.pid" slurmctld "$HK_LOG/slurmctld.log"
+}
+
+start_slurmd() {
+    local n=$1 pidfile
+    pidfile=$(hk_slurmd_pidfile "$n")
+    hk_pid_from_file "$pidfile" slurmd >/dev/null && return 0
+    hk_log "starting slurmd on $n"
+    rm -f "$pidfile"
+    mkdir -p "$HK_STATE/spool/$n"
+    STARTED_AT[$n]=$(date +%Y-%m-%dT%H:%M:%S)
+    # nsenter --net keeps the host's /sys (ip netns exec remounts it and slurmd then fails with
+    # "No filesystem mounted on /sys/fs/cgroup"). unshare gives the node its own hostname and a
+    # private /tmp. slurmd daemonizes; the daemon stays in these namespaces.
+    (cd / && "${HK_DAEMON_ENV[@]}" nsenter --net="/run/netns/$n" \
+        unshare --mount --uts --propagation private \
+        sh -c "hostname $n; mount -t tmpfs -o mode=1777 tmpfs /tmp; exec slurmd -N $n") \
+        </dev/null >>"$HK_LOG/slurmd-$n.stdout" 2>&1 ||
+        hk_die "slurmd $n failed: $(tail -n 20 "$HK_LOG/slurmd-$n.stdout" "$HK_LOG/slurmd-$n.log" 2>/dev/null)"
+    wait_pidfile "$pidfile" slurmd "$HK_LOG/slurmd-$n.log"
+}
+
+# --- wait until every node is usable --------------------------------------------------------
+wait_nodes() {
+    local deadline=$(( SECONDS + WAIT_SECONDS )) n st bad resumed=" " states
+    while :; do
+        bad=0
+        states=$(sinfo -h -N -o '%N %T' 2>/dev/null | sort -u || true)
+        for n in "${HK_NODES[@]}"; do
+            st=$(awk -v n="$n" '$1==n {print $2; exit}' <<<"$states")
+            # A restarted slurmctld reports the saved node state at once: for a slurmd started
+            # by this run, also wait until it has registered (SlurmdStartTime is updated then).
+            if [[ -n ${STARTED_AT[$n]:-} ]]; then
+                local reg
+                reg=$(scontrol show node "$n" -o 2>/dev/null | grep -o 'SlurmdStartTime=[^ ]*' || true)
+                if [[ ${reg#*=} < ${STARTED_AT[$n]} ]]; then bad=1; continue; fi
+                unset "STARTED_AT[$n]"
+            fi
+            case $st in
+                idle|mixed|allocated|completing) ;;
+                down|drained|draining|drain|fail|failing)
+                    # Responding (no '*') but down or drained: resume it once.
+                    bad=1
+                    if [[ $resumed != *" $n "* ]]; then
+                        hk_log "node $n is $st: resuming"
+                        scontrol update nodename="$n" state=resume || true
+                        resumed+="$n "
+                    fi ;;
+                *) bad=1 ;;   # unknown, down*, idle* ... (not registered yet)
+            esac
+        done
+        (( bad == 0 )) && return 0
+        if (( SECONDS >= deadline )); then
+            echo "--- sinfo:"; sinfo -N -l 2>&1 || true
+            echo "--- slurmctld.log:"; tail -n 20 "$HK_LOG/slurmctld.log" 2>/dev/null || true
+            for n in "${HK_NODES[@]}"; do
+                echo "--- slurmd-$n.log:"; tail -n 20 "$HK_LOG/slurmd-$n.log" 2>/dev/null || true
+            done
+            hk_die "nodes not idle after ${WAIT_SECONDS}s"
+        fi
+        sleep 0.2
+    done
+}
+
+main() {
+    preflight
+    start_munged
+    setup_network
+    update_hosts
+    write_slurm_conf
+    start_slurmctld
+    local n
+    for n in "${HK_NODES[@]}"; do start_slurmd "$n"; done
+    wait_nodes
+    echo "hk cluster up: slurmctld on $LOGIN_HOST ($HK_LOGIN_IP), nodes: $(sinfo -h -N -o '%N=%T' | sort -u | tr '\n' ' ')partitions: $(sinfo -h -o '%P' | tr '\n' ' ')"
+}
+
+main "$@"

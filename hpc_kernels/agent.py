@@ -1,0 +1,176 @@
+"""The node agent: the batch step of a kernel job, on the compute node.
+
+``python -m hpc_kernels.agent STATE_DIR`` (from the job script):
+
+1. makes a private (0700) directory on node-local tmp,
+2. writes the kernel's connection file there (``transport: ipc``), with the key read from the
+   0600 key file in the kernel's state directory on the shared file system,
+3. starts the kernel in the sandbox and waits for its five sockets,
+4. reports ``starting`` / ``ready`` / ``failed`` / ``ended`` in ``agent.json`` in the state directory,
+5. when the kernel ends (or the job is cancelled), removes the directory and exits, ending the job.
+
+The relay's node side (``hpc_kernels.relay node``) runs as a separate srun step and connects to
+the sockets this agent's kernel made.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from .paths import check_socket_path, read_json, write_json
+from .relay import connection_info, socket_paths
+from .runtimes import SandboxSpec, bwrap_argv, sandbox_environment
+from .state import KernelFiles
+
+
+class AgentError(Exception):
+    pass
+
+
+def choose_node_tmp(configured: str | None, env: Mapping[str, str]) -> str:
+    """Where the private directory goes: the profile's ``paths.node_tmp`` (environment variables
+    expanded), else the first existing of $SLURM_TMPDIR, $TMPDIR, /tmp."""
+    if configured:
+        expanded = _expand(configured, env)
+        if "$" in expanded:
+            raise AgentError(f"paths.node_tmp {configured!r}: a variable in it is not set on this node")
+        if not os.path.isdir(expanded):
+            raise AgentError(f"paths.node_tmp {configured!r} is {expanded!r}, which is not a directory on this node")
+        return expanded
+    for candidate in (env.get("SLURM_TMPDIR"), env.get("TMPDIR"), "/tmp"):
+        if candidate and os.path.isdir(candidate):
+            return candidate
+    raise AgentError("no node-local tmp directory: neither $SLURM_TMPDIR, $TMPDIR nor /tmp exists")
+
+
+def _expand(text: str, env: Mapping[str, str]) -> str:
+    for name in sorted(env, key=len, reverse=True):
+        text = text.replace("${" + name + "}", env[name]).replace("$" + name, env[name])
+    return text
+
+
+def _say(message: str) -> None:
+    print(f"[hpc-kernels agent {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+class Agent:
+    def __init__(self, state_dir: Path) -> None:
+        self.files = KernelFiles(state_dir)
+        self.launch: dict[str, Any] = read_json(self.files.launch) or {}
+        self.node = socket.gethostname()
+        self.job_id = os.environ.get("SLURM_JOB_ID", "")
+        self.node_dir: Path | None = None
+        self.kernel: subprocess.Popen[bytes] | None = None
+        self.stop_signal: int | None = None
+
+    def report(self, state: str, **extra: Any) -> None:
+        write_json(
+            self.files.agent,
+            {"state": state, "node": self.node, "job_id": self.job_id, "pid": os.getpid(),
+             "node_dir": str(self.node_dir) if self.node_dir else None, "time": time.time(), **extra},
+        )
+
+    def on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.stop_signal = signum
+        if self.kernel is not None and self.kernel.poll() is None:
+            self.kernel.terminate()  # bwrap forwards nothing; its sandbox dies with it
+
+    def prepare(self) -> list[str]:
+        """Make the node-side directory and connection file; return the sandboxed kernel argv."""
+        launch = self.launch
+        root = choose_node_tmp(launch.get("node_tmp"), os.environ)
+        self.node_dir = Path(tempfile.mkdtemp(prefix=f"hk-{self.job_id}-", dir=root))
+        base = str(self.node_dir / "kernel")
+        for path in socket_paths(base):
+            check_socket_path(path, "node-side socket")
+        connection_file = self.node_dir / "kernel.json"
+        write_json(connection_file, connection_info(base, self.files.key.read_text().strip()))
+
+        workspace = launch.get("workspace")
+        if workspace and not os.path.isdir(workspace):
+            raise AgentError(
+                f"workspace {workspace} does not exist on {self.node}: it must be on a file system "
+                "the compute nodes share (e.g. under your home), not on login-node-local storage"
+            )
+        hide = [path for path in launch.get("hide", []) if os.path.isdir(path)]
+        spec = SandboxSpec(
+            node_dir=str(self.node_dir),
+            hide=hide,
+            workspace=workspace,
+            workspace_rw=bool(launch.get("workspace_rw")),
+        )
+        kernel_argv = [
+            arg.format(python=launch["python"], connection_file=str(connection_file))
+            for arg in launch["kernel_command"]
+        ]
+        return bwrap_argv(spec, kernel_argv, bwrap=launch.get("bwrap", "bwrap"))
+
+    def wait_for_sockets(self, timeout: float) -> None:
+        assert self.kernel is not None and self.node_dir is not None
+        sockets = socket_paths(str(self.node_dir / "kernel"))
+        deadline = time.monotonic() + timeout
+        while not all(os.path.exists(s) for s in sockets):
+            code = self.kernel.poll()
+            if code is not None:
+                raise AgentError(f"the kernel exited with code {code} before it was ready (its output is above)")
+            if self.stop_signal is not None:
+                raise AgentError(f"stopped by signal {signal.Signals(self.stop_signal).name} before the kernel was ready")
+            if time.monotonic() > deadline:
+                raise AgentError(f"the kernel did not create its sockets within {timeout:.0f} s (kernel.start_timeout)")
+            time.sleep(0.02)
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self.on_signal)
+        started = time.monotonic()
+        try:
+            argv = self.prepare()
+            self.report("starting")
+            _say(f"starting the kernel on {self.node} in {self.node_dir}")
+            env = sandbox_environment(os.environ, self.launch.get("kernel_env", {}))
+            self.kernel = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL)
+            self.wait_for_sockets(float(self.launch.get("start_timeout", 60)))
+        except (AgentError, OSError, KeyError) as e:
+            message = str(e) if not isinstance(e, KeyError) else f"launch.json lacks {e}"
+            _say(f"failed: {message}")
+            self.report("failed", message=message)
+            self.cleanup()
+            return 1
+        self.report("ready", startup_seconds=round(time.monotonic() - started, 3))
+        _say(f"kernel ready after {time.monotonic() - started:.2f} s")
+        code = self.kernel.wait()
+        why = f"signal {signal.Signals(self.stop_signal).name}" if self.stop_signal else f"exit code {code}"
+        _say(f"kernel ended ({why}); cleaning up")
+        self.cleanup()
+        self.report("ended", exit_code=code, message=f"kernel ended ({why})")
+        return 0 if code == 0 or self.stop_signal else 1
+
+    def cleanup(self) -> None:
+        if self.kernel is not None and self.kernel.poll() is None:
+            self.kernel.kill()
+            self.kernel.wait()
+        if self.node_dir is not None:
+            shutil.rmtree(self.node_dir, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m hpc_kernels.agent STATE_DIR", file=sys.stderr)
+        return 2
+    return Agent(Path(args[0])).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

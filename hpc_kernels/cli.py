@@ -1,0 +1,225 @@
+"""The ``hpc-kernel`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .errors import HpcKernelsError
+from .launcher import (
+    KernelView,
+    ensure_relay,
+    relay_connection_file,
+    shutdown,
+    submit,
+    view,
+    wait_until_ready,
+)
+from .profiles import KernelRequest
+from .state import kernel_files, list_records
+
+
+def _progress(line: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {line}", file=sys.stderr, flush=True)
+
+
+def _workspace(args: argparse.Namespace) -> str | None:
+    if args.no_workspace:
+        return None
+    return str(Path(args.workspace or os.getcwd()).resolve())
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    request = KernelRequest(
+        name=args.name or args.profile,
+        time=args.time,
+        cpus=args.cpus,
+        mem=args.mem,
+        partition=args.partition,
+        workspace=_workspace(args),
+        workspace_rw=args.rw,
+    )
+    record = submit(args.profile, request)
+    if args.no_wait:
+        print(record.job_id)
+        return 0
+    _progress(f"submitted job {record.job_id} for kernel {record.name}")
+    try:
+        connection_file = ensure_relay(record.name, timeout=args.timeout, progress=_progress)
+    except KeyboardInterrupt:
+        _progress(f"interrupted: cancelling job {record.job_id}")
+        shutdown(record.name, progress=_progress)
+        return 130
+    print(connection_file)
+    return 0
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    from .execute import execute
+
+    code = sys.stdin.read() if args.code == "-" else args.code
+    connection_file = ensure_relay(args.name, timeout=args.wait_timeout, progress=_progress)
+    return 0 if execute(connection_file, code, timeout=args.timeout) else 1
+
+
+def cmd_connect(args: argparse.Namespace) -> int:
+    print(ensure_relay(args.name, timeout=args.timeout, progress=_progress))
+    return 0
+
+
+def _summary(current: KernelView) -> dict[str, object]:
+    record, job = current.record, current.job
+    files = kernel_files(record.name)
+    return {
+        "name": record.name,
+        "state": current.state,
+        "job_id": record.job_id,
+        "slurm_state": job.state if job else "(gone)",
+        "slurm_reason": job.reason if job else "",
+        "node": current.node,
+        "profile": record.profile,
+        "workspace": record.workspace,
+        "workspace_rw": record.workspace_rw,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created)),
+        "connection_file": str(relay_connection_file(files) or ""),
+        "log": str(files.log),
+        "message": record.message or current.agent.get("message", ""),
+    }
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    rows = [_summary(view(record.name)) for record in list_records()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no kernels", file=sys.stderr)
+        return 0
+    columns = ("name", "state", "job_id", "node", "profile", "created")
+    table = [[str(row[c] or "-") for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in table)) for i, c in enumerate(columns)]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip())
+    for r in table:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    summary = _summary(view(args.name))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        width = max(len(k) for k in summary)
+        for key, value in summary.items():
+            if value not in ("", None):
+                print(f"{key.replace('_', ' '):<{width}}  {value}")
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    files = kernel_files(args.name)
+    if not files.dir.is_dir():
+        view(args.name)  # raises KernelNotFound with the list of kernels
+    path = files.relay_log if args.relay else files.log
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().decode(errors="replace").splitlines()
+            print("\n".join(lines[-args.lines:] if args.lines else lines))
+            while args.follow:
+                chunk = f.read()
+                if chunk:
+                    sys.stdout.write(chunk.decode(errors="replace"))
+                    sys.stdout.flush()
+                else:
+                    time.sleep(0.5)
+    except FileNotFoundError:
+        print(f"no log yet: {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_shutdown(args: argparse.Namespace) -> int:
+    names = [r.name for r in list_records()] if args.all else args.names
+    if not names:
+        raise HpcKernelsError("name a kernel to shut down, or give --all")
+    for name in names:
+        shutdown(name, progress=_progress)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hpc-kernel",
+        description="Sandboxed Jupyter kernels on Slurm compute nodes, reached through a socket relay.",
+    )
+    parser.add_argument("--version", action="version", version=f"hpc-kernels {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("submit", help="submit a kernel job and wait until the kernel is ready")
+    p.add_argument("--profile", "-p", default=os.environ.get("HPC_KERNELS_PROFILE"),
+                   required="HPC_KERNELS_PROFILE" not in os.environ, help="site profile to use")
+    p.add_argument("--name", "-n", help="a name for the kernel (default: the profile's name)")
+    p.add_argument("--time", "-t", help="time limit, e.g. 2:00:00 (overrides the profile)")
+    p.add_argument("--cpus", "-c", type=int, help="CPUs (overrides the profile)")
+    p.add_argument("--mem", help="memory, e.g. 4G (overrides the profile)")
+    p.add_argument("--partition", help="Slurm partition (overrides the profile)")
+    p.add_argument("--workspace", "-w", help="directory bound into the sandbox (default: the current one)")
+    p.add_argument("--no-workspace", action="store_true", help="bind no workspace")
+    p.add_argument("--rw", action="store_true", help="bind the workspace read-write (default: read-only)")
+    p.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
+    p.add_argument("--timeout", type=float, help="give up (and cancel the job) after this many seconds")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("exec", help="run code in a kernel, streaming its output")
+    p.add_argument("name")
+    p.add_argument("code", help="Python code, or - to read it from stdin")
+    p.add_argument("--timeout", type=float, help="seconds to wait for the code to finish")
+    p.add_argument("--wait-timeout", type=float, help="seconds to wait for a kernel that is not ready yet")
+    p.set_defaults(func=cmd_exec)
+
+    p = sub.add_parser("connect", help="print the login-side connection file (restarting the relay if needed)")
+    p.add_argument("name")
+    p.add_argument("--timeout", type=float, help="seconds to wait for a kernel that is not ready yet")
+    p.set_defaults(func=cmd_connect)
+
+    p = sub.add_parser("list", help="list your kernels")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("status", help="show one kernel in detail")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("logs", help="show a kernel job's log (agent and kernel output)")
+    p.add_argument("name")
+    p.add_argument("--lines", "-n", type=int, default=0, help="only the last N lines")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing as the log grows")
+    p.add_argument("--relay", action="store_true", help="show the login-side relay's log instead")
+    p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("shutdown", help="shut a kernel down: job ended, relay stopped, state removed")
+    p.add_argument("names", nargs="*", metavar="name")
+    p.add_argument("--all", action="store_true", help="every kernel of yours")
+    p.set_defaults(func=cmd_shutdown)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except HpcKernelsError as e:
+        print(f"hpc-kernel: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,368 @@
+"""A kernel's life seen from the login node: submit, wait until ready, relay, shut down.
+
+The CLI (and, later, the kernel provisioner) call these functions; each one takes the kernel's
+lock while it changes the kernel's state, so two commands at once do not interleave.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jupyter_client import BlockingKernelClient
+
+from .errors import HpcKernelsError, KernelStartError, RelayError
+from .paths import read_json, state_root, write_json, write_private_file
+from .profiles import KernelRequest, Profile, apply_request, check_kernel_name, load_profile
+from .relay import login_dir_for
+from .render import render_kernel_script
+from .slurm import JobInfo, cancel, job_info, submit_batch
+from .state import (
+    KernelFiles,
+    KernelRecord,
+    create_kernel_dir,
+    kernel_files,
+    load_record,
+    locked,
+    remove_kernel_dir,
+    save_record,
+)
+
+Progress = Callable[[str], None]
+LOG_TAIL_LINES = 25
+POLL_SECONDS = 0.25
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Looking at a kernel
+
+
+@dataclass(frozen=True)
+class KernelView:
+    """What is known of a kernel right now: the record, Slurm's view of the job, the agent's report."""
+
+    record: KernelRecord
+    job: JobInfo | None
+    agent: dict[str, Any]
+    relay: dict[str, Any]
+
+    @property
+    def agent_state(self) -> str:
+        return str(self.agent.get("state", ""))
+
+    @property
+    def job_alive(self) -> bool:
+        return self.job is not None and not self.job.finished
+
+    @property
+    def state(self) -> str:
+        """One word for people: pending, starting, ready, failed or ended."""
+        if self.record.status == "failed":
+            return "failed"
+        if self.job_alive:
+            assert self.job is not None
+            if self.job.state == "PENDING":
+                return "pending"
+            if self.agent_state == "ready":
+                return "ready"
+            if self.agent_state in ("failed", "ended"):
+                return self.agent_state
+            return "starting"
+        return "failed" if self.agent_state == "failed" else "ended"
+
+    @property
+    def node(self) -> str | None:
+        return self.agent.get("node") or (self.job.node if self.job else None) or self.record.node
+
+
+def view(name: str) -> KernelView:
+    record = load_record(name)
+    files = kernel_files(name)
+    job = job_info(record.job_id) if record.job_id else None
+    return KernelView(record, job, read_json(files.agent) or {}, read_json(files.relay) or {})
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            text = f.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+# ---------------------------------------------------------------------------------------------
+# Submit
+
+
+def launch_spec(profile: Profile, request: KernelRequest, python: str) -> dict[str, Any]:
+    """What the node agent needs (launch.json). No secrets: the key has its own 0600 file."""
+    home = os.path.expanduser("~")
+    return {
+        "profile": profile.name,
+        "runtime": profile.get("runtime", "kind"),
+        "python": python,
+        "kernel_command": profile.get("kernel", "command"),
+        "kernel_env": profile.get("kernel", "env"),
+        "start_timeout": profile.get("kernel", "start_timeout"),
+        "node_tmp": profile.get("paths", "node_tmp"),
+        "hide": [*profile.get("runtime", "hide"), home, str(state_root())],
+        "workspace": request.workspace,
+        "workspace_rw": profile.get("workspace", "mode") == "rw",
+    }
+
+
+def submit(profile_name: str, request: KernelRequest) -> KernelRecord:
+    """Write the kernel's state, render its job script and submit it. Returns at once."""
+    name = check_kernel_name(request.name)
+    profile = apply_request(load_profile(profile_name), request)
+    python = profile.get("paths", "python") or sys.executable
+    with locked(name):
+        _forget_if_dead(name)
+        try:
+            files = create_kernel_dir(name)
+        except FileExistsError:
+            raise HpcKernelsError(
+                f"a kernel named {name!r} already exists; use another --name or `hpc-kernel shutdown {name}`"
+            ) from None
+        try:
+            write_private_file(files.key, secrets.token_hex(32) + "\n")
+            write_json(files.launch, launch_spec(profile, request, python))
+            script = render_kernel_script(
+                profile, kernel_name=name, state_dir=files.dir, log_path=files.log, python=python
+            )
+            write_private_file(files.script, script)
+            write_private_file(files.log, "")  # Slurm appends to it and keeps its mode: 0600
+            job_id = submit_batch(script)
+        except BaseException:
+            remove_kernel_dir(name)
+            raise
+        record = KernelRecord(
+            name=name,
+            profile=profile.name,
+            status="submitted",
+            job_id=job_id,
+            workspace=request.workspace,
+            workspace_rw=profile.get("workspace", "mode") == "rw",
+        )
+        save_record(record)
+    return record
+
+
+def _forget_if_dead(name: str) -> None:
+    """A record whose job is gone (failed or ended) does not block its name; anything else does."""
+    files = kernel_files(name)
+    if not files.record.exists():
+        return
+    current = view(name)
+    if current.job_alive:
+        raise HpcKernelsError(
+            f"a kernel named {name!r} already exists (job {current.record.job_id}, {current.state}); "
+            f"use another --name or `hpc-kernel shutdown {name}`"
+        )
+    stop_relay(files)
+    remove_kernel_dir(name)
+
+
+def _start_failure(current: KernelView, files: KernelFiles, why: str) -> KernelStartError:
+    job = current.job
+    parts = [f"kernel {current.record.name!r} (job {current.record.job_id}) {why}"]
+    if job is not None:
+        parts.append(f"Slurm: {job.state}" + (f", reason {job.reason}" if job.reason else "")
+                     + (f", exit code {job.exit_code}" if job.exit_code and job.exit_code != "0:0" else ""))
+    if current.agent.get("message"):
+        parts.append(f"agent on {current.agent.get('node')}: {current.agent['message']}")
+    tail = log_tail(files.log)
+    parts.append(f"last lines of {files.log}:\n{tail}" if tail else f"the job wrote no log ({files.log})")
+    return KernelStartError("\n".join(parts))
+
+
+def wait_until_ready(name: str, *, timeout: float | None = None, progress: Progress = _quiet) -> KernelRecord:
+    """Follow the job until its kernel is ready; show each change of state through ``progress``.
+
+    If the job ends or the agent reports failure first, the job is cancelled (if still there),
+    the record is marked failed, and KernelStartError carries Slurm's reason and the log tail.
+    """
+    files = kernel_files(name)
+    started = time.monotonic()
+    last = ""
+    while True:
+        current = view(name)
+        if current.record.status == "ready" and current.job_alive:
+            return current.record
+        why = None
+        if current.agent_state in ("failed", "ended"):
+            why = "failed before its kernel was ready"
+        elif not current.job_alive:
+            why = "ended before its kernel was ready"
+        elif timeout is not None and time.monotonic() - started > timeout:
+            why = f"was not ready within {timeout:.0f} s; it was cancelled"
+        if why:
+            if current.job_alive:
+                cancel(current.record.job_id or "")
+                _wait_job_gone(current.record.job_id or "", 30)
+            time.sleep(0.5)  # the job's last words reach the shared log file
+            error = _start_failure(view(name), files, why)
+            _update_record(name, status="failed", message=str(error).splitlines()[0])
+            raise error
+        job = current.job
+        assert job is not None
+        if current.agent_state == "ready":
+            record = _update_record(name, status="ready", node=current.node)
+            progress(f"kernel ready on {current.node} (job {job.job_id})")
+            return record
+        if job.state == "PENDING":
+            line = f"PENDING ({job.reason or 'waiting'})"
+        elif current.agent_state == "starting":
+            line = f"RUNNING on {current.node}: starting the kernel"
+        else:
+            line = f"{job.state} on {job.node}" if job.node else job.state
+        if line != last:
+            progress(line)
+            last = line
+        time.sleep(POLL_SECONDS)
+
+
+def _update_record(name: str, **changes: Any) -> KernelRecord:
+    with locked(name):
+        record = load_record(name)
+        for key, value in changes.items():
+            setattr(record, key, value)
+        save_record(record)
+        return record
+
+
+def _wait_job_gone(job_id: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = job_info(job_id)
+        if job is None or (job.finished and "COMPLETING" not in job.fields.get("JobState", "")):
+            return True
+        time.sleep(POLL_SECONDS)
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# The login-side relay
+
+
+def process_alive(pid: int, marker: str = "hpc_kernels.relay") -> bool:
+    """True if ``pid`` runs (a zombie counts as gone) and its command line contains ``marker``."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in ("Z", "X") and marker in cmdline
+
+
+def relay_connection_file(files: KernelFiles) -> Path | None:
+    relay = read_json(files.relay) or {}
+    pid, connection_file = relay.get("pid"), relay.get("connection_file")
+    if pid and connection_file and process_alive(int(pid)) and os.path.exists(connection_file):
+        return Path(connection_file)
+    return None
+
+
+def ensure_relay(name: str, *, timeout: float | None = None, progress: Progress = _quiet) -> Path:
+    """The login-side connection file of a ready kernel, starting (or restarting) its relay."""
+    wait_until_ready(name, timeout=timeout, progress=progress)
+    files = kernel_files(name)
+    with locked(name):
+        existing = relay_connection_file(files)
+        if existing is not None:
+            return existing
+        return _start_relay(files)
+
+
+def _start_relay(files: KernelFiles) -> Path:
+    fd = os.open(files.relay_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "hpc_kernels.relay", "login", str(files.dir)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=fd,
+            start_new_session=True, close_fds=True,
+        )
+    finally:
+        os.close(fd)
+    assert proc.stdout is not None
+    line = proc.stdout.readline().decode(errors="replace").strip()
+    proc.stdout.close()
+    if line.startswith("READY "):
+        return Path(line.split(" ", 1)[1])
+    proc.wait()
+    tail = log_tail(files.relay_log, 10)
+    raise RelayError(f"{line[6:] if line.startswith('ERROR ') else 'the relay exited without a word'}"
+                     + (f"\nlast lines of {files.relay_log}:\n{tail}" if tail else ""))
+
+
+def stop_relay(files: KernelFiles, timeout: float = 10) -> None:
+    relay = read_json(files.relay) or {}
+    pid = relay.get("pid")
+    if pid and process_alive(int(pid)):
+        os.kill(int(pid), signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while process_alive(int(pid)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if process_alive(int(pid)):
+            os.kill(int(pid), signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shut down
+
+
+def shutdown(name: str, *, graceful_timeout: float = 15, progress: Progress = _quiet) -> None:
+    """Ask the kernel to shut down, make sure the job is gone, stop the relay, remove all state."""
+    current = view(name)
+    files = kernel_files(name)
+    job_id = current.record.job_id or ""
+    if current.job_alive and current.agent_state == "ready":
+        try:
+            connection_file = ensure_relay(name)
+            _request_shutdown(connection_file, graceful_timeout)
+            if _wait_job_gone(job_id, graceful_timeout):
+                progress(f"kernel {name} shut down; job {job_id} ended")
+        except HpcKernelsError as e:
+            progress(f"graceful shutdown failed ({e}); cancelling job {job_id}")
+    with locked(name):
+        job = job_info(job_id) if job_id else None
+        if job is not None and not job.finished:
+            cancel(job_id)
+            progress(f"cancelled job {job_id}")
+            if not _wait_job_gone(job_id, 60):
+                raise HpcKernelsError(f"job {job_id} is still in the queue after scancel; state kept in {files.dir}")
+        stop_relay(files)
+        shutil.rmtree(login_dir_for(name), ignore_errors=True)  # the relay's own cleanup, if it was killed
+        remove_kernel_dir(name)
+
+
+def _request_shutdown(connection_file: Path, timeout: float) -> None:
+    client = BlockingKernelClient()
+    client.load_connection_file(str(connection_file))
+    client.start_channels()
+    try:
+        client.shutdown()
+        try:
+            client.get_control_msg(timeout=timeout)
+        except Exception:  # no reply: the job state decides
+            pass
+    finally:
+        client.stop_channels()

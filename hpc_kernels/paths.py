@@ -1,0 +1,100 @@
+"""Where hpc-kernels keeps things, and how private directories and files are made.
+
+Two places matter:
+
+* the *state root* on the shared file system (``$XDG_DATA_HOME/hpc-kernels``, usually under the
+  home directory), which both the login node and the compute nodes can read: one directory per
+  kernel with its record, key, job script and log;
+* the *runtime root* on the login node (``$XDG_RUNTIME_DIR/hpc-kernels``, else
+  ``/tmp/hpc-kernels-<uid>``), which holds the login-side relay sockets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import HpcKernelsError
+
+# sockaddr_un.sun_path is 108 bytes including the terminating NUL.
+MAX_UNIX_SOCKET_PATH = 107
+
+
+def state_root() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "hpc-kernels"
+
+
+def kernels_root() -> Path:
+    return state_root() / "kernels"
+
+
+def runtime_root() -> Path:
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isdir(xdg) and os.access(xdg, os.W_OK):
+        return Path(xdg) / "hpc-kernels"
+    return Path(tempfile.gettempdir()) / f"hpc-kernels-{os.getuid()}"
+
+
+def ensure_private_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) and make sure it is a directory owned by us with mode 0700.
+
+    An existing directory that someone else owns, or that is a symlink, is refused rather than
+    used: in a shared /tmp another user could have made it first.
+    """
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise HpcKernelsError(f"{path} exists and is not a directory; refusing to use it")
+    if st.st_uid != os.getuid():
+        raise HpcKernelsError(
+            f"{path} is owned by uid {st.st_uid}, not by you (uid {os.getuid()}); refusing to use it"
+        )
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(path, 0o700)
+    return path
+
+
+def write_private_file(path: Path, data: str | bytes) -> None:
+    """Atomically write ``data`` to ``path`` with mode 0600: readers see the old file or the new one."""
+    raw = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_private_file(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: Path) -> Any | None:
+    """The JSON in ``path``, or None when there is no such file."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def check_socket_path(path: str | os.PathLike[str], what: str) -> None:
+    if len(os.fsencode(path)) > MAX_UNIX_SOCKET_PATH:
+        raise HpcKernelsError(
+            f"{what} {path} is {len(os.fsencode(path))} bytes long; unix socket paths are limited to "
+            f"{MAX_UNIX_SOCKET_PATH} bytes. Choose a shorter directory (e.g. set paths.node_tmp in the "
+            "profile, or XDG_RUNTIME_DIR on the login node)."
+        )

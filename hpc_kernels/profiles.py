@@ -1,0 +1,328 @@
+"""Site profiles: YAML files that describe how a kernel job runs on a cluster.
+
+A profile is found by name on a search path (first match wins):
+
+1. each directory in ``$HPC_KERNELS_PROFILE_PATH`` (colon-separated),
+2. ``$XDG_CONFIG_HOME/hpc-kernels/profiles`` (usually ``~/.config/hpc-kernels/profiles``),
+3. ``/etc/hpc-kernels/profiles``,
+4. the profiles shipped with hpc-kernels (``site-configs/``).
+
+Every value is checked before anything is submitted. A mistake is reported with the file, the key
+path and what was expected; unknown keys get a did-you-mean.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ProfileError
+from .resources import data_dir
+
+SYSTEM_PROFILE_DIR = Path("/etc/hpc-kernels/profiles")
+
+_SLURM_TIME = re.compile(r"^(\d+-\d{1,2}(:\d{1,2}(:\d{1,2})?)?|\d+(:\d{1,2}(:\d{1,2})?)?)$")
+_SLURM_MEM = re.compile(r"^\d+[KMGT]?$")
+_SLURM_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+_SBATCH_OPTION = re.compile(r"^--[A-Za-z][A-Za-z0-9\-]*(=[A-Za-z0-9_.,:=/@%+\-\[\]]*)?$")
+_MODULE_NAME = re.compile(r"^[A-Za-z0-9_.+/\-]+$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_KERNEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,39}$")
+_PLACEHOLDERS = {"python", "connection_file"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Value checkers: each returns the cleaned value or raises ValueError("<what was expected>").
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError("expected a non-empty string")
+    if any(c in value for c in "\n\r\0"):
+        raise ValueError("expected a single line (no newline or NUL characters)")
+    return value
+
+
+def _opt(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def optional(value: Any) -> Any:
+        return None if value is None else check(value)
+
+    return optional
+
+
+def _matching(pattern: re.Pattern[str], expected: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        text = _str(value)
+        if not pattern.match(text):
+            raise ValueError(f"expected {expected}")
+        return text
+
+    return check
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError("expected a whole number of at least 1")
+    return value
+
+
+def _positive_number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError("expected a number of seconds greater than 0")
+    return float(value)
+
+
+def _one_of(*choices: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if value not in choices:
+            raise ValueError("expected one of: " + ", ".join(choices))
+        return value
+
+    return check
+
+
+def _list_of(check: Callable[[Any], Any], what: str) -> Callable[[Any], list[Any]]:
+    def check_list(value: Any) -> list[Any]:
+        if not isinstance(value, list):
+            raise ValueError(f"expected a list of {what}")
+        out = []
+        for i, item in enumerate(value):
+            try:
+                out.append(check(item))
+            except ValueError as e:
+                raise ValueError(f"item {i}: {e}") from None
+        return out
+
+    return check_list
+
+
+def _abs_path(value: Any) -> str:
+    text = _str(value)
+    if not text.startswith("/"):
+        raise ValueError("expected an absolute path")
+    return text
+
+
+def _node_tmp(value: Any) -> str:
+    text = _str(value)
+    if not (text.startswith("/") or text.startswith("$")):
+        raise ValueError("expected an absolute path, or one starting with an environment variable like $SLURM_TMPDIR")
+    return text
+
+
+def _kernel_command(value: Any) -> list[str]:
+    argv = _list_of(_str, "strings")(value)
+    if not argv:
+        raise ValueError("expected a non-empty list (the kernel's argv)")
+    for arg in argv:
+        for name in re.findall(r"\{([^{}]*)\}", arg):
+            if name not in _PLACEHOLDERS:
+                raise ValueError(
+                    f"unknown placeholder {{{name}}} (expected only {{python}} and {{connection_file}})"
+                )
+    if not any("{connection_file}" in arg for arg in argv):
+        raise ValueError("expected the command to pass {connection_file} to the kernel (e.g. -f {connection_file})")
+    return argv
+
+
+def _env(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise ValueError("expected a mapping of NAME: value")
+    out = {}
+    for k, v in value.items():
+        if not isinstance(k, str) or not _ENV_NAME.match(k):
+            raise ValueError(f"{k!r} is not a variable name (expected letters, digits and _, not starting with a digit)")
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            v = str(v)
+        out[k] = _str(v) if v != "" else ""
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The schema: section -> key -> (checker, default, human description).
+
+_DEFAULT_KERNEL_COMMAND = ["{python}", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+
+SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
+    "slurm": {
+        "partition": (_opt(_matching(_SLURM_NAME, "a partition name (letters, digits, _ . -)")), None),
+        "account": (_opt(_matching(_SLURM_NAME, "an account name (letters, digits, _ . -)")), None),
+        "qos": (_opt(_matching(_SLURM_NAME, "a QOS name (letters, digits, _ . -)")), None),
+        "time": (_matching(_SLURM_TIME, "a Slurm time, e.g. 02:00:00, 2:00 (minutes:seconds) or 1-12:00"), "01:00:00"),
+        "cpus": (_positive_int, 1),
+        "mem": (_matching(_SLURM_MEM, "a Slurm memory size, e.g. 4G or 500M"), "1G"),
+        "extra_options": (_list_of(_matching(_SBATCH_OPTION, "an sbatch long option, e.g. --exclusive or --licenses=matlab:1"), "sbatch options"), []),
+        "modules": (_list_of(_matching(_MODULE_NAME, "a module name, e.g. python/3.11"), "module names"), []),
+    },
+    "runtime": {
+        "kind": (_one_of("bwrap"), "bwrap"),
+        "network": (_one_of("none"), "none"),
+        "hide": (_list_of(_abs_path, "absolute paths"), ["/home", "/root", "/run", "/var/tmp", "/srv", "/mnt", "/media"]),
+    },
+    "kernel": {
+        "command": (_kernel_command, _DEFAULT_KERNEL_COMMAND),
+        "display_name": (_opt(_str), None),
+        "env": (_env, {}),
+        "start_timeout": (_positive_number, 60.0),
+    },
+    "paths": {
+        "node_tmp": (_opt(_node_tmp), None),
+        "python": (_opt(_abs_path), None),
+    },
+    "relay": {
+        "transport": (_one_of("srun"), "srun"),
+    },
+    "workspace": {
+        "mode": (_one_of("ro", "rw"), "ro"),
+    },
+}
+_TOP_LEVEL = {"description"} | set(SCHEMA)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A validated profile. ``settings[section][key]`` holds every key of SCHEMA, defaults filled in."""
+
+    name: str
+    source: Path
+    description: str
+    settings: Mapping[str, Mapping[str, Any]]
+
+    def get(self, section: str, key: str) -> Any:
+        return self.settings[section][key]
+
+
+@dataclass(frozen=True)
+class KernelRequest:
+    """What a user asks for at submit time; ``None`` fields take the profile's value."""
+
+    name: str
+    time: str | None = None
+    cpus: int | None = None
+    mem: str | None = None
+    partition: str | None = None
+    workspace: str | None = None
+    workspace_rw: bool = False
+
+
+def check_kernel_name(name: str) -> str:
+    if not _KERNEL_NAME.match(name or ""):
+        raise ProfileError(
+            f"kernel name {name!r} is not valid: expected 1-40 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def search_path() -> list[Path]:
+    dirs = [Path(p) for p in os.environ.get("HPC_KERNELS_PROFILE_PATH", "").split(":") if p]
+    config = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    dirs.append(Path(config) / "hpc-kernels" / "profiles")
+    dirs.append(SYSTEM_PROFILE_DIR)
+    dirs.append(data_dir("site-configs"))
+    return dirs
+
+
+def available_profiles() -> dict[str, Path]:
+    """Profile name -> the file that defines it (first on the search path wins)."""
+    found: dict[str, Path] = {}
+    for d in search_path():
+        if not d.is_dir():
+            continue
+        for f in sorted(d.glob("*.yaml")) + sorted(d.glob("*.yml")):
+            found.setdefault(f.stem, f)
+    return found
+
+
+def find_profile(name: str) -> Path:
+    profiles = available_profiles()
+    if name in profiles:
+        return profiles[name]
+    known = ", ".join(sorted(profiles)) or "(none)"
+    hint = difflib.get_close_matches(name, list(profiles), n=1)
+    did_you_mean = f" Did you mean {hint[0]!r}?" if hint else ""
+    raise ProfileError(
+        f"unknown profile {name!r}.{did_you_mean} Known profiles: {known}. "
+        f"Searched: {', '.join(str(d) for d in search_path())}"
+    )
+
+
+def load_profile(name: str) -> Profile:
+    return parse_profile(find_profile(name))
+
+
+def parse_profile(path: Path) -> Profile:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ProfileError(f"{path}: cannot read profile: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ProfileError(f"{path}: not valid YAML: {e}") from None
+    return validate_profile(data if data is not None else {}, path)
+
+
+def _unknown_key(path: Path, where: str, key: Any, known: set[str]) -> ProfileError:
+    hint = difflib.get_close_matches(str(key), sorted(known), n=1)
+    did_you_mean = f" (did you mean {where}{hint[0]}?)" if hint else ""
+    return ProfileError(
+        f"{path}: {where}{key}: unknown key{did_you_mean}; known keys here: {', '.join(sorted(known))}"
+    )
+
+
+def validate_profile(data: Any, path: Path) -> Profile:
+    if not isinstance(data, dict):
+        raise ProfileError(f"{path}: expected a mapping of sections ({', '.join(sorted(_TOP_LEVEL))})")
+    for key in data:
+        if key not in _TOP_LEVEL:
+            raise _unknown_key(path, "", key, _TOP_LEVEL)
+    settings: dict[str, dict[str, Any]] = {}
+    for section, keys in SCHEMA.items():
+        given = data.get(section) or {}
+        if not isinstance(given, dict):
+            raise ProfileError(f"{path}: {section}: expected a mapping with keys {', '.join(keys)}")
+        for key in given:
+            if key not in keys:
+                raise _unknown_key(path, f"{section}.", key, set(keys))
+        settings[section] = {}
+        for key, (check, default) in keys.items():
+            value = given.get(key, default)
+            try:
+                settings[section][key] = check(value)
+            except ValueError as e:
+                raise ProfileError(f"{path}: {section}.{key}: {value!r} is not valid: {e}") from None
+    description = data.get("description") or ""
+    if not isinstance(description, str):
+        raise ProfileError(f"{path}: description: expected a string")
+    return Profile(name=path.stem, source=path, description=description, settings=settings)
+
+
+def apply_request(profile: Profile, request: KernelRequest) -> Profile:
+    """The profile with the request's command-line overrides applied and checked like profile values."""
+    overrides = {
+        ("slurm", "time"): request.time,
+        ("slurm", "cpus"): request.cpus,
+        ("slurm", "mem"): request.mem,
+        ("slurm", "partition"): request.partition,
+        ("workspace", "mode"): "rw" if request.workspace_rw else None,
+    }
+    settings = {section: dict(values) for section, values in profile.settings.items()}
+    for (section, key), value in overrides.items():
+        if value is None:
+            continue
+        check = SCHEMA[section][key][0]
+        try:
+            settings[section][key] = check(value)
+        except ValueError as e:
+            raise ProfileError(f"--{key}: {value!r} is not valid: {e}") from None
+    return replace(profile, settings=settings)

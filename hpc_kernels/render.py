@@ -1,0 +1,65 @@
+"""Rendering job scripts from templates: data in, script text out, no side effects."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import jinja2
+
+from . import __version__
+from .errors import HpcKernelsError
+from .profiles import Profile
+from .resources import data_dir
+
+KERNEL_TEMPLATE = "kernel.sbatch.j2"
+
+# sbatch reads #SBATCH lines itself (no shell): whitespace would split a value, and '%' starts a
+# filename pattern in --output, so paths that reach those lines must be plain.
+_PLAIN_PATH = re.compile(r"^/[A-Za-z0-9_.,+@=/\-]*$")
+
+
+def template_environment(template_dir: Path | None = None) -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(template_dir or data_dir("templates"))),
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+        keep_trailing_newline=True,
+    )
+    env.filters["shquote"] = lambda value: shlex.quote(str(value))
+    return env
+
+
+def _plain_path(path: Path, what: str) -> str:
+    text = str(path)
+    if not _PLAIN_PATH.match(text):
+        raise HpcKernelsError(
+            f"{what} {text!r} contains characters that cannot go into an #SBATCH line "
+            "(spaces, '%', quotes...); set XDG_DATA_HOME to a plain path"
+        )
+    return text
+
+
+def render_kernel_script(
+    profile: Profile,
+    *,
+    kernel_name: str,
+    state_dir: Path,
+    log_path: Path,
+    python: str,
+    template_dir: Path | None = None,
+) -> str:
+    """The sbatch script that runs the node agent for one kernel."""
+    template = template_environment(template_dir).get_template(KERNEL_TEMPLATE)
+    return template.render(
+        job_name=f"hk-{kernel_name}",
+        kernel_name=kernel_name,
+        state_dir=_plain_path(state_dir, "state directory"),
+        log_path=_plain_path(log_path, "log file"),
+        python=python,
+        slurm=dict(profile.settings["slurm"]),
+        profile_name=profile.name,
+        profile_source=str(profile.source),
+        version=__version__,
+    )

@@ -1,0 +1,128 @@
+"""The one way into Slurm: its command-line tools (sbatch, scontrol, scancel, srun).
+
+pyslurm would save a process per query, but no PyPI build matches the Slurm of the machines we
+test on (see docs/architecture.md), so the CLI tools are the default and only backend for now.
+Parsing is kept in pure functions so it can be tested without a cluster.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .errors import SlurmError
+
+# Job states after which a job will never run (again).
+FINISHED_STATES = frozenset(
+    {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
+     "PREEMPTED", "TIMEOUT", "SPECIAL_EXIT", "REVOKED"}
+)
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    job_id: str
+    state: str
+    reason: str
+    node: str | None
+    exit_code: str
+    fields: dict[str, str]
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINISHED_STATES
+
+    @property
+    def running(self) -> bool:
+        return self.state == "RUNNING"
+
+
+def _run(argv: Sequence[str], *, input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(list(argv), input=input, capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError:
+        raise SlurmError(f"{argv[0]} was not found on PATH: is Slurm's client installed on this node?") from None
+    except subprocess.TimeoutExpired:
+        raise SlurmError(f"{' '.join(argv)} did not answer within {timeout:.0f} s: is slurmctld up?") from None
+
+
+def _slurm_message(proc: subprocess.CompletedProcess[str]) -> str:
+    return (proc.stderr.strip() or proc.stdout.strip() or f"exit code {proc.returncode}")
+
+
+def submit_batch(script: str, extra_args: Sequence[str] = ()) -> str:
+    """Submit ``script`` (given on stdin, so no file is needed) and return the job id."""
+    proc = _run(["sbatch", "--parsable", *extra_args], input=script)
+    if proc.returncode != 0:
+        raise SlurmError(f"sbatch refused the job: {_slurm_message(proc)}")
+    return parse_sbatch_parsable(proc.stdout)
+
+
+def parse_sbatch_parsable(stdout: str) -> str:
+    """``sbatch --parsable`` prints ``jobid`` or ``jobid;cluster``."""
+    job_id = stdout.strip().splitlines()[-1].split(";")[0].strip() if stdout.strip() else ""
+    if not job_id.isdigit():
+        raise SlurmError(f"sbatch printed no job id: {stdout.strip()!r}")
+    return job_id
+
+
+def parse_scontrol_oneliner(line: str) -> dict[str, str]:
+    """Parse one line of ``scontrol show job -o`` into a dict.
+
+    Fields are ``Key=Value`` separated by spaces; a value may itself hold spaces (a command
+    line, a reason), so a token without ``=`` belongs to the value before it.
+    """
+    fields: dict[str, str] = {}
+    last: str | None = None
+    for token in line.strip().split(" "):
+        key, sep, value = token.partition("=")
+        if sep and key and (key[0].isalpha()) and key.replace(":", "").replace("/", "").isalnum():
+            fields[key] = value
+            last = key
+        elif last is not None:
+            fields[last] += " " + token
+    return fields
+
+
+def job_info_from_fields(fields: dict[str, str]) -> JobInfo:
+    node = fields.get("BatchHost") or fields.get("NodeList")
+    if node in ("", "(null)"):
+        node = None
+    reason = fields.get("Reason", "None")
+    return JobInfo(
+        job_id=fields.get("JobId", ""),
+        state=fields.get("JobState", "UNKNOWN"),
+        reason="" if reason in ("None", "(null)") else reason,
+        node=node,
+        exit_code=fields.get("ExitCode", ""),
+        fields=fields,
+    )
+
+
+def job_info(job_id: str) -> JobInfo | None:
+    """The job as slurmctld knows it, or None once it has forgotten it (after MinJobAge)."""
+    proc = _run(["scontrol", "show", "job", "-o", str(job_id)])
+    if proc.returncode != 0:
+        if "Invalid job id" in proc.stderr:
+            return None
+        raise SlurmError(f"scontrol show job {job_id} failed: {_slurm_message(proc)}")
+    line = proc.stdout.strip().splitlines()[0] if proc.stdout.strip() else ""
+    return job_info_from_fields(parse_scontrol_oneliner(line)) if line else None
+
+
+def cancel(job_id: str, signal: str | None = None) -> None:
+    """Cancel the job (or send it ``signal``). A job that already ended is not an error."""
+    argv = ["scancel", *(["--signal", signal, "--batch"] if signal else []), str(job_id)]
+    proc = _run(argv)
+    if proc.returncode != 0 and "already completed" not in proc.stderr and "Invalid job id" not in proc.stderr:
+        raise SlurmError(f"scancel {job_id} failed: {_slurm_message(proc)}")
+
+
+def srun_into_job(job_id: str, argv: Sequence[str]) -> list[str]:
+    """The command line that runs ``argv`` as an extra step inside a running job.
+
+    ``--overlap`` lets the step share the resources the batch step holds; ``-u`` makes stdout
+    unbuffered (a pty on the task side, which the task must put in raw mode).
+    """
+    return ["srun", f"--jobid={job_id}", "--overlap", "-u", "--nodes=1", "--ntasks=1", "--quiet", *argv]

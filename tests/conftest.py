@@ -1,0 +1,110 @@
+"""Fixtures shared by the tests.
+
+Tests marked ``cluster`` run against the project's real Slurm cluster (``make cluster-up``) as an
+unprivileged user (``make test`` runs them as hk-alice) and drive the installed ``hpc-kernel``
+command. They fail, not skip, when the cluster is missing: a test run that silently checked
+nothing would look green.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+SECOND_USER = "hk-bob"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name.startswith("test_cluster_"):
+            item.add_marker(pytest.mark.cluster)
+
+
+def run(argv: list[str], *, check: bool = True, timeout: float = 180, input: str | None = None,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, input=input,
+                          env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(argv)} exited {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+        )
+    return proc
+
+
+def hk(*args: str, check: bool = True, timeout: float = 180, input: str | None = None,
+       env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the installed ``hpc-kernel`` command."""
+    return run(["hpc-kernel", *args], check=check, timeout=timeout, input=input, env=env)
+
+
+def as_second_user(argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["sudo", "-n", "-u", SECOND_USER, "--", *argv], capture_output=True, text=True,
+                          timeout=timeout, cwd="/")
+
+
+@pytest.fixture(scope="session")
+def cluster() -> None:
+    """The real cluster must be up, and we must not be root."""
+    assert os.getuid() != 0, "cluster tests run as an unprivileged user: use `make test`"
+    assert shutil.which("hpc-kernel"), "hpc-kernel is not on PATH: run `make setup`"
+    proc = run(["sinfo", "-h", "-o", "%n %t"], check=False, timeout=30)
+    assert proc.returncode == 0, f"sinfo failed (is the cluster up? `make cluster-up`):\n{proc.stderr}"
+    states = dict(line.split() for line in proc.stdout.splitlines())
+    assert {"c1", "c2"} <= set(states), f"expected nodes c1 and c2, sinfo says {states}"
+
+
+def make_workspace() -> Path:
+    """A directory on the shared file system (home), so compute nodes see it."""
+    path = Path.home() / "hk-test-workspaces" / uuid.uuid4().hex[:8]
+    path.mkdir(parents=True)
+    (path / "data.txt").write_text("shared data\n")
+    return path
+
+
+@pytest.fixture
+def workspace() -> Iterator[Path]:
+    path = make_workspace()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclass
+class Kernel:
+    name: str
+    job_id: str
+    node: str
+    connection_file: Path
+    workspace: Path
+
+    def status(self) -> dict[str, object]:
+        return json.loads(hk("status", self.name, "--json").stdout)
+
+    def exec(self, code: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return hk("exec", self.name, code, check=check, timeout=timeout)
+
+
+def start_kernel(workspace: Path, *extra: str, prefix: str = "t") -> Kernel:
+    name = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    proc = hk("submit", "--profile", "local", "--name", name, "--workspace", str(workspace), *extra)
+    connection_file = Path(proc.stdout.strip().splitlines()[-1])
+    status = json.loads(hk("status", name, "--json").stdout)
+    assert status["state"] == "ready", status
+    return Kernel(name, str(status["job_id"]), str(status["node"]), connection_file, workspace)
+
+
+@pytest.fixture(scope="module")
+def kernel(cluster: None) -> Iterator[Kernel]:
+    """One ready kernel shared by a module's tests, shut down at the end."""
+    path = make_workspace()
+    k = start_kernel(path)
+    yield k
+    hk("shutdown", k.name, check=False)
+    shutil.rmtree(path, ignore_errors=True)

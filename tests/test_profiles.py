@@ -1,0 +1,134 @@
+"""Site profiles: search path, defaults, and errors that name the file, the key and what was expected."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hpc_kernels.errors import ProfileError
+from hpc_kernels.profiles import (
+    KernelRequest,
+    apply_request,
+    available_profiles,
+    check_kernel_name,
+    load_profile,
+    parse_profile,
+)
+
+
+@pytest.fixture
+def profile_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("HPC_KERNELS_PROFILE_PATH", str(tmp_path))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "no-user-config"))
+    return tmp_path
+
+
+def write(profile_dir: Path, name: str, text: str) -> Path:
+    path = profile_dir / f"{name}.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_shipped_local_profile_loads_with_defaults() -> None:
+    profile = load_profile("local")
+    assert profile.source.name == "local.yaml"
+    assert profile.get("slurm", "partition") == "debug"
+    assert profile.get("runtime", "kind") == "bwrap"
+    assert profile.get("relay", "transport") == "srun"
+    assert "{connection_file}" in " ".join(profile.get("kernel", "command"))
+    assert "/home" in profile.get("runtime", "hide")
+
+
+def test_profile_path_comes_first(profile_dir: Path) -> None:
+    write(profile_dir, "local", "slurm:\n  partition: short\n")
+    profile = load_profile("local")
+    assert profile.source == profile_dir / "local.yaml"
+    assert profile.get("slurm", "partition") == "short"
+    assert available_profiles()["local"] == profile_dir / "local.yaml"
+
+
+def test_unknown_profile_lists_the_known_ones(profile_dir: Path) -> None:
+    write(profile_dir, "gpu-a100", "{}\n")
+    with pytest.raises(ProfileError) as err:
+        load_profile("gpu-a10")
+    message = str(err.value)
+    assert "unknown profile 'gpu-a10'" in message
+    assert "Did you mean 'gpu-a100'?" in message
+    assert "local" in message and "gpu-a100" in message
+
+
+def test_bad_time_names_file_key_and_expectation(profile_dir: Path) -> None:
+    path = write(profile_dir, "bad", "slurm:\n  time: 2 hours\n")
+    with pytest.raises(ProfileError) as err:
+        parse_profile(path)
+    assert str(err.value).startswith(f"{path}: slurm.time: '2 hours' is not valid: expected a Slurm time")
+
+
+def test_unknown_key_gets_did_you_mean(profile_dir: Path) -> None:
+    path = write(profile_dir, "typo", "slurm:\n  partiton: debug\n")
+    with pytest.raises(ProfileError) as err:
+        parse_profile(path)
+    assert f"{path}: slurm.partiton: unknown key (did you mean slurm.partition?)" in str(err.value)
+
+
+def test_unknown_section(profile_dir: Path) -> None:
+    path = write(profile_dir, "typo", "runtme:\n  kind: bwrap\n")
+    with pytest.raises(ProfileError, match=r"runtme: unknown key \(did you mean runtime\?\)"):
+        parse_profile(path)
+
+
+@pytest.mark.parametrize(
+    "yaml_text, key",
+    [
+        ('slurm:\n  partition: "debug\\n#SBATCH --uid=0"\n', "slurm.partition"),
+        ("slurm:\n  account: 'a; rm -rf ~'\n", "slurm.account"),
+        ("slurm:\n  extra_options: ['--begin=now $(id)']\n", "slurm.extra_options"),
+        ("slurm:\n  modules: ['python; curl x']\n", "slurm.modules"),
+        ("slurm:\n  cpus: 0\n", "slurm.cpus"),
+        ("slurm:\n  mem: lots\n", "slurm.mem"),
+        ("kernel:\n  command: [python, -m, ipykernel_launcher]\n", "kernel.command"),
+        ("kernel:\n  command: ['{python}', '-f', '{connection_file}', '{secret}']\n", "kernel.command"),
+        ("kernel:\n  env: {'BAD NAME': x}\n", "kernel.env"),
+        ("runtime:\n  kind: docker\n", "runtime.kind"),
+        ("runtime:\n  hide: [relative/path]\n", "runtime.hide"),
+        ("workspace:\n  mode: writable\n", "workspace.mode"),
+    ],
+)
+def test_values_that_could_break_the_script_are_refused(profile_dir: Path, yaml_text: str, key: str) -> None:
+    path = write(profile_dir, "bad", yaml_text)
+    with pytest.raises(ProfileError) as err:
+        parse_profile(path)
+    assert str(err.value).startswith(f"{path}: {key}: ")
+    assert "expected" in str(err.value)
+
+
+def test_yaml_syntax_error_names_the_file(profile_dir: Path) -> None:
+    path = write(profile_dir, "broken", "slurm: [unclosed\n")
+    with pytest.raises(ProfileError, match=f"^{path}: not valid YAML"):
+        parse_profile(path)
+
+
+def test_request_overrides_only_its_fields() -> None:
+    profile = load_profile("local")
+    merged = apply_request(profile, KernelRequest(name="k", time="2:00:00", cpus=2, workspace_rw=True))
+    assert merged.get("slurm", "time") == "2:00:00"
+    assert merged.get("slurm", "cpus") == 2
+    assert merged.get("slurm", "mem") == profile.get("slurm", "mem")
+    assert merged.get("workspace", "mode") == "rw"
+    assert profile.get("slurm", "time") == "01:00:00", "the loaded profile itself is unchanged"
+
+
+def test_request_overrides_are_validated() -> None:
+    with pytest.raises(ProfileError, match=r"^--time: '2 hours' is not valid: expected a Slurm time"):
+        apply_request(load_profile("local"), KernelRequest(name="k", time="2 hours"))
+
+
+@pytest.mark.parametrize("name", ["", "-x", "a b", "a/b", "x" * 41, "über"])
+def test_bad_kernel_names(name: str) -> None:
+    with pytest.raises(ProfileError):
+        check_kernel_name(name)
+
+
+def test_good_kernel_name() -> None:
+    assert check_kernel_name("demo-1.gpu_a") == "demo-1.gpu_a"

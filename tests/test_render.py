@@ -1,0 +1,78 @@
+"""Rendering the kernel job script from a profile (no cluster needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jinja2
+import pytest
+
+from hpc_kernels.errors import HpcKernelsError
+from hpc_kernels.profiles import parse_profile
+from hpc_kernels.render import render_kernel_script
+
+
+def profile_from(tmp_path: Path, text: str):
+    path = tmp_path / "site.yaml"
+    path.write_text(text)
+    return parse_profile(path)
+
+
+def render(profile, tmp_path: Path, **kw) -> str:
+    state = tmp_path / "state"
+    args = dict(kernel_name="demo", state_dir=state, log_path=state / "job.log", python="/opt/venv/bin/python")
+    args.update(kw)
+    return render_kernel_script(profile, **args)
+
+
+def test_script_carries_the_profile(tmp_path: Path) -> None:
+    profile = profile_from(tmp_path, """
+slurm:
+  partition: gpu
+  account: proj42
+  qos: interactive
+  time: "2:00:00"
+  cpus: 4
+  mem: 8G
+  extra_options: ["--exclusive", "--licenses=matlab:1"]
+  modules: [cuda/12.2, python/3.11]
+""")
+    script = render(profile, tmp_path)
+    lines = script.splitlines()
+    assert lines[0] == "#!/bin/bash"
+    for expected in ["#SBATCH --job-name=hk-demo", "#SBATCH --partition=gpu", "#SBATCH --account=proj42",
+                     "#SBATCH --qos=interactive", "#SBATCH --time=2:00:00", "#SBATCH --cpus-per-task=4",
+                     "#SBATCH --mem=8G", "#SBATCH --exclusive", "#SBATCH --licenses=matlab:1",
+                     f"#SBATCH --output={tmp_path}/state/job.log", f"#SBATCH --chdir={tmp_path}/state",
+                     "module load cuda/12.2 python/3.11",
+                     f"exec /opt/venv/bin/python -m hpc_kernels.agent {tmp_path}/state"]:
+        assert expected in lines, f"{expected!r} not in:\n{script}"
+    # sbatch stops reading #SBATCH lines at the first command: all of them must come first.
+    first_command = next(i for i, line in enumerate(lines) if line and not line.startswith("#"))
+    assert all(not line.startswith("#SBATCH") for line in lines[first_command:])
+
+
+def test_optional_fields_leave_no_lines(tmp_path: Path) -> None:
+    script = render(profile_from(tmp_path, "{}\n"), tmp_path)
+    assert "--partition" not in script and "--account" not in script and "module load" not in script
+
+
+def test_shell_values_are_quoted(tmp_path: Path) -> None:
+    script = render(profile_from(tmp_path, "{}\n"), tmp_path, python="/opt/my venv/bin/python")
+    assert "exec '/opt/my venv/bin/python' -m hpc_kernels.agent" in script
+
+
+def test_paths_that_cannot_go_into_sbatch_lines_are_refused(tmp_path: Path) -> None:
+    profile = profile_from(tmp_path, "{}\n")
+    with pytest.raises(HpcKernelsError, match="cannot go into an #SBATCH line"):
+        render(profile, tmp_path, state_dir=tmp_path / "with space", log_path=tmp_path / "x.log")
+    with pytest.raises(HpcKernelsError, match="cannot go into an #SBATCH line"):
+        render(profile, tmp_path, log_path=tmp_path / "job-%j.log")
+
+
+def test_template_variables_must_exist(tmp_path: Path) -> None:
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    (templates / "kernel.sbatch.j2").write_text("#!/bin/bash\n#SBATCH --time={{ slurm.walltime }}\n")
+    with pytest.raises(jinja2.UndefinedError):
+        render(profile_from(tmp_path, "{}\n"), tmp_path, template_dir=templates)

@@ -1,0 +1,52 @@
+"""Parsing what Slurm's command-line tools print (pure functions)."""
+
+from __future__ import annotations
+
+import pytest
+
+from hpc_kernels.errors import SlurmError
+from hpc_kernels.slurm import job_info_from_fields, parse_sbatch_parsable, parse_scontrol_oneliner, srun_into_job
+
+# A real line from `scontrol show job -o` on the test cluster (Slurm 22.05), shortened.
+LINE = ("JobId=21 JobName=hk-demo UserId=hk-alice(1001) GroupId=hk-alice(1001) Priority=1 "
+        "JobState=PENDING Reason=ReqNodeNotAvail,_UnavailableNodes:c2 Dependency=(null) "
+        "ExitCode=0:0 NodeList=(null) BatchHost=(null) Command=(null) "
+        "WorkDir=/home/hk-alice/my dir StdOut=/home/hk-alice/.local/share/hpc-kernels/kernels/demo/job.log "
+        "TRES=cpu=1,mem=1G,node=1,billing=1")
+
+
+def test_scontrol_line_with_spaces_in_values() -> None:
+    fields = parse_scontrol_oneliner(LINE)
+    assert fields["JobId"] == "21"
+    assert fields["WorkDir"] == "/home/hk-alice/my dir"
+    assert fields["TRES"] == "cpu=1,mem=1G,node=1,billing=1"
+    info = job_info_from_fields(fields)
+    assert info.state == "PENDING" and not info.running and not info.finished
+    assert info.reason == "ReqNodeNotAvail,_UnavailableNodes:c2"
+    assert info.node is None
+
+
+def test_running_job_has_its_node() -> None:
+    info = job_info_from_fields(parse_scontrol_oneliner("JobId=3 JobState=RUNNING Reason=None NodeList=c1 BatchHost=c1"))
+    assert info.running and info.node == "c1" and info.reason == ""
+
+
+@pytest.mark.parametrize("state", ["COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"])
+def test_finished_states(state: str) -> None:
+    assert job_info_from_fields({"JobState": state}).finished
+
+
+@pytest.mark.parametrize("out, job", [("42\n", "42"), ("42;cluster\n", "42"), ("warning\n43\n", "43")])
+def test_sbatch_parsable(out: str, job: str) -> None:
+    assert parse_sbatch_parsable(out) == job
+
+
+def test_sbatch_without_job_id() -> None:
+    with pytest.raises(SlurmError):
+        parse_sbatch_parsable("")
+
+
+def test_srun_into_job_overlaps_and_is_unbuffered() -> None:
+    argv = srun_into_job("9", ["python", "-m", "x"])
+    assert argv[:4] == ["srun", "--jobid=9", "--overlap", "-u"]
+    assert argv[-3:] == ["python", "-m", "x"]

@@ -1,0 +1,90 @@
+"""State on disk: private, atomic, locked."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from hpc_kernels import state
+from hpc_kernels.agent import AgentError, choose_node_tmp
+from hpc_kernels.errors import HpcKernelsError, KernelNotFound
+from hpc_kernels.paths import check_socket_path, ensure_private_dir, read_json, write_json
+
+
+@pytest.fixture(autouse=True)
+def data_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    return tmp_path / "data"
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_files_are_private_and_replaced_whole(tmp_path: Path) -> None:
+    path = tmp_path / "x.json"
+    write_json(path, {"a": 1})
+    write_json(path, {"a": 2})
+    assert read_json(path) == {"a": 2} and mode(path) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"], "no temporary file left behind"
+
+
+def test_private_dir_mode_is_fixed_and_symlinks_refused(tmp_path: Path) -> None:
+    loose = tmp_path / "loose"
+    loose.mkdir(mode=0o755)
+    ensure_private_dir(loose)
+    assert mode(loose) == 0o700
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    with pytest.raises(HpcKernelsError, match="not a directory"):
+        ensure_private_dir(tmp_path / "link")
+
+
+def test_record_round_trip_and_listing() -> None:
+    files = state.create_kernel_dir("k1")
+    assert mode(files.dir) == 0o700 and mode(files.dir.parent) == 0o700
+    state.save_record(state.KernelRecord(name="k1", profile="local", status="submitted", job_id="5"))
+    assert state.load_record("k1").job_id == "5"
+    assert [r.name for r in state.list_records()] == ["k1"]
+    with pytest.raises(KernelNotFound, match="no kernel named 'k2' \\(your kernels: k1\\)"):
+        state.load_record("k2")
+
+
+def _bump(path: str, n: int) -> None:
+    for _ in range(n):
+        with state.locked("counter"):
+            value = int(Path(path).read_text())
+            Path(path).write_text(str(value + 1))
+
+
+def test_lock_serialises_processes(tmp_path: Path) -> None:
+    counter = tmp_path / "counter"
+    counter.write_text("0")
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_bump, args=(str(counter), 200)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert counter.read_text() == "800"
+
+
+def test_socket_path_limit() -> None:
+    check_socket_path("/tmp/" + "x" * 100, "socket")
+    with pytest.raises(HpcKernelsError, match="107 bytes"):
+        check_socket_path("/tmp/" + "x" * 103, "socket")
+
+
+def test_node_tmp_choice(tmp_path: Path) -> None:
+    assert choose_node_tmp(None, {"SLURM_TMPDIR": str(tmp_path), "TMPDIR": "/nonexistent"}) == str(tmp_path)
+    assert choose_node_tmp(None, {"TMPDIR": "/nonexistent-login-tmp"}) == "/tmp"
+    (tmp_path / "scratch").mkdir()
+    assert choose_node_tmp("${BASE}/scratch", {"BASE": str(tmp_path)}) == str(tmp_path / "scratch")
+    with pytest.raises(AgentError, match="not set on this node"):
+        choose_node_tmp("$UNSET_VAR/x", {})
+    with pytest.raises(AgentError, match="not a directory"):
+        choose_node_tmp("/nonexistent/x", {})
