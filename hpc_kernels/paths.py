@@ -46,7 +46,11 @@ def ensure_private_dir(path: Path) -> Path:
     An existing directory that someone else owns, or that is a symlink, is refused rather than
     used: in a shared /tmp another user could have made it first.
     """
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
     st = os.lstat(path)
     if not stat.S_ISDIR(st.st_mode):
         raise HpcKernelsError(f"{path} exists and is not a directory; refusing to use it")

@@ -1,0 +1,191 @@
+"""A kernel on a compute node of the real cluster, used through the relay from the login node."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from jupyter_client import BlockingKernelClient
+
+from conftest import Kernel, hk, run, start_kernel
+
+LOGIN_ADDRESS = "10.77.7.1"
+
+
+@pytest.fixture
+def client(kernel: Kernel):
+    c = BlockingKernelClient()
+    c.load_connection_file(str(kernel.connection_file))
+    c.start_channels()
+    c.wait_for_ready(timeout=30)
+    yield c
+    c.stop_channels()
+
+
+def test_code_runs_on_the_compute_node(kernel: Kernel) -> None:
+    out = kernel.exec("import socket; print(socket.gethostname())").stdout.strip()
+    assert out == kernel.node
+    assert out in ("c1", "c2") and out != socket.gethostname()
+
+
+def test_variables_persist_between_exec_calls(kernel: Kernel) -> None:
+    kernel.exec("counter = 41")
+    assert kernel.exec("counter += 1; print(counter)").stdout.strip() == "42"
+
+
+def test_login_side_connection_file_is_ipc_in_a_private_dir(kernel: Kernel) -> None:
+    info = json.loads(kernel.connection_file.read_text())
+    assert info["transport"] == "ipc"
+    assert Path(info["ip"]).parent == kernel.connection_file.parent
+    assert oct(os.stat(kernel.connection_file.parent).st_mode & 0o777) == "0o700"
+    assert oct(os.stat(kernel.connection_file).st_mode & 0o777) == "0o600"
+
+
+def test_jupyter_client_gets_every_reply(client: BlockingKernelClient) -> None:
+    info = client.kernel_info(reply=True, timeout=30)
+    assert info["content"]["status"] == "ok" and info["content"]["language_info"]["name"] == "python"
+
+    reply = client.execute_interactive("import math\nresult = math.factorial(10)\nresult", timeout=30,
+                                       output_hook=lambda msg: None)
+    assert reply["content"]["status"] == "ok"
+
+    complete = client.complete("math.facto", reply=True, timeout=30)
+    content = complete["content"]
+    assert any(m.endswith("factorial") for m in content["matches"]), content
+    assert content["cursor_end"] == len("math.facto")
+
+    inspect = client.inspect("math.factorial", reply=True, timeout=30)
+    assert inspect["content"]["found"] is True
+
+
+def test_binary_payloads_cross_the_relay_unchanged(client: BlockingKernelClient) -> None:
+    """Every byte value, in message buffers of several sizes: the srun pty must be raw."""
+    code = """
+import hashlib, os
+from ipykernel.comm import Comm
+payload = bytes(range(256)) * 64 + b"\\r\\n\\n\\r\\x00\\x03\\x04\\x1a\\x7f" + os.urandom(3_000_000)
+Comm(target_name="hk-test", data={"sha256": hashlib.sha256(payload).hexdigest()}, buffers=[payload])
+"""
+    client.execute(code)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        msg = client.get_iopub_msg(timeout=60)
+        if msg["msg_type"] == "comm_open" and msg["content"].get("target_name") == "hk-test":
+            buffer = bytes(msg["buffers"][0])
+            assert hashlib.sha256(buffer).hexdigest() == msg["content"]["data"]["sha256"]
+            assert len(buffer) == 256 * 64 + 9 + 3_000_000
+            return
+    pytest.fail("no comm_open message with the payload arrived")
+
+
+def test_exec_streams_output_as_it_comes(kernel: Kernel) -> None:
+    proc = subprocess.Popen(
+        ["hpc-kernel", "exec", kernel.name, "import time\nprint('first', flush=True)\ntime.sleep(3)\nprint('second')"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    assert proc.stdout is not None
+    started = time.monotonic()
+    assert proc.stdout.readline().strip() == "first"
+    first_after = time.monotonic() - started
+    assert proc.poll() is None, "the first line came before the code finished"
+    assert proc.stdout.readline().strip() == "second"
+    assert proc.wait(30) == 0
+    assert first_after < time.monotonic() - started
+
+
+def test_exec_shows_errors_and_exits_nonzero(kernel: Kernel) -> None:
+    proc = kernel.exec("print('before')\n1 / 0", check=False)
+    assert proc.returncode == 1
+    assert proc.stdout.strip() == "before"
+    assert "ZeroDivisionError" in proc.stderr and "Traceback" in proc.stderr
+    assert "\x1b[" not in proc.stderr, "no terminal colours when stderr is not a terminal"
+
+
+def test_exec_reads_code_from_stdin(kernel: Kernel) -> None:
+    assert hk("exec", kernel.name, "-", input="print(6 * 7)\n").stdout.strip() == "42"
+
+
+def test_stderr_and_results_are_shown(kernel: Kernel) -> None:
+    proc = kernel.exec("import sys; print('to stderr', file=sys.stderr)\n'a result'")
+    assert "to stderr" in proc.stderr
+    assert proc.stdout.strip() == "'a result'"
+
+
+def test_jupyter_console_existing_works(kernel: Kernel) -> None:
+    connection_file = hk("connect", kernel.name).stdout.strip()
+    proc = run(["jupyter", "console", "--existing", connection_file, "--simple-prompt"],
+               input="import socket\nprint('console on', socket.gethostname())\n", timeout=120, check=False)
+    assert f"console on {kernel.node}" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_network_is_unreachable_inside_the_kernel(kernel: Kernel) -> None:
+    out = kernel.exec(f"""
+import socket
+try:
+    socket.create_connection(("{LOGIN_ADDRESS}", 6817), timeout=5)
+    print("connected")
+except OSError as e:
+    print(e)
+""").stdout
+    assert "Network is unreachable" in out
+
+
+def test_home_is_hidden_and_workspace_is_read_only(kernel: Kernel) -> None:
+    home = str(Path.home())
+    out = kernel.exec(f"""
+import os
+print(os.path.exists({home + '/.local/share/hpc-kernels'!r}), os.path.exists({home + '/.bashrc'!r}))
+print(os.getcwd())
+print(open("data.txt").read().strip())
+try:
+    open("new.txt", "w")
+    print("written")
+except OSError as e:
+    print(e.strerror)
+""").stdout.splitlines()
+    assert out == ["False False", str(kernel.workspace), "shared data", "Read-only file system"]
+    assert not (kernel.workspace / "new.txt").exists()
+
+
+def test_workspace_is_writable_when_asked(cluster: None, workspace: Path) -> None:
+    k = start_kernel(workspace, "--rw", prefix="rw")
+    try:
+        k.exec("open('from-the-kernel.txt', 'w').write('hello from ' + __import__('socket').gethostname())")
+        assert (workspace / "from-the-kernel.txt").read_text() == f"hello from {k.node}"
+    finally:
+        hk("shutdown", k.name)
+
+
+def test_relay_is_restarted_by_connect_and_the_kernel_keeps_its_state(kernel: Kernel) -> None:
+    kernel.exec("survivor = 'still here'")
+    relay_pid = json.loads((Path(kernel.status()["log"]).parent / "relay.json").read_text())["pid"]
+    os.kill(relay_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{relay_pid}").exists() and time.monotonic() < deadline:
+        if open(f"/proc/{relay_pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z":
+            break
+        time.sleep(0.05)
+    connection_file = hk("connect", kernel.name).stdout.strip()
+    new_pid = json.loads((Path(kernel.status()["log"]).parent / "relay.json").read_text())["pid"]
+    assert new_pid != relay_pid
+    assert Path(connection_file).exists()
+    assert kernel.exec("print(survivor)").stdout.strip() == "still here"
+
+
+def test_list_status_and_logs(kernel: Kernel) -> None:
+    listing = hk("list").stdout
+    assert any(line.split()[:2] == [kernel.name, "ready"] for line in listing.splitlines())
+    rows = json.loads(hk("list", "--json").stdout)
+    row = next(r for r in rows if r["name"] == kernel.name)
+    assert row["job_id"] == kernel.job_id and row["node"] == kernel.node and row["slurm_state"] == "RUNNING"
+    status = hk("status", kernel.name).stdout
+    assert f"job id           {kernel.job_id}" in status
+    logs = hk("logs", kernel.name).stdout
+    assert f"starting the kernel on {kernel.node}" in logs and "kernel ready after" in logs

@@ -1,0 +1,192 @@
+"""Submit, wait, shut down, and every way a start can go wrong, on the real cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import hk, run, start_kernel
+
+STATE_ROOT = Path.home() / ".local" / "share" / "hpc-kernels" / "kernels"
+
+
+def squeue_ids() -> set[str]:
+    return set(run(["squeue", "--me", "-h", "-o", "%i"]).stdout.split())
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines on this machine (login node and, sharing /proc, the compute nodes) containing ``text``."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{pid}/stat") as f:
+                zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except OSError:
+            continue
+        if text in cmdline and not zombie and pid != str(os.getpid()):
+            found.append(f"{pid}: {cmdline}")
+    return found
+
+
+def node_tmp_listing(node: str) -> list[str]:
+    return run(["srun", f"--nodelist={node}", "--mem=100M", "--time=1", "ls", "/tmp"]).stdout.split()
+
+
+@pytest.fixture
+def profile_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("HPC_KERNELS_PROFILE_PATH", str(tmp_path))
+    return tmp_path
+
+
+def test_shutdown_leaves_nothing_behind(cluster: None, workspace: Path) -> None:
+    k = start_kernel(workspace, prefix="bye")
+    state_dir = STATE_ROOT / k.name
+    node_dir = json.loads((state_dir / "agent.json").read_text())["node_dir"]
+    assert k.job_id in squeue_ids()
+    assert processes_mentioning(str(state_dir)), "the agent and relay run while the kernel lives"
+
+    out = hk("shutdown", k.name)
+    assert "shut down" in out.stderr
+
+    assert k.job_id not in squeue_ids()
+    assert not k.connection_file.parent.exists(), "login-side socket directory removed"
+    assert not state_dir.exists(), "state (key, record) removed"
+    assert processes_mentioning(str(state_dir)) == [], "no agent or relay process left"
+    assert processes_mentioning(node_dir) == [], "no node-side relay or kernel left"
+    assert Path(node_dir).name not in node_tmp_listing(k.node), "node-side directory removed"
+    job = run(["scontrol", "show", "job", "-o", k.job_id]).stdout
+    assert "JobState=COMPLETED" in job, "a graceful shutdown ends the job by itself, not by scancel"
+
+
+def test_submit_no_wait_returns_the_job_id_and_connect_waits(cluster: None, workspace: Path) -> None:
+    name = f"nowait-{uuid.uuid4().hex[:6]}"
+    started = time.monotonic()
+    job_id = hk("submit", "--profile", "local", "--name", name, "--workspace", str(workspace), "--no-wait").stdout.strip()
+    assert job_id.isdigit() and time.monotonic() - started < 10
+    try:
+        assert job_id in squeue_ids()
+        connection_file = hk("connect", name).stdout.strip()
+        assert Path(connection_file).exists()
+        assert hk("exec", name, "print('ok')").stdout.strip() == "ok"
+    finally:
+        hk("shutdown", name)
+
+
+def test_a_live_name_cannot_be_reused(cluster: None, workspace: Path) -> None:
+    k = start_kernel(workspace, prefix="dup")
+    try:
+        proc = hk("submit", "--profile", "local", "--name", k.name, "--workspace", str(workspace), check=False)
+        assert proc.returncode == 1
+        assert f"a kernel named {k.name!r} already exists" in proc.stderr
+        assert k.exec("print('unharmed')").stdout.strip() == "unharmed"
+    finally:
+        hk("shutdown", k.name)
+
+
+def test_unknown_profile_lists_known_ones(cluster: None) -> None:
+    proc = hk("submit", "--profile", "no-such-site", "--name", "x", check=False)
+    assert proc.returncode == 1
+    assert "unknown profile 'no-such-site'" in proc.stderr and "local" in proc.stderr
+    assert not (STATE_ROOT / "x").exists()
+
+
+def test_slurm_refusal_shows_sbatch_message_and_leaves_nothing(cluster: None, workspace: Path) -> None:
+    name = f"refused-{uuid.uuid4().hex[:6]}"
+    before = squeue_ids()
+    proc = hk("submit", "--profile", "local", "--name", name, "--partition", "nosuch", "--workspace", str(workspace),
+              check=False)
+    assert proc.returncode == 1
+    assert "sbatch refused the job" in proc.stderr
+    assert "Invalid partition name specified" in proc.stderr
+    assert not (STATE_ROOT / name).exists()
+    assert squeue_ids() == before
+
+
+def test_a_kernel_that_fails_to_start_is_reported_with_the_log_tail(
+    cluster: None, workspace: Path, profile_path: Path
+) -> None:
+    (profile_path / "broken.yaml").write_text("""
+slurm: {partition: debug, time: "00:05:00"}
+kernel:
+  command: ["{python}", "-c", "import sys; print('kernel exploded: bad image', file=sys.stderr); sys.exit(3)",
+            "{connection_file}"]
+""")
+    name = f"broken-{uuid.uuid4().hex[:6]}"
+    proc = hk("submit", "--profile", "broken", "--name", name, "--workspace", str(workspace), check=False)
+    assert proc.returncode == 1, proc.stdout
+    assert "failed before its kernel was ready" in proc.stderr
+    assert "the kernel exited with code 3" in proc.stderr
+    assert "kernel exploded: bad image" in proc.stderr, "the job's log tail is shown"
+    status = json.loads(hk("status", name, "--json").stdout)
+    assert status["state"] == "failed"
+    assert status["job_id"] not in squeue_ids(), "the job is gone"
+    hk("shutdown", name)
+    assert not (STATE_ROOT / name).exists()
+
+
+def test_a_missing_workspace_is_reported(cluster: None) -> None:
+    name = f"nows-{uuid.uuid4().hex[:6]}"
+    proc = hk("submit", "--profile", "local", "--name", name, "--workspace", "/tmp/only-on-the-login-node", check=False)
+    assert proc.returncode == 1
+    assert "workspace /tmp/only-on-the-login-node does not exist on c" in proc.stderr
+    hk("shutdown", name)
+
+
+def _pending_profile(profile_path: Path) -> None:
+    # A begin time in the future keeps the job PENDING with reason BeginTime.
+    (profile_path / "later.yaml").write_text('slurm: {partition: debug, extra_options: ["--begin=now+1hour"]}\n')
+
+
+def test_pending_reason_is_shown_and_timeout_cancels(cluster: None, workspace: Path, profile_path: Path) -> None:
+    _pending_profile(profile_path)
+    name = f"later-{uuid.uuid4().hex[:6]}"
+    proc = hk("submit", "--profile", "later", "--name", name, "--workspace", str(workspace), "--timeout", "3",
+              check=False)
+    assert proc.returncode == 1
+    assert "PENDING (BeginTime)" in proc.stderr
+    assert "was not ready within 3 s; it was cancelled" in proc.stderr
+    status = json.loads(hk("status", name, "--json").stdout)
+    assert status["job_id"] not in squeue_ids()
+    hk("shutdown", name)
+
+
+def test_ctrl_c_while_waiting_cancels_the_job(cluster: None, workspace: Path, profile_path: Path) -> None:
+    _pending_profile(profile_path)
+    name = f"intr-{uuid.uuid4().hex[:6]}"
+    proc = subprocess.Popen(["hpc-kernel", "submit", "--profile", "later", "--name", name, "--workspace", str(workspace)],
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    seen = ""
+    while "PENDING" not in seen:
+        line = proc.stderr.readline()
+        assert line, f"submit ended early: {seen}"
+        seen += line
+    job_id = seen.split("submitted job ")[1].split()[0]
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stderr.read()
+    assert proc.wait(60) == 130, rest
+    assert f"cancelling job {job_id}" in rest
+    assert job_id not in squeue_ids()
+    assert not (STATE_ROOT / name).exists()
+
+
+def test_two_commands_at_once_start_one_relay(cluster: None, workspace: Path) -> None:
+    name = f"race-{uuid.uuid4().hex[:6]}"
+    hk("submit", "--profile", "local", "--name", name, "--workspace", str(workspace), "--no-wait")
+    try:
+        procs = [subprocess.Popen(["hpc-kernel", "connect", name], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                  text=True) for _ in range(4)]
+        outputs = {p.communicate(timeout=120)[0].strip() for p in procs}
+        assert len(outputs) == 1 and all(p.returncode == 0 for p in procs)
+        assert len(processes_mentioning(f"hpc_kernels.relay login {STATE_ROOT / name}")) == 1
+    finally:
+        hk("shutdown", name)

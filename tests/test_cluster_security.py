@@ -1,0 +1,146 @@
+"""Another user on the cluster must not reach someone's kernel, and the key stays out of sight.
+
+The second user is the real Unix user hk-bob (``sudo -n -u hk-bob``, allowed by the test
+cluster's sudoers drop-in), on the login node and on the kernel's compute node.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import SECOND_USER, Kernel, as_second_user, run
+
+PROBE = r"""
+import json, os, socket, sys
+results = {}
+for path in sys.argv[1:]:
+    try:
+        if os.path.isdir(path):
+            os.listdir(path)
+        elif path.rsplit("-", 1)[-1].isdigit():
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(path)
+        else:
+            open(path, "rb").read()
+        results[path] = "ok"
+    except OSError as e:
+        results[path] = type(e).__name__ + ": " + (e.strerror or str(e))
+print(json.dumps(results))
+"""
+
+
+def probe_as_second_user(paths: list[str], *, on_node: str | None = None) -> dict[str, str]:
+    """Try to list, read or connect to each path as hk-bob, on the login node or via srun on a node."""
+    argv = ["/usr/bin/python3", "-c", PROBE, *paths]
+    if on_node:
+        argv = ["srun", f"--nodelist={on_node}", "--nodes=1", "--ntasks=1", "--mem=100M", "--time=1", *argv]
+    proc = as_second_user(argv, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def state_dir(kernel: Kernel) -> Path:
+    return Path(str(kernel.status()["log"])).parent
+
+
+def node_dir(kernel: Kernel) -> str:
+    return json.loads((state_dir(kernel) / "agent.json").read_text())["node_dir"]
+
+
+def test_second_user_exists_and_is_someone_else() -> None:
+    proc = as_second_user(["id", "-un"])
+    assert proc.returncode == 0 and proc.stdout.strip() == SECOND_USER != os.environ.get("USER")
+
+
+def test_second_user_cannot_reach_login_side(kernel: Kernel) -> None:
+    login_dir = kernel.connection_file.parent
+    sd = state_dir(kernel)
+    paths = [str(login_dir), str(kernel.connection_file), str(login_dir / "kernel-1"), str(login_dir / "kernel-4"),
+             str(sd), str(sd / "key"), str(sd / "job.log")]
+    results = probe_as_second_user(paths)
+    for path, outcome in results.items():
+        assert outcome.startswith("PermissionError"), f"{SECOND_USER} reached {path}: {outcome}"
+    # The same probe as ourselves succeeds: the probe itself works.
+    proc = run(["/usr/bin/python3", "-c", PROBE, str(login_dir / "kernel-1"), str(sd / "key")])
+    assert set(json.loads(proc.stdout).values()) == {"ok"}
+
+
+def test_second_user_cannot_reach_node_side(kernel: Kernel) -> None:
+    nd = node_dir(kernel)
+    results = probe_as_second_user([nd, f"{nd}/kernel.json", f"{nd}/kernel-1", f"{nd}/kernel-5"], on_node=kernel.node)
+    for path, outcome in results.items():
+        assert outcome.startswith("PermissionError"), f"{SECOND_USER} reached {path} on {kernel.node}: {outcome}"
+
+
+def test_node_side_directory_is_private_and_on_node_local_tmp(kernel: Kernel) -> None:
+    nd = node_dir(kernel)
+    assert nd.startswith("/tmp/hk-")
+    assert not os.path.exists(nd), "node-local tmp must not be visible on the login node"
+    proc = run(["srun", f"--jobid={kernel.job_id}", "--overlap", "stat", "-c", "%a %U", nd])
+    assert proc.stdout.split() == ["700", os.environ["USER"]]
+
+
+def test_second_user_cannot_step_into_the_job(kernel: Kernel) -> None:
+    proc = as_second_user(["srun", f"--jobid={kernel.job_id}", "--overlap", "hostname"])
+    assert proc.returncode != 0
+    assert re.search(r"Access/permission denied|not owned|Invalid job id", proc.stderr), proc.stderr
+
+
+def test_key_is_nowhere_to_be_seen(kernel: Kernel) -> None:
+    """Not on a command line or in an environment (login node and the job's processes on the node),
+    not in `scontrol show job`, the batch script, or a log."""
+    key = (state_dir(kernel) / "key").read_text().strip()
+    assert len(key) == 64
+    kernel.exec("print('kernel busy')")  # the relay and kernel have exchanged signed messages
+
+    scontrol = run(["scontrol", "show", "job", "-dd", kernel.job_id]).stdout
+    script = run(["scontrol", "write", "batch_script", kernel.job_id, "-"]).stdout
+    assert kernel.job_id in scontrol and "hpc_kernels.agent" in script
+    assert key not in scontrol and key not in script
+
+    for log in ("job.log", "relay.log"):
+        assert key not in (state_dir(kernel) / log).read_text()
+
+    # Every process visible here: the login node and, the nodes sharing this kernel's /proc, the job's.
+    dump = r"""
+import os
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    for what in ("cmdline", "environ"):
+        try:
+            with open(f"/proc/{pid}/{what}", "rb") as f:
+                print(pid, what, f.read().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:
+            pass
+"""
+    login_side = run(["/usr/bin/python3", "-c", dump]).stdout
+    node_side = run(["srun", f"--jobid={kernel.job_id}", "--overlap", "/usr/bin/python3", "-c", dump]).stdout
+    assert "hpc_kernels.relay" in login_side and "ipykernel_launcher" in node_side
+    assert key not in login_side
+    assert key not in node_side
+
+
+@pytest.mark.parametrize("squatted", ["file", "foreign-dir"])
+def test_a_squatted_runtime_dir_is_refused(squatted: str, tmp_path: Path) -> None:
+    """Another user could create /tmp/hpc-kernels-<uid> first; we must not use what we don't own."""
+    from hpc_kernels.errors import HpcKernelsError
+    from hpc_kernels.paths import ensure_private_dir
+
+    target = tmp_path / "rt"
+    if squatted == "file":
+        target.write_text("")
+        with pytest.raises(HpcKernelsError, match="not a directory"):
+            ensure_private_dir(target)
+    else:
+        shared = Path("/tmp") / f"hk-squat-{os.getpid()}"
+        proc = as_second_user(["mkdir", "-m", "0777", str(shared)])
+        assert proc.returncode == 0, proc.stderr
+        try:
+            with pytest.raises(HpcKernelsError, match="owned by uid"):
+                ensure_private_dir(shared)
+        finally:
+            as_second_user(["rmdir", str(shared)])
