@@ -19,7 +19,6 @@ from .launcher import (
     shutdown,
     submit,
     view,
-    wait_until_ready,
 )
 from .profiles import KernelRequest
 from .state import kernel_files, list_records

@@ -124,6 +124,7 @@ def launch_spec(profile: Profile, request: KernelRequest, python: str) -> dict[s
         "hide": [*profile.get("runtime", "hide"), home, str(state_root())],
         "workspace": request.workspace,
         "workspace_rw": profile.get("workspace", "mode") == "rw",
+        "tune_srun_tcp": profile.get("relay", "tune_srun_tcp"),
     }
 
 

@@ -81,6 +81,12 @@ def _positive_number(value: Any) -> float:
     return float(value)
 
 
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("expected true or false")
+    return value
+
+
 def _one_of(*choices: str) -> Callable[[Any], str]:
     def check(value: Any) -> str:
         if value not in choices:
@@ -180,6 +186,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     },
     "relay": {
         "transport": (_one_of("srun"), "srun"),
+        "tune_srun_tcp": (_bool, True),
     },
     "workspace": {
         "mode": (_one_of("ro", "rw"), "ro"),

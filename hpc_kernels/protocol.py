@@ -12,6 +12,12 @@ ERROR frame, then end of stream). After that both sides send frames::
 
 Flow control is by credit: each side may have at most ``INITIAL_WINDOW`` bytes of DATA in flight on
 a channel; the receiver returns CREDIT once it has written the bytes to their local socket.
+
+NUDGE exists because of the srun transport: srun and slurmstepd forward stdio in chunks of at
+most 1 KiB, each its own TCP send, without TCP_NODELAY. When a frame arrives in part, the rest is
+usually held back by the sender's Nagle algorithm until our side's TCP acknowledges the first
+part, which a delayed ACK postpones by 40 ms. Any bytes sent back carry that acknowledgement at
+once, so a receiver that sees an incomplete frame sends a NUDGE.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ VERSION = 1
 HEADER = struct.Struct("!BII")
 MAX_PAYLOAD = 64 * 1024
 INITIAL_WINDOW = 1024 * 1024
+# Consumed bytes are returned as CREDIT once this many have piled up, not after every frame.
+CREDIT_BATCH = INITIAL_WINDOW // 4
 
 # The five kernel sockets, in the order of their ports (1..5) in both connection files.
 SOCKET_NAMES = ("shell", "iopub", "stdin", "control", "hb")
@@ -39,6 +47,7 @@ class FrameType(IntEnum):
     DATA = 4  # either way: bytes for the channel's socket
     CLOSE = 5  # either way: the channel's connection is gone; payload: optional reason
     CREDIT = 6  # either way: payload is 4 bytes BE, bytes the sender may send again
+    NUDGE = 7  # either way, channel 0, no payload: "part of a frame arrived"; never answered
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,9 @@ def encode_hello(info: dict[str, Any] | None = None) -> bytes:
 
 def encode_error(message: str) -> bytes:
     return MAGIC + encode(FrameType.ERROR, 0, message.encode()[:MAX_PAYLOAD])
+
+
+NUDGE_FRAME = HEADER.pack(FrameType.NUDGE, 0, 0)
 
 
 def encode_credit(channel: int, amount: int) -> bytes:

@@ -21,168 +21,22 @@ import os
 import shutil
 import signal
 import socket
-import struct
+import subprocess
 import sys
 import tty
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 
 from . import protocol as p
+from .multiplexer import LocalEnd, Multiplexer, StreamEnd
 from .paths import check_socket_path, ensure_private_dir, read_json, runtime_root, write_json
 from .slurm import srun_into_job
 from .state import KernelFiles
 
-STREAM_READ_SIZE = 256 * 1024
 HELLO_TIMEOUT = 60.0
-
-Connector = Callable[[int], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
-
-
-class _Channel:
-    def __init__(self, channel_id: int) -> None:
-        self.id = channel_id
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-        self.credit = p.INITIAL_WINDOW
-        self.credit_available = asyncio.Event()
-        self.credit_available.set()
-        self.incoming: asyncio.Queue[bytes | None] = asyncio.Queue()
-        self.tasks: list[asyncio.Task[None]] = []
-        self.closed = asyncio.get_running_loop().create_future()
-
-
-class Multiplexer:
-    """Carries any number of local stream connections over one stream, with per-channel credit."""
-
-    def __init__(
-        self,
-        stream_reader: asyncio.StreamReader,
-        stream_writer: asyncio.StreamWriter,
-        connector: Connector | None = None,
-    ) -> None:
-        self._reader = stream_reader
-        self._writer = stream_writer
-        self._connector = connector
-        self._decoder = p.FrameDecoder()
-        self._channels: dict[int, _Channel] = {}
-        self._next_id = 1
-
-    # -- the stream ---------------------------------------------------------------------------
-
-    async def run(self, initial: bytes = b"") -> None:
-        """Dispatch frames until the stream ends; then close every channel."""
-        try:
-            data = initial
-            while True:
-                for frame in self._decoder.feed(data):
-                    self._dispatch(frame)
-                data = await self._reader.read(STREAM_READ_SIZE)
-                if not data:
-                    break
-        finally:
-            for channel in list(self._channels.values()):
-                self._close(channel, notify=False)
-
-    def _send(self, data: bytes) -> None:
-        if not self._writer.is_closing():
-            self._writer.write(data)
-
-    def _dispatch(self, frame: p.Frame) -> None:
-        if frame.type is p.FrameType.OPEN:
-            self._accept_open(frame)
-            return
-        channel = self._channels.get(frame.channel)
-        if channel is None:
-            return  # a late frame for a channel already closed here
-        if frame.type is p.FrameType.DATA:
-            channel.incoming.put_nowait(frame.payload)
-        elif frame.type is p.FrameType.CREDIT:
-            channel.credit += p.decode_credit(frame.payload)
-            channel.credit_available.set()
-        elif frame.type is p.FrameType.CLOSE:
-            channel.incoming.put_nowait(None)
-        else:
-            raise p.ProtocolError(f"unexpected {frame.type.name} frame on channel {frame.channel}")
-
-    # -- channels -----------------------------------------------------------------------------
-
-    async def attach(self, index: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Login side: carry a new local connection to kernel socket ``index``; return when it ends."""
-        channel = _Channel(self._next_id)
-        self._next_id += 1
-        self._channels[channel.id] = channel
-        self._send(p.encode(p.FrameType.OPEN, channel.id, bytes([index])))
-        self._start(channel, reader, writer)
-        await channel.closed
-
-    def _accept_open(self, frame: p.Frame) -> None:
-        if self._connector is None or len(frame.payload) != 1 or frame.channel in self._channels:
-            raise p.ProtocolError(f"unexpected OPEN frame on channel {frame.channel}")
-        channel = _Channel(frame.channel)
-        self._channels[channel.id] = channel
-        channel.tasks.append(asyncio.ensure_future(self._connect(channel, frame.payload[0])))
-
-    async def _connect(self, channel: _Channel, index: int) -> None:
-        assert self._connector is not None
-        try:
-            reader, writer = await self._connector(index)
-        except OSError as e:
-            self._close(channel, notify=True, reason=f"cannot connect to kernel socket {index}: {e}")
-            return
-        if channel.id in self._channels:
-            self._start(channel, reader, writer)
-        else:
-            writer.close()
-
-    def _start(self, channel: _Channel, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        channel.reader, channel.writer = reader, writer
-        channel.tasks += [
-            asyncio.ensure_future(self._local_to_stream(channel)),
-            asyncio.ensure_future(self._stream_to_local(channel)),
-        ]
-
-    async def _local_to_stream(self, channel: _Channel) -> None:
-        assert channel.reader is not None
-        try:
-            while True:
-                while channel.credit <= 0:
-                    channel.credit_available.clear()
-                    await channel.credit_available.wait()
-                data = await channel.reader.read(min(p.MAX_PAYLOAD, channel.credit))
-                if not data:
-                    break
-                channel.credit -= len(data)
-                self._send(p.encode(p.FrameType.DATA, channel.id, data))
-                await self._writer.drain()
-        except OSError:
-            pass
-        self._close(channel, notify=True)
-
-    async def _stream_to_local(self, channel: _Channel) -> None:
-        assert channel.writer is not None
-        try:
-            while (payload := await channel.incoming.get()) is not None:
-                channel.writer.write(payload)
-                await channel.writer.drain()
-                self._send(p.encode_credit(channel.id, len(payload)))
-        except OSError:
-            self._close(channel, notify=True)
-            return
-        self._close(channel, notify=False)
-
-    def _close(self, channel: _Channel, *, notify: bool, reason: str = "") -> None:
-        if self._channels.pop(channel.id, None) is None:
-            return
-        if notify:
-            self._send(p.encode(p.FrameType.CLOSE, channel.id, reason.encode()))
-        if channel.writer is not None:
-            channel.writer.close()
-        current = asyncio.current_task()
-        for task in channel.tasks:
-            if task is not current:
-                task.cancel()
-        if not channel.closed.done():
-            channel.closed.set_result(None)
+# What the node side of the relay gets of the login side's environment (LD_PRELOAD stays here).
+NODE_RELAY_ENVIRONMENT = ("PATH", "HOME", "LANG")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,15 +58,6 @@ def socket_paths(socket_base: str) -> list[str]:
 # The node side: the srun step inside the kernel's job
 
 
-async def _stdio_streams() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=STREAM_READ_SIZE)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(0, "rb", 0))
-    transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, os.fdopen(1, "wb", 0))
-    writer = asyncio.StreamWriter(transport, protocol, None, loop)
-    return reader, writer
-
-
 def _make_raw(fd: int) -> None:
     # srun -u gives the task a pty for stdout; without raw mode it would turn \n into \r\n.
     if os.isatty(fd):
@@ -220,20 +65,23 @@ def _make_raw(fd: int) -> None:
 
 
 async def _serve_node(node_dir: Path) -> int:
+    loop = asyncio.get_running_loop()
     sockets = socket_paths(str(node_dir / "kernel"))
-    reader, writer = await _stdio_streams()
+    out, _ = await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(1, "wb", 0))
     missing = [s for s in sockets if not os.path.exists(s)]
     if missing:
-        writer.write(p.encode_error(f"kernel sockets missing on {socket.gethostname()}: {', '.join(missing)}"))
-        await writer.drain()
+        out.write(p.encode_error(f"kernel sockets missing on {socket.gethostname()}: {', '.join(missing)}"))
+        out.close()
         return 1
 
-    async def connect(index: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        return await asyncio.open_unix_connection(sockets[index], limit=STREAM_READ_SIZE)
+    async def connect(index: int, factory: Callable[[], LocalEnd]) -> None:
+        await loop.create_unix_connection(factory, sockets[index])
 
-    writer.write(p.encode_hello({"node": socket.gethostname()}))
-    await writer.drain()
-    await Multiplexer(reader, writer, connect).run()
+    out.write(p.encode_hello({"node": socket.gethostname()}))
+    stream = StreamEnd(lambda _: Multiplexer(out.write, connect))
+    await loop.connect_read_pipe(lambda: stream, os.fdopen(0, "rb", 0))
+    assert stream.mux is not None
+    await stream.mux.ended
     return 0
 
 
@@ -251,38 +99,51 @@ def login_dir_for(name: str) -> Path:
     return runtime_root() / name
 
 
-def _peer_uid(writer: asyncio.StreamWriter) -> int | None:
-    sock = writer.get_extra_info("socket")
-    if sock is None:
-        return None
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return int(struct.unpack("3i", creds)[1])
+def tcp_tuning_library() -> Path | None:
+    """The shim that sets TCP_NODELAY/TCP_QUICKACK on srun's stdio sockets, if it was built."""
+    found = sorted(Path(__file__).parent.glob("_srun_tcp_tune*.so"))
+    return found[0] if found else None
 
 
-async def _read_hello(reader: asyncio.StreamReader) -> bytes:
-    """Wait for MAGIC + HELLO from the node side; return any bytes read past it."""
-    buffer = b""
-    while True:
-        data = await reader.read(STREAM_READ_SIZE)
-        if not data:
-            raise p.ProtocolError(f"the node side ended before it said hello{': ' + buffer[-400:].decode(errors='replace') if buffer else ''}")
-        buffer += data
-        start = buffer.find(p.MAGIC)
-        if start < 0:
-            continue
-        frames_start = start + len(p.MAGIC)
-        if len(buffer) - frames_start < p.HEADER.size:
-            continue
-        kind, _, length = p.HEADER.unpack_from(buffer, frames_start)
-        end = frames_start + p.HEADER.size + length
-        if len(buffer) < end:
-            continue
-        payload = buffer[frames_start + p.HEADER.size:end]
-        if kind == p.FrameType.ERROR:
-            raise p.ProtocolError(payload.decode(errors="replace"))
-        if kind != p.FrameType.HELLO:
-            raise p.ProtocolError(f"expected HELLO, got frame type {kind}")
-        return buffer[end:]
+def srun_environment(env: Mapping[str, str], *, tune_tcp: bool) -> dict[str, str]:
+    """srun's environment: ours, with the TCP tuning shim preloaded when asked for and built.
+
+    Without it, Slurm's stdio forwarding meets Nagle's algorithm and delayed ACKs: see
+    hpc_kernels/_native/srun_tcp_tune.c and docs/performance.md.
+    """
+    out = dict(env)
+    library = tcp_tuning_library() if tune_tcp else None
+    if library is not None:
+        out["LD_PRELOAD"] = " ".join(filter(None, [str(library), env.get("LD_PRELOAD", "")]))
+    elif tune_tcp:
+        print("relay: the srun TCP tuning shim was not built; expect 40 ms stalls", file=sys.stderr)
+    return out
+
+
+class _Srun(asyncio.SubprocessProtocol):
+    """The srun step carrying the stream: its stdin and stdout are the two directions."""
+
+    def __init__(self) -> None:
+        self.mux: Multiplexer | None = None
+        self.exited = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.SubprocessTransport)
+        stdin = transport.get_pipe_transport(0)
+        assert isinstance(stdin, asyncio.WriteTransport)
+        self.mux = Multiplexer(stdin.write, expect_hello=True)
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        if fd == 1 and self.mux is not None:
+            self.mux.feed(data)
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        if fd == 1 and self.mux is not None:
+            self.mux.stream_ended()
+
+    def process_exited(self) -> None:
+        if not self.exited.done():
+            self.exited.set_result(None)
 
 
 async def _serve_login(files: KernelFiles, ready: Callable[[str], None]) -> int:
@@ -298,61 +159,54 @@ async def _serve_login(files: KernelFiles, ready: Callable[[str], None]) -> int:
     for path in socket_paths(base):
         check_socket_path(path, "login-side socket")
 
-    argv = srun_into_job(record["job_id"], [launch["python"], "-m", "hpc_kernels.relay", "node", agent["node_dir"]])
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=None, limit=STREAM_READ_SIZE
+    argv = srun_into_job(
+        record["job_id"], [launch["python"], "-m", "hpc_kernels.relay", "node", agent["node_dir"]],
+        export=NODE_RELAY_ENVIRONMENT,
     )
-    assert proc.stdout is not None and proc.stdin is not None
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    transport, srun = await loop.subprocess_exec(
+        _Srun, *argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None,
+        env=srun_environment(os.environ, tune_tcp=launch.get("tune_srun_tcp", True)),
+    )
+    mux = srun.mux
+    assert mux is not None
+    stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
     servers: list[asyncio.AbstractServer] = []
     try:
         try:
-            rest = await asyncio.wait_for(_read_hello(proc.stdout), HELLO_TIMEOUT)
+            await asyncio.wait_for(asyncio.shield(mux.hello), HELLO_TIMEOUT)
         except (p.ProtocolError, asyncio.TimeoutError) as e:
             ready(f"ERROR relay to {agent.get('node')} failed: {e or 'no answer within %d s' % HELLO_TIMEOUT}")
             return 1
-        mux = Multiplexer(proc.stdout, proc.stdin)
-
-        def handler(index: int) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
-            async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-                if _peer_uid(writer) != os.getuid():
-                    writer.close()
-                    return
-                await mux.attach(index, reader, writer)
-
-            return accept
-
         old_umask = os.umask(0o077)
         try:
             for index, path in enumerate(socket_paths(base)):
-                servers.append(await asyncio.start_unix_server(handler(index), path=path, limit=STREAM_READ_SIZE))
+                servers.append(await loop.create_unix_server(partial(mux.local_end, index), path=path))
         finally:
             os.umask(old_umask)
         connection_file = login_dir / "connection.json"
         write_json(connection_file, connection_info(base, key))
         write_json(files.relay, {"pid": os.getpid(), "connection_file": str(connection_file), "login_dir": str(login_dir)})
         ready(f"READY {connection_file}")
-        run = asyncio.ensure_future(mux.run(rest))
         stopped = asyncio.ensure_future(stop.wait())
-        await asyncio.wait([run, stopped], return_when=asyncio.FIRST_COMPLETED)
-        for task in (run, stopped):
-            task.cancel()
+        await asyncio.wait([mux.ended, stopped], return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
         print(f"relay for {files.name}: {'stopped' if stop.is_set() else 'the job step ended'}", file=sys.stderr)
         return 0
     finally:
         for server in servers:
             server.close()
-        if proc.returncode is None:
+        if transport.get_returncode() is None:
             with contextlib.suppress(ProcessLookupError):
-                proc.terminate()
+                transport.terminate()
             try:
-                await asyncio.wait_for(proc.wait(), 10)
+                await asyncio.wait_for(asyncio.shield(srun.exited), 10)
             except asyncio.TimeoutError:
-                proc.kill()
-                await proc.wait()
+                transport.kill()
+                await srun.exited
+        transport.close()
         shutil.rmtree(login_dir, ignore_errors=True)
         relay = read_json(files.relay)
         if relay and relay.get("pid") == os.getpid():

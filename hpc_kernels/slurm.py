@@ -119,10 +119,12 @@ def cancel(job_id: str, signal: str | None = None) -> None:
         raise SlurmError(f"scancel {job_id} failed: {_slurm_message(proc)}")
 
 
-def srun_into_job(job_id: str, argv: Sequence[str]) -> list[str]:
+def srun_into_job(job_id: str, argv: Sequence[str], export: Sequence[str] | None = None) -> list[str]:
     """The command line that runs ``argv`` as an extra step inside a running job.
 
     ``--overlap`` lets the step share the resources the batch step holds; ``-u`` makes stdout
-    unbuffered (a pty on the task side, which the task must put in raw mode).
+    unbuffered (a pty on the task side, which the task must put in raw mode). ``export`` names
+    the only variables of ours the step gets (Slurm adds its own SLURM_* ones).
     """
-    return ["srun", f"--jobid={job_id}", "--overlap", "-u", "--nodes=1", "--ntasks=1", "--quiet", *argv]
+    options = [f"--export={','.join(export)}"] if export is not None else []
+    return ["srun", f"--jobid={job_id}", "--overlap", "-u", "--nodes=1", "--ntasks=1", "--quiet", *options, *argv]

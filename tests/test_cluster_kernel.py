@@ -189,3 +189,25 @@ def test_list_status_and_logs(kernel: Kernel) -> None:
     assert f"job id           {kernel.job_id}" in status
     logs = hk("logs", kernel.name).stdout
     assert f"starting the kernel on {kernel.node}" in logs and "kernel ready after" in logs
+
+
+def test_relay_srun_carries_the_tcp_tuning_and_the_node_side_does_not(kernel: Kernel) -> None:
+    hk("connect", kernel.name)
+    relay_pid = json.loads((Path(kernel.status()["log"]).parent / "relay.json").read_text())["pid"]
+    children = Path(f"/proc/{relay_pid}/task/{relay_pid}/children").read_text().split()
+    srun = [pid for pid in children if Path(f"/proc/{pid}/comm").read_text().strip() == "srun"]
+    assert len(srun) == 1, children
+    assert "_srun_tcp_tune" in Path(f"/proc/{srun[0]}/maps").read_text()
+
+    node_dir = json.loads((Path(kernel.status()["log"]).parent / "agent.json").read_text())["node_dir"]
+    node_side = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if os.path.basename(argv[0]).startswith(b"python") and [b"hpc_kernels.relay", b"node", node_dir.encode()] == argv[2:5]:
+            node_side[pid] = [v for v in environ if v.startswith(b"LD_PRELOAD=")]
+    assert len(node_side) == 1 and list(node_side.values()) == [[]], node_side
+

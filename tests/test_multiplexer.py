@@ -1,5 +1,6 @@
 """The relay's multiplexer over real sockets on this machine (no cluster): a login side and a
-node side joined by a socketpair, the node side connecting to local unix-socket servers."""
+node side joined by a socketpair, the node side connecting to local unix-socket servers that
+stand in for the kernel's sockets."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import asyncio
 import hashlib
 import os
 import socket
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from hpc_kernels import protocol as p
-from hpc_kernels.relay import Multiplexer
+from hpc_kernels.multiplexer import Multiplexer, StreamEnd
 
 
 async def echo_server(path: Path) -> asyncio.AbstractServer:
@@ -25,34 +28,61 @@ async def echo_server(path: Path) -> asyncio.AbstractServer:
     return await asyncio.start_unix_server(echo, path=str(path))
 
 
-async def joined(tmp_path: Path, connector=None):
-    """Two multiplexers over a socketpair; the node side connects socket i to tmp_path/kernel-(i+1)."""
-    a, b = socket.socketpair()
-    login_r, login_w = await asyncio.open_connection(sock=a)
-    node_r, node_w = await asyncio.open_connection(sock=b)
+class Relay:
+    """Both ends of a relay over a socketpair, and login-side listening sockets."""
 
-    async def connect(index: int):
-        return await asyncio.open_unix_connection(str(tmp_path / f"kernel-{index + 1}"))
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.login: Multiplexer
+        self.node: Multiplexer
+        self.transports: list[asyncio.BaseTransport] = []
+        self.servers: list[asyncio.AbstractServer] = []
 
-    login = Multiplexer(login_r, login_w)
-    node = Multiplexer(node_r, node_w, connector or connect)
-    tasks = [asyncio.ensure_future(login.run()), asyncio.ensure_future(node.run())]
-    return login, node, tasks, (login_w, node_w)
+    async def start(self, expect_hello: bool = False) -> Relay:
+        loop = asyncio.get_running_loop()
+        a, b = socket.socketpair()
+
+        async def connect(index: int, factory: Callable[[], Any]) -> None:
+            await loop.create_unix_connection(factory, str(self.tmp_path / f"kernel-{index + 1}"))
+
+        t1, login_end = await loop.create_connection(
+            lambda: StreamEnd(lambda t: Multiplexer(t.write, expect_hello=expect_hello)), sock=a)
+        t2, node_end = await loop.create_connection(lambda: StreamEnd(lambda t: Multiplexer(t.write, connect)), sock=b)
+        self.login, self.node = login_end.mux, node_end.mux
+        self.node_transport = t2
+        self.transports += [t1, t2]
+        return self
+
+    async def client(self, index: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        path = self.tmp_path / f"login-{index}-{os.urandom(3).hex()}"
+        self.servers.append(await asyncio.get_running_loop().create_unix_server(
+            lambda: self.login.local_end(index), path=str(path)))
+        return await asyncio.open_unix_connection(str(path))
+
+    def close(self) -> None:
+        for s in self.servers:
+            s.close()
+        for t in self.transports:
+            t.close()
 
 
-async def local_pair(tmp_path: Path, login: Multiplexer, index: int):
-    """A client connection to a login-side listening socket for kernel socket ``index``."""
-    path = tmp_path / f"login-{index}-{os.urandom(3).hex()}"
-    server = await asyncio.start_unix_server(lambda r, w: login.attach(index, r, w), path=str(path))
-    reader, writer = await asyncio.open_unix_connection(str(path))
-    return server, reader, writer
-
-
-def test_large_transfer_is_exact_and_bounded_by_credit(tmp_path: Path) -> None:
+def run(test: Callable[[Relay], Awaitable[None]], tmp_path: Path, servers: int = 5) -> None:
     async def main() -> None:
-        server = await echo_server(tmp_path / "kernel-1")
-        login, node, tasks, _ = await joined(tmp_path)
-        listener, reader, writer = await local_pair(tmp_path, login, 0)
+        kernel = [await echo_server(tmp_path / f"kernel-{i + 1}") for i in range(servers)]
+        relay = await Relay(tmp_path).start()
+        try:
+            await test(relay)
+        finally:
+            relay.close()
+            for s in kernel:
+                s.close()
+
+    asyncio.run(main())
+
+
+def test_large_transfer_is_exact(tmp_path: Path) -> None:
+    async def test(relay: Relay) -> None:
+        reader, writer = await relay.client(0)
         payload = os.urandom(8 * 1024 * 1024) + bytes(range(256)) * 64
 
         async def send() -> None:
@@ -64,24 +94,13 @@ def test_large_transfer_is_exact_and_bounded_by_credit(tmp_path: Path) -> None:
         received = await asyncio.wait_for(reader.readexactly(len(payload)), 60)
         await sender
         assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
-        for mux in (login, node):
-            for channel in mux._channels.values():
-                queued = sum(len(b) for b in channel.incoming._queue if b)  # type: ignore[attr-defined]
-                assert queued <= p.INITIAL_WINDOW
-        writer.close()
-        for t in tasks:
-            t.cancel()
-        server.close()
-        listener.close()
 
-    asyncio.run(main())
+    run(test, tmp_path, servers=1)
 
 
 def test_many_channels_on_all_five_sockets_do_not_mix(tmp_path: Path) -> None:
-    async def main() -> None:
-        servers = [await echo_server(tmp_path / f"kernel-{i + 1}") for i in range(5)]
-        login, node, tasks, _ = await joined(tmp_path)
-        pairs = [await local_pair(tmp_path, login, i % 5) for i in range(20)]
+    async def test(relay: Relay) -> None:
+        clients = [await relay.client(i % 5) for i in range(20)]
 
         async def talk(i: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             for n in range(50):
@@ -90,36 +109,31 @@ def test_many_channels_on_all_five_sockets_do_not_mix(tmp_path: Path) -> None:
                 await writer.drain()
                 assert await reader.readexactly(len(message)) == message
 
-        await asyncio.wait_for(asyncio.gather(*(talk(i, r, w) for i, (_, r, w) in enumerate(pairs))), 60)
-        for t in tasks:
-            t.cancel()
-        for s in servers:
-            s.close()
+        await asyncio.wait_for(asyncio.gather(*(talk(i, r, w) for i, (r, w) in enumerate(clients))), 60)
+        assert relay.login.open_channels == 20 and relay.node.open_channels == 20
 
-    asyncio.run(main())
+    run(test, tmp_path)
 
 
-def test_a_slow_reader_does_not_stall_other_channels(tmp_path: Path) -> None:
-    async def main() -> None:
-        servers = [await echo_server(tmp_path / f"kernel-{i + 1}") for i in range(2)]
-        login, node, tasks, _ = await joined(tmp_path)
-        _, slow_r, slow_w = await local_pair(tmp_path, login, 0)
-        _, fast_r, fast_w = await local_pair(tmp_path, login, 1)
-        # Fill the slow channel far past its window without reading its echo.
-        blob = os.urandom(4 * p.INITIAL_WINDOW)
+def test_a_slow_reader_stops_its_sender_and_does_not_stall_others(tmp_path: Path) -> None:
+    """A client that writes but never reads its echo: the window stops it, the other channel flows."""
+
+    async def test(relay: Relay) -> None:
+        slow_r, slow_w = await relay.client(0)
+        fast_r, fast_w = await relay.client(1)
+        blob = os.urandom(8 * p.INITIAL_WINDOW)
         slow_w.write(blob)
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(1.0)
+        # Credit ran out: the slow client's socket is no longer read by the relay.
+        slow_login_end = next(e for e in relay.login._channels.values() if e.credit <= 0)
+        assert slow_login_end.reading_paused
         for n in range(20):
             fast_w.write(b"ping %d\n" % n)
             await fast_w.drain()
             assert await asyncio.wait_for(fast_r.readline(), 5) == b"ping %d\n" % n
-        assert await asyncio.wait_for(slow_r.readexactly(len(blob)), 30) == blob
-        for t in tasks:
-            t.cancel()
-        for s in servers:
-            s.close()
+        assert await asyncio.wait_for(slow_r.readexactly(len(blob)), 60) == blob
 
-    asyncio.run(main())
+    run(test, tmp_path, servers=2)
 
 
 def test_close_reaches_the_other_side(tmp_path: Path) -> None:
@@ -130,39 +144,78 @@ def test_close_reaches_the_other_side(tmp_path: Path) -> None:
             await accepted.put(reader)
 
         server = await asyncio.start_unix_server(keep, path=str(tmp_path / "kernel-1"))
-        login, node, tasks, _ = await joined(tmp_path)
-        _, reader, writer = await local_pair(tmp_path, login, 0)
+        relay = await Relay(tmp_path).start()
+        reader, writer = await relay.client(0)
         writer.write(b"bye")
         await writer.drain()
         kernel_side = await asyncio.wait_for(accepted.get(), 5)
         assert await kernel_side.readexactly(3) == b"bye"
         writer.close()
         assert await asyncio.wait_for(kernel_side.read(), 5) == b"", "the kernel side sees end of stream"
-        for t in tasks:
-            t.cancel()
+        await asyncio.sleep(0.1)
+        assert relay.login.open_channels == 0 and relay.node.open_channels == 0
+        relay.close()
         server.close()
 
     asyncio.run(main())
 
 
 def test_a_refused_connection_closes_the_client(tmp_path: Path) -> None:
-    async def main() -> None:
-        login, node, tasks, _ = await joined(tmp_path)  # no server at kernel-1
-        _, reader, writer = await local_pair(tmp_path, login, 0)
+    async def test(relay: Relay) -> None:
+        reader, _ = await relay.client(0)  # nothing listens at kernel-1
         assert await asyncio.wait_for(reader.read(), 5) == b""
-        for t in tasks:
-            t.cancel()
+
+    run(test, tmp_path, servers=0)
+
+
+def test_end_of_stream_closes_every_client(tmp_path: Path) -> None:
+    async def test(relay: Relay) -> None:
+        clients = [await relay.client(i) for i in range(3)]
+        for _, w in clients:
+            w.write(b"x")
+        await asyncio.sleep(0.2)
+        relay.node_transport.close()  # the srun step died
+        for r, _ in clients:
+            assert await asyncio.wait_for(r.read(), 5) in (b"", b"x")
+        await asyncio.wait_for(relay.login.ended, 5)
+
+    run(test, tmp_path)
+
+
+def test_hello_is_awaited_and_an_error_is_reported(tmp_path: Path) -> None:
+    async def main() -> None:
+        a, b = socket.socketpair()
+        loop = asyncio.get_running_loop()
+        _, end = await loop.create_connection(lambda: StreamEnd(lambda t: Multiplexer(t.write, expect_hello=True)),
+                                              sock=a)
+        b.sendall(b"srun: warning: noise before the stream\n" + p.encode_error("kernel sockets missing on c1"))
+        with pytest.raises(p.ProtocolError, match="kernel sockets missing on c1"):
+            await asyncio.wait_for(end.mux.hello, 5)
+        b.close()
 
     asyncio.run(main())
 
 
 def test_an_unexpected_open_from_the_node_side_is_a_protocol_error(tmp_path: Path) -> None:
     async def main() -> None:
-        a, b = socket.socketpair()
-        r, w = await asyncio.open_connection(sock=a)
-        login = Multiplexer(r, w)
-        b.sendall(p.encode(p.FrameType.OPEN, 1, b"\x00"))
+        mux = Multiplexer(lambda data: None)
         with pytest.raises(p.ProtocolError):
-            await asyncio.wait_for(login.run(), 5)
+            mux.feed(p.encode(p.FrameType.OPEN, 1, b"\x00"))
+
+    asyncio.run(main())
+
+
+def test_a_partial_frame_is_answered_with_a_nudge() -> None:
+    async def main() -> None:
+        sent: list[bytes] = []
+        mux = Multiplexer(sent.append)
+        mux.feed(p.encode(p.FrameType.CREDIT, 3, b"\0\0\0\1")[:5])
+        await asyncio.sleep(0)
+        assert sent == [p.NUDGE_FRAME]
+        quiet: list[bytes] = []
+        other = Multiplexer(quiet.append)
+        other.feed(p.NUDGE_FRAME + p.encode(p.FrameType.CLOSE, 9))
+        await asyncio.sleep(0)
+        assert quiet == [], "complete frames (nudges included) are never answered"
 
     asyncio.run(main())

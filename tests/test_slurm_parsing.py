@@ -50,3 +50,8 @@ def test_srun_into_job_overlaps_and_is_unbuffered() -> None:
     argv = srun_into_job("9", ["python", "-m", "x"])
     assert argv[:4] == ["srun", "--jobid=9", "--overlap", "-u"]
     assert argv[-3:] == ["python", "-m", "x"]
+
+
+def test_srun_into_job_can_limit_the_exported_environment() -> None:
+    argv = srun_into_job("9", ["x"], export=["PATH", "HOME"])
+    assert "--export=PATH,HOME" in argv and argv[-1] == "x"

@@ -1,0 +1,145 @@
+"""Relay cost and start-up time, measured side by side in one run (``make bench``).
+
+Rows, all against one kernel on a compute node:
+
+* execute round trip of ``x += 1`` (request sent until reply and idle status received),
+  through the relay from the login node, and directly over IPC on the compute node
+  (a client started with ``srun --overlap`` inside the kernel's job);
+* streaming a large output (``sys.stdout.write`` of N MB) the same two ways;
+* time from ``hpc-kernel submit`` to kernel ready, next to a bare ``sbatch`` of a no-op job
+  (submitted until COMPLETED), alternating, on the same idle cluster.
+
+Prints a Markdown table; docs/performance.md keeps the latest figures. Nothing here asserts a
+speed: it measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+CLIENT = r"""
+import json, sys, time
+from jupyter_client import BlockingKernelClient
+
+def measure(connection_file, runs, stream_mb):
+    c = BlockingKernelClient()
+    c.load_connection_file(connection_file)
+    c.start_channels()
+    c.wait_for_ready(timeout=60)
+    quiet = lambda msg: None
+    c.execute_interactive("x = 0", output_hook=quiet, timeout=60)
+    for _ in range(20):
+        c.execute_interactive("x += 1", output_hook=quiet, timeout=60)
+    samples = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        c.execute_interactive("x += 1", output_hook=quiet, timeout=60)
+        samples.append(time.perf_counter() - t)
+    received = 0
+    def count(msg):
+        nonlocal received
+        if msg["msg_type"] == "stream":
+            received += len(msg["content"]["text"])
+    t = time.perf_counter()
+    c.execute_interactive(
+        "import sys\nchunk = 'y' * 1_000_000\nfor _ in range(%d): sys.stdout.write(chunk)" % stream_mb,
+        output_hook=count, timeout=600)
+    stream_s = time.perf_counter() - t
+    c.stop_channels()
+    assert received == stream_mb * 1_000_000, received
+    return {"rtt": samples, "stream_s": stream_s}
+
+print(json.dumps(measure(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))))
+"""
+
+
+def sh(*argv: str, input: str | None = None) -> str:
+    proc = subprocess.run(argv, capture_output=True, text=True, input=input, timeout=900)
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(argv)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc.stdout
+
+
+def job_state(job_id: str) -> str:
+    out = sh("scontrol", "show", "job", "-o", job_id)
+    return out.split("JobState=")[1].split()[0]
+
+
+def bare_sbatch_seconds() -> float:
+    t = time.perf_counter()
+    job_id = sh("sbatch", "--parsable", "--output=/dev/null", "--wrap", "true").strip()
+    while job_state(job_id) not in ("COMPLETED", "FAILED", "CANCELLED"):
+        time.sleep(0.02)
+    return time.perf_counter() - t
+
+
+def submit_seconds(name: str) -> float:
+    t = time.perf_counter()
+    sh("hpc-kernel", "submit", "--profile", "local", "--name", name, "--no-workspace")
+    return time.perf_counter() - t
+
+
+def pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=200, help="execute round trips per row")
+    parser.add_argument("--stream-mb", type=int, default=20, help="MB of output to stream per row")
+    parser.add_argument("--starts", type=int, default=3, help="submit-to-ready and bare sbatch runs each")
+    args = parser.parse_args()
+
+    name = f"bench-{uuid.uuid4().hex[:6]}"
+    startups, bares = [], []
+    try:
+        for i in range(args.starts):
+            bares.append(bare_sbatch_seconds())
+            startups.append(submit_seconds(f"{name}-{i}"))
+            if i < args.starts - 1:
+                sh("hpc-kernel", "shutdown", f"{name}-{i}")
+        kernel = f"{name}-{args.starts - 1}"
+        status = json.loads(sh("hpc-kernel", "status", kernel, "--json"))
+        agent = json.loads((Path(status["log"]).parent / "agent.json").read_text())
+        login_cf = sh("hpc-kernel", "connect", kernel).strip()
+
+        relay = json.loads(sh(sys.executable, "-c", CLIENT, login_cf, str(args.runs), str(args.stream_mb)))
+        direct = json.loads(sh(
+            "srun", f"--jobid={status['job_id']}", "--overlap", sys.executable, "-c", CLIENT,
+            str(Path(agent["node_dir"]) / "kernel.json"), str(args.runs), str(args.stream_mb),
+        ))
+    finally:
+        for i in range(args.starts):
+            subprocess.run(["hpc-kernel", "shutdown", f"{name}-{i}"], capture_output=True)
+
+    d_med, r_med = statistics.median(direct["rtt"]) * 1e3, statistics.median(relay["rtt"]) * 1e3
+    d_p90, r_p90 = pct(direct["rtt"], 0.9) * 1e3, pct(relay["rtt"], 0.9) * 1e3
+    d_mbs, r_mbs = args.stream_mb / direct["stream_s"], args.stream_mb / relay["stream_s"]
+    s_med, b_med = statistics.median(startups), statistics.median(bares)
+
+    print(f"hpc-kernels relay benchmark, {time.strftime('%Y-%m-%d %H:%M')}, node {status['node']}, "
+          f"{args.runs} round trips, {args.stream_mb} MB stream, {args.starts} starts\n")
+    print("| measure | direct IPC on the node | through the relay (srun) | relay / direct |")
+    print("|---|---|---|---|")
+    print(f"| execute `x += 1`, median | {d_med:.2f} ms | {r_med:.2f} ms | {r_med / d_med:.2f}x |")
+    print(f"| execute `x += 1`, p90 | {d_p90:.2f} ms | {r_p90:.2f} ms | {r_p90 / d_p90:.2f}x |")
+    print(f"| stream {args.stream_mb} MB of stdout | {d_mbs:.1f} MB/s | {r_mbs:.1f} MB/s | {d_mbs / r_mbs:.2f}x time |")
+    print()
+    print("| start-up | bare `sbatch --wrap true` until COMPLETED | `hpc-kernel submit` until ready | ratio |")
+    print("|---|---|---|---|")
+    print(f"| median of {args.starts} | {b_med:.2f} s | {s_med:.2f} s | {s_med / b_med:.2f}x |")
+    print(f"| all runs | {', '.join(f'{b:.2f}' for b in bares)} s | {', '.join(f'{s:.2f}' for s in startups)} s | |")
+    print(f"\nkernel start inside the job (agent: launch to five sockets): {agent.get('startup_seconds')} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
