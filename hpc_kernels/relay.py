@@ -128,9 +128,7 @@ class _Srun(asyncio.SubprocessProtocol):
         self.exited = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.SubprocessTransport)
-        stdin = transport.get_pipe_transport(0)
-        assert isinstance(stdin, asyncio.WriteTransport)
+        stdin = transport.get_pipe_transport(0)  # type: ignore[attr-defined]
         self.mux = Multiplexer(stdin.write, expect_hello=True)
 
     def pipe_data_received(self, fd: int, data: bytes) -> None:
