@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jupyter_client import BlockingKernelClient
-
 from .errors import HpcKernelsError, KernelStartError, RelayError
 from .paths import read_json, state_root, write_json, write_private_file
 from .profiles import KernelRequest, Profile, apply_request, check_kernel_name, load_profile
@@ -39,7 +37,7 @@ from .state import (
 
 Progress = Callable[[str], None]
 LOG_TAIL_LINES = 25
-POLL_SECONDS = 0.25
+POLL_SECONDS = 0.1
 
 
 def _quiet(_: str) -> None:
@@ -356,6 +354,9 @@ def shutdown(name: str, *, graceful_timeout: float = 15, progress: Progress = _q
 
 
 def _request_shutdown(connection_file: Path, timeout: float) -> None:
+    # Imported here: jupyter_client takes a noticeable share of a short command's start-up.
+    from jupyter_client import BlockingKernelClient
+
     client = BlockingKernelClient()
     client.load_connection_file(str(connection_file))
     client.start_channels()
