@@ -75,11 +75,15 @@ class Agent:
         self.stop_signal: int | None = None
 
     def report(self, state: str, **extra: Any) -> None:
-        write_json(
-            self.files.agent,
-            {"state": state, "node": self.node, "job_id": self.job_id, "pid": os.getpid(),
-             "node_dir": str(self.node_dir) if self.node_dir else None, "time": time.time(), **extra},
-        )
+        """Write agent.json; a failure to write (quota, a removed state dir) is said, not raised."""
+        try:
+            write_json(
+                self.files.agent,
+                {"state": state, "node": self.node, "job_id": self.job_id, "pid": os.getpid(),
+                 "node_dir": str(self.node_dir) if self.node_dir else None, "time": time.time(), **extra},
+            )
+        except OSError as e:
+            _say(f"could not write {self.files.agent}: {e}")
 
     def on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.stop_signal = signum
@@ -114,18 +118,18 @@ class Agent:
             arg.format(python=launch["python"], connection_file=str(connection_file))
             for arg in launch["kernel_command"]
         ]
-        return bwrap_argv(spec, kernel_argv, bwrap=launch.get("bwrap", "bwrap"))
+        return bwrap_argv(spec, kernel_argv)
 
     def wait_for_sockets(self, timeout: float) -> None:
         assert self.kernel is not None and self.node_dir is not None
         sockets = socket_paths(str(self.node_dir / "kernel"))
         deadline = time.monotonic() + timeout
         while not all(os.path.exists(s) for s in sockets):
+            if self.stop_signal is not None:
+                raise AgentError(f"stopped by signal {signal.Signals(self.stop_signal).name} before the kernel was ready")
             code = self.kernel.poll()
             if code is not None:
                 raise AgentError(f"the kernel exited with code {code} before it was ready (its output is above)")
-            if self.stop_signal is not None:
-                raise AgentError(f"stopped by signal {signal.Signals(self.stop_signal).name} before the kernel was ready")
             if time.monotonic() > deadline:
                 raise AgentError(f"the kernel did not create its sockets within {timeout:.0f} s (kernel.start_timeout)")
             time.sleep(0.02)
@@ -135,26 +139,29 @@ class Agent:
             signal.signal(sig, self.on_signal)
         started = time.monotonic()
         try:
-            argv = self.prepare()
-            self.report("starting")
-            _say(f"starting the kernel on {self.node} in {self.node_dir}")
-            env = sandbox_environment(os.environ, self.launch.get("kernel_env", {}))
-            self.kernel = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL)
-            self.wait_for_sockets(float(self.launch.get("start_timeout", 60)))
-        except (AgentError, OSError, KeyError) as e:
-            message = str(e) if not isinstance(e, KeyError) else f"launch.json lacks {e}"
-            _say(f"failed: {message}")
-            self.report("failed", message=message)
+            try:
+                argv = self.prepare()
+                self.report("starting")
+                _say(f"starting the kernel on {self.node} in {self.node_dir}")
+                env = sandbox_environment(os.environ, self.launch.get("kernel_env", {}))
+                self.kernel = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL)
+                self.wait_for_sockets(float(self.launch.get("start_timeout", 60)))
+            except Exception as e:  # every failure before readiness is reported the same way
+                message = f"launch.json lacks {e}" if isinstance(e, KeyError) else str(e)
+                _say(f"failed: {message}")
+                self.cleanup()
+                self.report("failed", message=message)
+                return 1
+            self.report("ready", startup_seconds=round(time.monotonic() - started, 3))
+            _say(f"kernel ready after {time.monotonic() - started:.2f} s")
+            code = self.kernel.wait()
+            why = f"signal {signal.Signals(self.stop_signal).name}" if self.stop_signal else f"exit code {code}"
+            _say(f"kernel ended ({why}); cleaning up")
             self.cleanup()
-            return 1
-        self.report("ready", startup_seconds=round(time.monotonic() - started, 3))
-        _say(f"kernel ready after {time.monotonic() - started:.2f} s")
-        code = self.kernel.wait()
-        why = f"signal {signal.Signals(self.stop_signal).name}" if self.stop_signal else f"exit code {code}"
-        _say(f"kernel ended ({why}); cleaning up")
-        self.cleanup()
-        self.report("ended", exit_code=code, message=f"kernel ended ({why})")
-        return 0 if code == 0 or self.stop_signal else 1
+            self.report("ended", exit_code=code, message=f"kernel ended ({why})")
+            return 0 if code == 0 or self.stop_signal else 1
+        finally:
+            self.cleanup()  # the node-side directory holds the key: it goes on every path
 
     def cleanup(self) -> None:
         if self.kernel is not None and self.kernel.poll() is None:

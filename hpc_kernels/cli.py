@@ -15,11 +15,13 @@ from .errors import HpcKernelsError
 from .launcher import (
     KernelView,
     ensure_relay,
+    exposes_private_files,
     relay_connection_file,
     shutdown,
     submit,
     view,
 )
+from .paths import state_root
 from .profiles import KernelRequest
 from .state import kernel_files, list_records
 
@@ -31,7 +33,14 @@ def _progress(line: str) -> None:
 def _workspace(args: argparse.Namespace) -> str | None:
     if args.no_workspace:
         return None
-    return str(Path(args.workspace or os.getcwd()).resolve())
+    if args.workspace:
+        return str(Path(args.workspace).resolve())
+    cwd = str(Path.cwd().resolve())
+    if exposes_private_files(cwd, os.path.expanduser("~"), [str(state_root())]):
+        _progress(f"not binding {cwd} as the workspace (it holds your home directory); "
+                  "the kernel starts in a private /tmp. Use --workspace DIR to bind a project directory.")
+        return None
+    return cwd
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

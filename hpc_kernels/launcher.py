@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -21,7 +20,8 @@ from typing import Any
 from .errors import HpcKernelsError, KernelStartError, RelayError
 from .paths import read_json, state_root, write_json, write_private_file
 from .profiles import KernelRequest, Profile, apply_request, check_kernel_name, load_profile
-from .relay import login_dir_for
+from .processes import is_running, terminate
+from .relay import SRUN_STOP_SECONDS, login_dirs_of, relay_marker
 from .render import render_kernel_script
 from .slurm import JobInfo, cancel, job_info, submit_batch
 from .state import (
@@ -38,6 +38,8 @@ from .state import (
 Progress = Callable[[str], None]
 LOG_TAIL_LINES = 25
 POLL_SECONDS = 0.1
+# Longer than the relay's own wait for its srun, so that its cleanup can finish.
+RELAY_STOP_SECONDS = SRUN_STOP_SECONDS + 10
 
 
 def _quiet(_: str) -> None:
@@ -126,10 +128,29 @@ def launch_spec(profile: Profile, request: KernelRequest, python: str) -> dict[s
     }
 
 
+def exposes_private_files(workspace: str, home: str, private: list[str]) -> str | None:
+    """Why binding ``workspace`` would hand the kernel what it must not see, or None.
+
+    The home directory itself (ssh keys, tokens, every dotfile) and any directory above it or
+    above hpc-kernels' own state are refused; a project directory inside home is fine.
+    """
+    ws = os.path.normpath(workspace)
+    for path in [home, *private]:
+        path = os.path.normpath(path)
+        if path == ws or path.startswith(ws.rstrip("/") + "/"):
+            what = "your home directory" if path == os.path.normpath(home) else path
+            return f"the workspace {ws} would show the kernel {what}"
+    return None
+
+
 def submit(profile_name: str, request: KernelRequest) -> KernelRecord:
     """Write the kernel's state, render its job script and submit it. Returns at once."""
     name = check_kernel_name(request.name)
     profile = apply_request(load_profile(profile_name), request)
+    if request.workspace:
+        why = exposes_private_files(request.workspace, os.path.expanduser("~"), [str(state_root())])
+        if why:
+            raise HpcKernelsError(f"{why}; choose a project directory with --workspace, or --no-workspace")
     python = profile.get("paths", "python") or sys.executable
     with locked(name):
         _forget_if_dead(name)
@@ -139,27 +160,31 @@ def submit(profile_name: str, request: KernelRequest) -> KernelRecord:
             raise HpcKernelsError(
                 f"a kernel named {name!r} already exists; use another --name or `hpc-kernel shutdown {name}`"
             ) from None
+        record = KernelRecord(
+            name=name,
+            profile=profile.name,
+            status="submitting",
+            workspace=request.workspace,
+            workspace_rw=profile.get("workspace", "mode") == "rw",
+        )
         try:
+            save_record(record)
             write_private_file(files.key, secrets.token_hex(32) + "\n")
             write_json(files.launch, launch_spec(profile, request, python))
             script = render_kernel_script(
                 profile, kernel_name=name, state_dir=files.dir, log_path=files.log, python=python
             )
             write_private_file(files.script, script)
-            write_private_file(files.log, "")  # Slurm appends to it and keeps its mode: 0600
-            job_id = submit_batch(script)
+            write_private_file(files.log, "")  # Slurm writes to it and keeps its mode: 0600
+            record.job_id = submit_batch(script)
+            record.status = "submitted"
+            save_record(record)
         except BaseException:
+            # Nothing may outlive a failed submit: not the job (if sbatch gave us one), not the files.
+            if record.job_id:
+                cancel(record.job_id)
             remove_kernel_dir(name)
             raise
-        record = KernelRecord(
-            name=name,
-            profile=profile.name,
-            status="submitted",
-            job_id=job_id,
-            workspace=request.workspace,
-            workspace_rw=profile.get("workspace", "mode") == "rw",
-        )
-        save_record(record)
     return record
 
 
@@ -260,22 +285,11 @@ def _wait_job_gone(job_id: str, timeout: float) -> bool:
 # The login-side relay
 
 
-def process_alive(pid: int, marker: str = "hpc_kernels.relay") -> bool:
-    """True if ``pid`` runs (a zombie counts as gone) and its command line contains ``marker``."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    return state not in ("Z", "X") and marker in cmdline
-
-
 def relay_connection_file(files: KernelFiles) -> Path | None:
+    """The login-side connection file, if this kernel's relay runs here and has one."""
     relay = read_json(files.relay) or {}
-    pid, connection_file = relay.get("pid"), relay.get("connection_file")
-    if pid and connection_file and process_alive(int(pid)) and os.path.exists(connection_file):
+    connection_file = relay.get("connection_file")
+    if connection_file and is_running(relay, relay_marker(files.dir)) and os.path.exists(connection_file):
         return Path(connection_file)
     return None
 
@@ -285,9 +299,11 @@ def ensure_relay(name: str, *, timeout: float | None = None, progress: Progress 
     wait_until_ready(name, timeout=timeout, progress=progress)
     files = kernel_files(name)
     with locked(name):
+        load_record(name)  # a shutdown that ran while we waited for the lock removed it
         existing = relay_connection_file(files)
         if existing is not None:
             return existing
+        stop_relay(files)  # one that runs without its connection file (say, /run/user was cleaned)
         return _start_relay(files)
 
 
@@ -312,16 +328,11 @@ def _start_relay(files: KernelFiles) -> Path:
                      + (f"\nlast lines of {files.relay_log}:\n{tail}" if tail else ""))
 
 
-def stop_relay(files: KernelFiles, timeout: float = 10) -> None:
-    relay = read_json(files.relay) or {}
-    pid = relay.get("pid")
-    if pid and process_alive(int(pid)):
-        os.kill(int(pid), signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while process_alive(int(pid)) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if process_alive(int(pid)):
-            os.kill(int(pid), signal.SIGKILL)
+def stop_relay(files: KernelFiles) -> None:
+    """Stop this kernel's relay (if it runs here) and remove any login-side directory it left."""
+    terminate(read_json(files.relay) or {}, relay_marker(files.dir), RELAY_STOP_SECONDS)
+    for login_dir in login_dirs_of(files.name):
+        shutil.rmtree(login_dir, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,7 +360,6 @@ def shutdown(name: str, *, graceful_timeout: float = 15, progress: Progress = _q
             if not _wait_job_gone(job_id, 60):
                 raise HpcKernelsError(f"job {job_id} is still in the queue after scancel; state kept in {files.dir}")
         stop_relay(files)
-        shutil.rmtree(login_dir_for(name), ignore_errors=True)  # the relay's own cleanup, if it was killed
         remove_kernel_dir(name)
 
 

@@ -20,6 +20,7 @@ import json
 import os
 import socket
 import struct
+import sys
 from collections.abc import Callable
 
 from . import protocol as p
@@ -125,6 +126,7 @@ class Multiplexer:
         self._before_hello: bytearray | None = bytearray() if expect_hello else None
         self.hello: asyncio.Future[dict[str, object]] = loop.create_future()
         self.ended: asyncio.Future[None] = loop.create_future()
+        self.error: p.ProtocolError | None = None
         if not expect_hello:
             self.hello.set_result({})
 
@@ -147,15 +149,24 @@ class Multiplexer:
             self._write(bytes(self._outgoing))
         self._outgoing.clear()
 
-    def feed(self, data: bytes) -> None:
-        if self._before_hello is not None:
-            data = self._await_hello(data)
-            if not data:
-                return
-        for frame in self._decoder.feed(data):
-            self._dispatch(frame)
-        if self._decoder.pending:
+    def feed(self, data: bytes) -> bool:
+        """Take bytes from the stream. Returns False on a protocol error: the multiplexer has
+        then ended (every channel closed) and the caller must close the stream."""
+        try:
+            if self._before_hello is not None:
+                data = self._await_hello(data)
+                if not data:
+                    return True
+            for frame in self._decoder.feed(data):
+                self._dispatch(frame)
+        except p.ProtocolError as e:
+            self.error = e
+            print(f"relay: protocol error, closing the stream: {e}", file=sys.stderr, flush=True)
+            self.stream_ended()
+            return False
+        if self._decoder.pending and not self._outgoing:
             self.send(p.NUDGE_FRAME)
+        return True
 
     def _await_hello(self, data: bytes) -> bytes:
         """Skip to MAGIC, take the HELLO (or ERROR) frame; return what follows it."""
@@ -167,6 +178,8 @@ class Multiplexer:
             return b""
         frames = start + len(p.MAGIC)
         kind, _, length = p.HEADER.unpack_from(buffer, frames)
+        if length > p.MAX_PAYLOAD:
+            raise p.ProtocolError(f"opening frame of {length} bytes exceeds {p.MAX_PAYLOAD}")
         end = frames + p.HEADER.size + length
         if len(buffer) < end:
             return b""
@@ -174,10 +187,20 @@ class Multiplexer:
         rest = bytes(buffer[end:])
         self._before_hello = None
         if kind == p.FrameType.HELLO:
-            self.hello.set_result(json.loads(payload or b"{}"))
+            try:
+                info = json.loads(payload)
+            except ValueError:
+                info = None
+            if not isinstance(info, dict) or info.get("version") != p.VERSION:
+                error = p.ProtocolError(f"the node side speaks another protocol version: {payload[:200]!r}")
+                self.hello.set_exception(error)
+                raise error
+            self.hello.set_result(info)
         else:
             message = payload.decode(errors="replace") if kind == p.FrameType.ERROR else f"frame type {kind}"
-            self.hello.set_exception(p.ProtocolError(message))
+            error = p.ProtocolError(message)
+            self.hello.set_exception(error)
+            raise error  # nothing may follow ERROR: end the stream
         return rest
 
     def stream_ended(self) -> None:
@@ -233,7 +256,7 @@ class Multiplexer:
         assert self._connect is not None
         try:
             await self._connect(index, lambda: end)  # type: ignore[misc]
-        except OSError as e:
+        except (OSError, IndexError) as e:
             self.close_channel(end, notify=True, reason=f"cannot connect to kernel socket {index}: {e}")
 
     def close_channel(self, end: LocalEnd, *, notify: bool, reason: str = "") -> None:
@@ -278,13 +301,16 @@ class StreamEnd(asyncio.Protocol):
     def __init__(self, mux_factory: Callable[[asyncio.BaseTransport], Multiplexer]) -> None:
         self._mux_factory = mux_factory
         self.mux: Multiplexer | None = None
+        self.transport: asyncio.BaseTransport
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
         self.mux = self._mux_factory(transport)
 
     def data_received(self, data: bytes) -> None:
         assert self.mux is not None
-        self.mux.feed(data)
+        if not self.mux.feed(data):
+            self.transport.close()
 
     def eof_received(self) -> bool:
         return False

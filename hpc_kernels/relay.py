@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import tty
 from collections.abc import Callable, Mapping
 from functools import partial
@@ -31,6 +32,7 @@ from pathlib import Path
 from . import protocol as p
 from .multiplexer import LocalEnd, Multiplexer, StreamEnd
 from .paths import check_socket_path, ensure_private_dir, read_json, runtime_root, write_json
+from .processes import identity
 from .slurm import srun_into_job
 from .state import KernelFiles
 
@@ -75,7 +77,7 @@ async def _serve_node(node_dir: Path) -> int:
         return 1
 
     async def connect(index: int, factory: Callable[[], LocalEnd]) -> None:
-        await loop.create_unix_connection(factory, sockets[index])
+        await loop.create_unix_connection(factory, sockets[index])  # IndexError: answered with CLOSE
 
     out.write(p.encode_hello({"node": socket.gethostname()}))
     stream = StreamEnd(lambda _: Multiplexer(out.write, connect))
@@ -95,8 +97,28 @@ def node_main(node_dir: str) -> int:
 # The login side: a daemon per kernel
 
 
-def login_dir_for(name: str) -> Path:
-    return runtime_root() / name
+# Kernel names never contain "+", so "<name>+<random>" belongs to exactly one kernel.
+LOGIN_DIR_SEPARATOR = "+"
+SRUN_STOP_SECONDS = 5.0
+
+
+def make_login_dir(name: str) -> Path:
+    """A fresh private directory for one relay's sockets (one per relay, so a relay that ends
+    late can never remove the sockets of the one that replaced it)."""
+    root = ensure_private_dir(runtime_root())
+    return Path(tempfile.mkdtemp(prefix=f"{name}{LOGIN_DIR_SEPARATOR}", dir=root))
+
+
+def login_dirs_of(name: str) -> list[Path]:
+    root = runtime_root()
+    if not root.is_dir():
+        return []
+    return [d for d in root.iterdir() if d.name.rpartition(LOGIN_DIR_SEPARATOR)[0] == name]
+
+
+def relay_marker(state_dir: Path | str) -> str:
+    """What the login relay's command line contains, to tell it from any other process."""
+    return f"hpc_kernels.relay login {state_dir}"
 
 
 def tcp_tuning_library() -> Path | None:
@@ -125,15 +147,18 @@ class _Srun(asyncio.SubprocessProtocol):
 
     def __init__(self) -> None:
         self.mux: Multiplexer | None = None
+        self.transport: asyncio.BaseTransport
         self.exited = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
         stdin = transport.get_pipe_transport(0)  # type: ignore[attr-defined]
         self.mux = Multiplexer(stdin.write, expect_hello=True)
 
     def pipe_data_received(self, fd: int, data: bytes) -> None:
-        if fd == 1 and self.mux is not None:
-            self.mux.feed(data)
+        if fd == 1 and self.mux is not None and not self.mux.feed(data):
+            with contextlib.suppress(ProcessLookupError):
+                self.transport.terminate()  # type: ignore[attr-defined]
 
     def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
         if fd == 1 and self.mux is not None:
@@ -149,10 +174,7 @@ async def _serve_login(files: KernelFiles, ready: Callable[[str], None]) -> int:
     agent = read_json(files.agent) or {}
     launch = read_json(files.launch) or {}
     key = files.key.read_text().strip()
-    login_dir = login_dir_for(files.name)
-    ensure_private_dir(login_dir.parent)
-    shutil.rmtree(login_dir, ignore_errors=True)
-    login_dir.mkdir(mode=0o700)
+    login_dir = make_login_dir(files.name)
     base = str(login_dir / "kernel")
     for path in socket_paths(base):
         check_socket_path(path, "login-side socket")
@@ -162,21 +184,29 @@ async def _serve_login(files: KernelFiles, ready: Callable[[str], None]) -> int:
         export=NODE_RELAY_ENVIRONMENT,
     )
     loop = asyncio.get_running_loop()
-    transport, srun = await loop.subprocess_exec(
-        _Srun, *argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None,
-        env=srun_environment(os.environ, tune_tcp=launch.get("tune_srun_tcp", True)),
-    )
-    mux = srun.mux
-    assert mux is not None
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
+    stopped = asyncio.ensure_future(stop.wait())
     servers: list[asyncio.AbstractServer] = []
+    transport = None
     try:
-        try:
-            await asyncio.wait_for(asyncio.shield(mux.hello), HELLO_TIMEOUT)
-        except (p.ProtocolError, asyncio.TimeoutError) as e:
-            ready(f"ERROR relay to {agent.get('node')} failed: {e or 'no answer within %d s' % HELLO_TIMEOUT}")
+        transport, srun = await loop.subprocess_exec(
+            _Srun, *argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None,
+            env=srun_environment(os.environ, tune_tcp=launch.get("tune_srun_tcp", True)),
+        )
+        mux = srun.mux
+        assert mux is not None
+        await asyncio.wait([mux.hello, stopped], timeout=HELLO_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+        where = f"relay to {agent.get('node')} (job {record.get('job_id')}) failed"
+        if stop.is_set():
+            ready(f"ERROR {where}: stopped before the node side answered")
+            return 1
+        if not mux.hello.done():
+            ready(f"ERROR {where}: the node side did not answer within {HELLO_TIMEOUT:.0f} s")
+            return 1
+        if mux.hello.exception() is not None:
+            ready(f"ERROR {where}: {mux.hello.exception()}")
             return 1
         old_umask = os.umask(0o077)
         try:
@@ -186,30 +216,35 @@ async def _serve_login(files: KernelFiles, ready: Callable[[str], None]) -> int:
             os.umask(old_umask)
         connection_file = login_dir / "connection.json"
         write_json(connection_file, connection_info(base, key))
-        write_json(files.relay, {"pid": os.getpid(), "connection_file": str(connection_file), "login_dir": str(login_dir)})
+        write_json(files.relay, {**identity(), "connection_file": str(connection_file), "login_dir": str(login_dir)})
         ready(f"READY {connection_file}")
-        stopped = asyncio.ensure_future(stop.wait())
         await asyncio.wait([mux.ended, stopped], return_when=asyncio.FIRST_COMPLETED)
-        stopped.cancel()
         print(f"relay for {files.name}: {'stopped' if stop.is_set() else 'the job step ended'}", file=sys.stderr)
         return 0
     finally:
+        stopped.cancel()
         for server in servers:
             server.close()
-        if transport.get_returncode() is None:
-            with contextlib.suppress(ProcessLookupError):
-                transport.terminate()
-            try:
-                await asyncio.wait_for(asyncio.shield(srun.exited), 10)
-            except asyncio.TimeoutError:
-                transport.kill()
-                await srun.exited
-        transport.close()
+        if transport is not None:
+            await _stop_srun(transport, srun)
         shutil.rmtree(login_dir, ignore_errors=True)
         relay = read_json(files.relay)
-        if relay and relay.get("pid") == os.getpid():
+        if relay and relay.get("pid") == os.getpid() and relay.get("login_dir") == str(login_dir):
             with contextlib.suppress(FileNotFoundError):
                 files.relay.unlink()
+
+
+async def _stop_srun(transport: asyncio.BaseTransport, srun: _Srun) -> None:
+    if transport.get_returncode() is None:  # type: ignore[attr-defined]
+        with contextlib.suppress(ProcessLookupError):
+            transport.terminate()  # type: ignore[attr-defined]
+        try:
+            await asyncio.wait_for(asyncio.shield(srun.exited), SRUN_STOP_SECONDS)
+        except asyncio.TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                transport.kill()  # type: ignore[attr-defined]
+            await srun.exited
+    transport.close()
 
 
 def login_main(state_dir: str) -> int:

@@ -73,6 +73,11 @@ def bwrap_argv(spec: SandboxSpec, kernel_argv: Sequence[str], bwrap: str = "bwra
     argv += ["--bind", spec.node_dir, spec.node_dir]
     if spec.workspace:
         argv += ["--bind" if spec.workspace_rw else "--ro-bind", spec.workspace, spec.workspace]
+        # A hidden path inside the workspace (the state directory, say) stays hidden.
+        workspace = spec.workspace.rstrip("/")
+        for path in sorted({p.rstrip("/") for p in spec.hide}):
+            if path.startswith(workspace + "/"):
+                argv += ["--tmpfs", path]
     argv += ["--chdir", spec.workspace or SANDBOX_HOME, "--", *kernel_argv]
     return argv
 

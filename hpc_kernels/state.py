@@ -36,7 +36,7 @@ from .paths import ensure_private_dir, kernels_root, read_json, write_json
 class KernelRecord:
     name: str
     profile: str
-    status: str  # submitted, ready, failed, ended
+    status: str  # submitting, submitted, ready, failed
     job_id: str | None = None
     node: str | None = None
     workspace: str | None = None

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -65,39 +66,68 @@ def test_jupyter_client_gets_every_reply(client: BlockingKernelClient) -> None:
     assert inspect["content"]["found"] is True
 
 
-def test_binary_payloads_cross_the_relay_unchanged(client: BlockingKernelClient) -> None:
-    """Every byte value, in message buffers of several sizes: the srun pty must be raw."""
-    code = """
+PAYLOAD_CODE = """
 import hashlib, os
 from ipykernel.comm import Comm
 payload = bytes(range(256)) * 64 + b"\\r\\n\\n\\r\\x00\\x03\\x04\\x1a\\x7f" + os.urandom(3_000_000)
 Comm(target_name="hk-test", data={"sha256": hashlib.sha256(payload).hexdigest()}, buffers=[payload])
 """
-    client.execute(code)
-    deadline = time.monotonic() + 60
+
+HASHING_TARGET_CODE = """
+import hashlib
+from comm import get_comm_manager
+def _hash_buffers(comm, msg):
+    data = bytes(msg["buffers"][0])
+    comm.send({"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)})
+get_comm_manager().register_target("hk-hash", _hash_buffers)
+"""
+
+
+def _iopub_until(client: BlockingKernelClient, match, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        msg = client.get_iopub_msg(timeout=60)
-        if msg["msg_type"] == "comm_open" and msg["content"].get("target_name") == "hk-test":
-            buffer = bytes(msg["buffers"][0])
-            assert hashlib.sha256(buffer).hexdigest() == msg["content"]["data"]["sha256"]
-            assert len(buffer) == 256 * 64 + 9 + 3_000_000
-            return
-    pytest.fail("no comm_open message with the payload arrived")
+        msg = client.get_iopub_msg(timeout=timeout)
+        if match(msg):
+            return msg
+    pytest.fail("the expected message did not arrive")
+
+
+def test_binary_payloads_cross_the_relay_unchanged_kernel_to_client(client: BlockingKernelClient) -> None:
+    """Every byte value, in a 3 MB message buffer, node to login (srun's stdout is a pty: it must be raw)."""
+    client.execute(PAYLOAD_CODE)
+    msg = _iopub_until(client, lambda m: m["msg_type"] == "comm_open" and m["content"].get("target_name") == "hk-test")
+    buffer = bytes(msg["buffers"][0])
+    assert hashlib.sha256(buffer).hexdigest() == msg["content"]["data"]["sha256"]
+    assert len(buffer) == 256 * 64 + 9 + 3_000_000
+
+
+def test_binary_payloads_cross_the_relay_unchanged_client_to_kernel(client: BlockingKernelClient) -> None:
+    """Every byte value, in a 3 MB message buffer, login to node (srun's stdin)."""
+    reply = client.execute_interactive(HASHING_TARGET_CODE, output_hook=lambda m: None, timeout=60)
+    assert reply["content"]["status"] == "ok"
+    payload = bytes(range(256)) * 64 + b"\r\n\n\r\x00\x03\x04\x1a\x7f" + os.urandom(3_000_000)
+    comm_id = uuid.uuid4().hex
+    client.session.send(client.shell_channel.socket, "comm_open",
+                        {"comm_id": comm_id, "target_name": "hk-hash", "data": {}}, buffers=[payload])
+    msg = _iopub_until(client, lambda m: m["msg_type"] == "comm_msg" and m["content"].get("comm_id") == comm_id)
+    assert msg["content"]["data"] == {"sha256": hashlib.sha256(payload).hexdigest(), "size": len(payload)}
 
 
 def test_exec_streams_output_as_it_comes(kernel: Kernel) -> None:
+    """The code sleeps 3 s between two prints: the first line must arrive well before the second."""
+    started = time.monotonic()
     proc = subprocess.Popen(
         ["hpc-kernel", "exec", kernel.name, "import time\nprint('first', flush=True)\ntime.sleep(3)\nprint('second')"],
         stdout=subprocess.PIPE, text=True,
     )
     assert proc.stdout is not None
-    started = time.monotonic()
     assert proc.stdout.readline().strip() == "first"
-    first_after = time.monotonic() - started
-    assert proc.poll() is None, "the first line came before the code finished"
+    first_at = time.monotonic()
     assert proc.stdout.readline().strip() == "second"
+    second_at = time.monotonic()
     assert proc.wait(30) == 0
-    assert first_after < time.monotonic() - started
+    assert second_at - first_at >= 2.5, "the first line came as soon as it was printed"
+    assert first_at - started < second_at - started - 2.5
 
 
 def test_exec_shows_errors_and_exits_nonzero(kernel: Kernel) -> None:

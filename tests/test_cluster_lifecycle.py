@@ -190,3 +190,22 @@ def test_two_commands_at_once_start_one_relay(cluster: None, workspace: Path) ->
         assert len(processes_mentioning(f"hpc_kernels.relay login {STATE_ROOT / name}")) == 1
     finally:
         hk("shutdown", name)
+
+
+def test_home_as_workspace_is_refused_and_not_the_default(cluster: None) -> None:
+    name = f"home-{uuid.uuid4().hex[:6]}"
+    proc = hk("submit", "--profile", "local", "--name", name, "--workspace", str(Path.home()), check=False)
+    assert proc.returncode == 1
+    assert "would show the kernel your home directory" in proc.stderr
+    assert not (STATE_ROOT / name).exists()
+
+    proc = subprocess.run(["hpc-kernel", "submit", "--profile", "local", "--name", name], cwd=Path.home(),
+                          capture_output=True, text=True, timeout=180)
+    try:
+        assert proc.returncode == 0, proc.stderr
+        assert f"not binding {Path.home()} as the workspace" in proc.stderr
+        assert (Path.home() / ".bashrc").exists()
+        out = hk("exec", name, f"import os; print(os.getcwd(), os.path.exists({str(Path.home() / '.bashrc')!r}))").stdout
+        assert out.split() == ["/tmp", "False"]
+    finally:
+        hk("shutdown", name)

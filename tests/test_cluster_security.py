@@ -86,9 +86,11 @@ def test_node_side_directory_is_private_and_on_node_local_tmp(kernel: Kernel) ->
 
 
 def test_second_user_cannot_step_into_the_job(kernel: Kernel) -> None:
+    assert kernel.status()["slurm_state"] == "RUNNING"
+    assert run(["srun", f"--jobid={kernel.job_id}", "--overlap", "hostname"]).stdout.strip() == kernel.node
     proc = as_second_user(["srun", f"--jobid={kernel.job_id}", "--overlap", "hostname"])
     assert proc.returncode != 0
-    assert re.search(r"Access/permission denied|not owned|Invalid job id", proc.stderr), proc.stderr
+    assert re.search(r"Access/permission denied|not owned", proc.stderr), proc.stderr
 
 
 def test_key_is_nowhere_to_be_seen(kernel: Kernel) -> None:
@@ -144,3 +146,57 @@ def test_a_squatted_runtime_dir_is_refused(squatted: str, tmp_path: Path) -> Non
                 ensure_private_dir(shared)
         finally:
             as_second_user(["rmdir", str(shared)])
+
+
+PEER_PROBE = r"""
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+try:
+    s.sendall(b"\xff" * 10)
+    s.settimeout(10)
+    print("closed" if s.recv(100) == b"" else "answered")
+except ConnectionResetError:
+    print("closed")
+"""
+
+
+def test_login_side_sockets_refuse_another_uid_even_if_reachable(tmp_path: Path) -> None:
+    """Beyond the 0700 directory: the relay checks each client's uid (SO_PEERCRED).
+
+    Here the listening socket is deliberately put where hk-bob can reach it; his connection must
+    be closed without a single frame going to the node side, while ours is carried.
+    """
+    import asyncio
+
+    from hpc_kernels.multiplexer import Multiplexer
+
+    reachable = Path("/tmp") / f"hk-peercred-{os.getpid()}"
+    reachable.mkdir(mode=0o711)
+    os.chmod(reachable, 0o711)
+    path = reachable / "kernel-1"
+
+    async def main() -> tuple[list[bytes], str, str]:
+        sent: list[bytes] = []
+        mux = Multiplexer(sent.append)
+        server = await asyncio.get_running_loop().create_unix_server(lambda: mux.local_end(0), path=str(path))
+        os.chmod(path, 0o777)
+        loop = asyncio.get_running_loop()
+        bob = await loop.run_in_executor(None, lambda: as_second_user(["/usr/bin/python3", "-c", PEER_PROBE, str(path)]))
+        frames_after_bob = list(sent)
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        writer.write(b"mine")
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        server.close()
+        writer.close()
+        return frames_after_bob, bob.stdout.strip() + bob.stderr, b"".join(sent).hex()
+
+    try:
+        frames_after_bob, bob_saw, ours = asyncio.run(main())
+    finally:
+        path.unlink(missing_ok=True)
+        reachable.rmdir()
+    assert bob_saw == "closed"
+    assert frames_after_bob == [], "nothing of hk-bob's connection reached the stream"
+    assert b"mine".hex() in ours, "our own connection is carried"

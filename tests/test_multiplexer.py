@@ -191,6 +191,7 @@ def test_hello_is_awaited_and_an_error_is_reported(tmp_path: Path) -> None:
         b.sendall(b"srun: warning: noise before the stream\n" + p.encode_error("kernel sockets missing on c1"))
         with pytest.raises(p.ProtocolError, match="kernel sockets missing on c1"):
             await asyncio.wait_for(end.mux.hello, 5)
+        await asyncio.wait_for(end.mux.ended, 5)
         b.close()
 
     asyncio.run(main())
@@ -199,8 +200,8 @@ def test_hello_is_awaited_and_an_error_is_reported(tmp_path: Path) -> None:
 def test_an_unexpected_open_from_the_node_side_is_a_protocol_error(tmp_path: Path) -> None:
     async def main() -> None:
         mux = Multiplexer(lambda data: None)
-        with pytest.raises(p.ProtocolError):
-            mux.feed(p.encode(p.FrameType.OPEN, 1, b"\x00"))
+        assert mux.feed(p.encode(p.FrameType.OPEN, 1, b"\x00")) is False
+        assert isinstance(mux.error, p.ProtocolError) and mux.ended.done()
 
     asyncio.run(main())
 
@@ -217,5 +218,50 @@ def test_a_partial_frame_is_answered_with_a_nudge() -> None:
         other.feed(p.NUDGE_FRAME + p.encode(p.FrameType.CLOSE, 9))
         await asyncio.sleep(0)
         assert quiet == [], "complete frames (nudges included) are never answered"
+
+    asyncio.run(main())
+
+
+def test_a_corrupt_stream_ends_the_relay_instead_of_wedging_it(tmp_path: Path) -> None:
+    """Through a real pipe, as in production: an oversized frame closes every channel and the stream."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        read_fd, write_fd = os.pipe()
+        _, end = await loop.connect_read_pipe(lambda: StreamEnd(lambda t: Multiplexer(lambda d: None)),
+                                              os.fdopen(read_fd, "rb", 0))
+        os.write(write_fd, p.HEADER.pack(p.FrameType.DATA, 1, p.MAX_PAYLOAD + 1))
+        await asyncio.wait_for(end.mux.ended, 5)
+        assert isinstance(end.mux.error, p.ProtocolError)
+        os.close(write_fd)
+
+    asyncio.run(main())
+
+
+def test_a_hello_of_another_version_is_refused() -> None:
+    async def main() -> None:
+        mux = Multiplexer(lambda d: None, expect_hello=True)
+        bad = p.MAGIC + p.encode(p.FrameType.HELLO, 0, b'{"version": 99}')
+        assert mux.feed(bad) is False
+        with pytest.raises(p.ProtocolError, match="another protocol version"):
+            await mux.hello
+        assert mux.ended.done()
+
+    asyncio.run(main())
+
+
+def test_an_open_for_a_socket_that_does_not_exist_is_answered_with_close(tmp_path: Path) -> None:
+    async def main() -> None:
+        sent: list[bytes] = []
+
+        async def connect(index: int, factory: Callable[[], Any]) -> None:
+            raise IndexError(index)
+
+        mux = Multiplexer(sent.append, connect)
+        mux.feed(p.encode(p.FrameType.OPEN, 4, b"\x09"))
+        await asyncio.sleep(0.05)
+        frames = p.FrameDecoder().feed(b"".join(sent))
+        assert [(f.type, f.channel) for f in frames] == [(p.FrameType.CLOSE, 4)]
+        assert mux.open_channels == 0
 
     asyncio.run(main())

@@ -51,3 +51,12 @@ def test_environment_is_an_allowlist() -> None:
     assert env["SLURM_JOB_ID"] == "7" and env["LC_ALL"] == "C" and env["CUDA_VISIBLE_DEVICES"] == "0"
     assert env["HOME"] == SANDBOX_HOME and env["MPLBACKEND"] == "Agg"
     assert "SSH_AUTH_SOCK" not in env and "AWS_SECRET_ACCESS_KEY" not in env
+
+
+def test_hidden_paths_inside_the_workspace_stay_hidden() -> None:
+    spec = SandboxSpec(node_dir="/tmp/d", hide=["/home", "/home/u/.local/share/hpc-kernels"], workspace="/home/u")
+    argv = bwrap_argv(spec, ["k"])
+    bind = argv.index("/home/u")
+    assert argv[bind - 1] == "--ro-bind"
+    after = argv[bind + 2:]
+    assert after[:2] == ["--tmpfs", "/home/u/.local/share/hpc-kernels"]

@@ -88,3 +88,15 @@ def test_node_tmp_choice(tmp_path: Path) -> None:
         choose_node_tmp("$UNSET_VAR/x", {})
     with pytest.raises(AgentError, match="not a directory"):
         choose_node_tmp("/nonexistent/x", {})
+
+
+def test_a_workspace_that_would_expose_home_or_state_is_refused() -> None:
+    from hpc_kernels.launcher import exposes_private_files
+
+    state = "/home/u/.local/share/hpc-kernels"
+    assert exposes_private_files("/home/u", "/home/u", [state]) == "the workspace /home/u would show the kernel your home directory"
+    assert exposes_private_files("/home", "/home/u", [state])
+    assert exposes_private_files("/", "/home/u", [state])
+    assert exposes_private_files("/home/u/.local", "/home/u", [state]) == f"the workspace /home/u/.local would show the kernel {state}"
+    assert exposes_private_files("/home/u/project", "/home/u", [state]) is None
+    assert exposes_private_files("/home/u2", "/home/u", [state]) is None

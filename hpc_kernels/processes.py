@@ -1,0 +1,62 @@
+"""Knowing whether a process we recorded is still the one we started.
+
+A pid alone is not enough: pids are reused, and the state directory (where pids are recorded)
+is on a shared file system that several login nodes see. A recorded process is therefore named
+by host, pid, start time and a marker in its command line.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from typing import Any
+
+
+def start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat), or None
+    if there is no such process or it is a zombie (PID 1 here reaps slowly: a zombie is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+def identity(pid: int | None = None) -> dict[str, Any]:
+    """What to record about ``pid`` (default: this process) to find it again."""
+    pid = os.getpid() if pid is None else pid
+    return {"pid": pid, "host": socket.gethostname(), "start_time": start_time(pid)}
+
+
+def is_running(recorded: dict[str, Any], marker: str) -> bool:
+    """True if the recorded process runs on this host, started when recorded, with ``marker``
+    in its command line."""
+    pid = recorded.get("pid")
+    if not isinstance(pid, int) or recorded.get("host") != socket.gethostname():
+        return False
+    if start_time(pid) != recorded.get("start_time"):
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+    except FileNotFoundError:
+        return False
+    return marker in cmdline
+
+
+def terminate(recorded: dict[str, Any], marker: str, timeout: float) -> None:
+    """SIGTERM the recorded process if it is still ours, then SIGKILL it after ``timeout`` s."""
+    if not is_running(recorded, marker):
+        return
+    pid = int(recorded["pid"])
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while is_running(recorded, marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if is_running(recorded, marker):
+        os.kill(pid, signal.SIGKILL)
