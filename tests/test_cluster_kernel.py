@@ -241,3 +241,16 @@ def test_relay_srun_carries_the_tcp_tuning_and_the_node_side_does_not(kernel: Ke
             node_side[pid] = [v for v in environ if v.startswith(b"LD_PRELOAD=")]
     assert len(node_side) == 1 and list(node_side.values()) == [[]], node_side
 
+
+
+def test_ctrl_c_in_exec_interrupts_the_code_and_the_kernel_lives_on(kernel: Kernel) -> None:
+    kernel.exec("state_before_interrupt = 'kept'")
+    proc = subprocess.Popen(["hpc-kernel", "exec", kernel.name, "print('looping', flush=True)\nwhile True: pass"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "looping"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert "interrupted" in err
+    assert kernel.exec("print(state_before_interrupt)").stdout.strip() == "kept"
