@@ -11,18 +11,27 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
-from .errors import HpcKernelsError
+from .errors import HpcKernelsError, ProfileError
 from .launcher import (
     KernelView,
     ensure_relay,
     exposes_private_files,
+    kernel_script,
+    resolve_request,
     relay_connection_file,
     shutdown,
     submit,
     view,
 )
 from .paths import state_root
-from .profiles import KernelRequest
+from .profiles import (
+    KernelRequest,
+    available_profiles,
+    default_profile_name,
+    load_profile,
+    parse_profile,
+)
+from .slurm import sbatch_test_only
 from .state import kernel_files, list_records
 
 
@@ -43,9 +52,17 @@ def _workspace(args: argparse.Namespace) -> str | None:
     return cwd
 
 
-def cmd_submit(args: argparse.Namespace) -> int:
-    request = KernelRequest(
-        name=args.name or args.profile,
+def _profile_name(args: argparse.Namespace) -> str:
+    name = args.profile or default_profile_name()
+    if not name:
+        known = ", ".join(sorted(available_profiles())) or "none"
+        raise HpcKernelsError(f"give --profile NAME (or set HPC_KERNELS_PROFILE); known profiles: {known}")
+    return name
+
+
+def _request(args: argparse.Namespace, profile_name: str) -> KernelRequest:
+    return KernelRequest(
+        name=args.name or profile_name,
         time=args.time,
         cpus=args.cpus,
         mem=args.mem,
@@ -53,7 +70,22 @@ def cmd_submit(args: argparse.Namespace) -> int:
         workspace=_workspace(args),
         workspace_rw=args.rw,
     )
-    record = submit(args.profile, request)
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    profile_name = _profile_name(args)
+    request = _request(args, profile_name)
+    script = kernel_script(resolve_request(profile_name, request), request.name)
+    if args.test_only:
+        print(sbatch_test_only(script))
+    else:
+        sys.stdout.write(script)
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    profile_name = _profile_name(args)
+    record = submit(profile_name, _request(args, profile_name))
     if args.no_wait:
         print(record.job_id)
         return 0
@@ -109,13 +141,16 @@ def cmd_list(args: argparse.Namespace) -> int:
     if not rows:
         print("no kernels", file=sys.stderr)
         return 0
-    columns = ("name", "state", "job_id", "node", "profile", "created")
-    table = [[str(row[c] or "-") for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in table)) for i, c in enumerate(columns)]
-    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip())
-    for r in table:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+    columns = ["name", "state", "job_id", "node", "profile", "created"]
+    _table(columns, [[str(row[c] or "-") for c in columns] for row in rows])
     return 0
+
+
+def _table(columns: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip())
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -151,6 +186,51 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profiles_list(args: argparse.Namespace) -> int:
+    rows = []
+    for name, path in sorted(available_profiles().items()):
+        try:
+            profile = parse_profile(path)
+            rows.append([name, str(path), profile.get("runtime", "kind"),
+                         profile.get("slurm", "partition") or "(default)", profile.description])
+        except ProfileError as e:
+            rows.append([name, str(path), "-", "-", f"INVALID: {str(e).splitlines()[0]}"])
+    _table(["name", "source", "runtime", "partition", "description"], rows)
+    return 0
+
+
+def cmd_profiles_show(args: argparse.Namespace) -> int:
+    profile = load_profile(args.name)
+    print(f"# profile {profile.name} ({profile.source})")
+    if profile.description:
+        print(f"description: {json.dumps(profile.description)}")
+    for section, values in profile.settings.items():
+        print(f"{section}:")
+        for key, value in values.items():
+            line = f"  {key}: {json.dumps(value)}"
+            if args.explain:
+                line = f"{line:<60}  # {profile.origins.get(f'{section}.{key}', 'default')}"
+            print(line)
+    return 0
+
+
+def cmd_profiles_validate(args: argparse.Namespace) -> int:
+    failed = 0
+    for file in args.files:
+        path = Path(file).resolve()
+        # A profile may extend its neighbours: look beside it first.
+        os.environ["HPC_KERNELS_PROFILE_PATH"] = ":".join(
+            filter(None, [str(path.parent), os.environ.get("HPC_KERNELS_PROFILE_PATH", "")]))
+        try:
+            profile = parse_profile(path)
+            print(f"ok: {file} (runtime {profile.get('runtime', 'kind')}, "
+                  f"partition {profile.get('slurm', 'partition') or '(default)'})")
+        except ProfileError as e:
+            print(f"error: {e}", file=sys.stderr)
+            failed += 1
+    return 1 if failed else 0
+
+
 def cmd_shutdown(args: argparse.Namespace) -> int:
     names = [r.name for r in list_records()] if args.all else args.names
     if not names:
@@ -168,20 +248,40 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hpc-kernels {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    def add_request_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--profile", "-p", help="site profile (default: $HPC_KERNELS_PROFILE, or the site's "
+                       "profile named 'default')")
+        p.add_argument("--name", "-n", help="a name for the kernel (default: the profile's name)")
+        p.add_argument("--time", "-t", help="time limit, e.g. 2:00:00 (overrides the profile)")
+        p.add_argument("--cpus", "-c", type=int, help="CPUs (overrides the profile)")
+        p.add_argument("--mem", help="memory, e.g. 4G (overrides the profile)")
+        p.add_argument("--partition", help="Slurm partition (overrides the profile)")
+        p.add_argument("--workspace", "-w", help="directory bound into the sandbox (default: the current one)")
+        p.add_argument("--no-workspace", action="store_true", help="bind no workspace")
+        p.add_argument("--rw", action="store_true", help="bind the workspace read-write (default: read-only)")
+
     p = sub.add_parser("submit", help="submit a kernel job and wait until the kernel is ready")
-    p.add_argument("--profile", "-p", default=os.environ.get("HPC_KERNELS_PROFILE"),
-                   required="HPC_KERNELS_PROFILE" not in os.environ, help="site profile to use")
-    p.add_argument("--name", "-n", help="a name for the kernel (default: the profile's name)")
-    p.add_argument("--time", "-t", help="time limit, e.g. 2:00:00 (overrides the profile)")
-    p.add_argument("--cpus", "-c", type=int, help="CPUs (overrides the profile)")
-    p.add_argument("--mem", help="memory, e.g. 4G (overrides the profile)")
-    p.add_argument("--partition", help="Slurm partition (overrides the profile)")
-    p.add_argument("--workspace", "-w", help="directory bound into the sandbox (default: the current one)")
-    p.add_argument("--no-workspace", action="store_true", help="bind no workspace")
-    p.add_argument("--rw", action="store_true", help="bind the workspace read-write (default: read-only)")
+    add_request_arguments(p)
     p.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
     p.add_argument("--timeout", type=float, help="give up (and cancel the job) after this many seconds")
     p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("render", help="print the batch script submit would send (nothing is submitted)")
+    add_request_arguments(p)
+    p.add_argument("--test-only", action="store_true", help="hand it to `sbatch --test-only` and print Slurm's verdict")
+    p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("profiles", help="site profiles: list, show, validate")
+    profiles = p.add_subparsers(dest="profiles_command", required=True, metavar="SUBCOMMAND")
+    q = profiles.add_parser("list", help="every profile on the search path: source, runtime, partition")
+    q.set_defaults(func=cmd_profiles_list)
+    q = profiles.add_parser("show", help="the fully merged profile")
+    q.add_argument("name")
+    q.add_argument("--explain", action="store_true", help="say where each value comes from (file:line or default)")
+    q.set_defaults(func=cmd_profiles_show)
+    q = profiles.add_parser("validate", help="check profile files; exit 1 on any error (for a site's CI)")
+    q.add_argument("files", nargs="+", metavar="FILE")
+    q.set_defaults(func=cmd_profiles_validate)
 
     p = sub.add_parser("exec", help="run code in a kernel, streaming its output")
     p.add_argument("name")

@@ -143,15 +143,34 @@ def exposes_private_files(workspace: str, home: str, private: list[str]) -> str 
     return None
 
 
-def submit(profile_name: str, request: KernelRequest) -> KernelRecord:
-    """Write the kernel's state, render its job script and submit it. Returns at once."""
-    name = check_kernel_name(request.name)
+def resolve_request(profile_name: str, request: KernelRequest) -> Profile:
+    """The profile with the request applied, everything checked: what submit and render use."""
+    check_kernel_name(request.name)
     profile = apply_request(load_profile(profile_name), request)
     if request.workspace:
         why = exposes_private_files(request.workspace, os.path.expanduser("~"), [str(state_root())])
         if why:
             raise HpcKernelsError(f"{why}; choose a project directory with --workspace, or --no-workspace")
-    python = profile.get("paths", "python") or sys.executable
+    return profile
+
+
+def node_python(profile: Profile) -> str:
+    return str(profile.get("paths", "python") or sys.executable)
+
+
+def kernel_script(profile: Profile, name: str) -> str:
+    """The exact batch script ``submit`` sends for kernel ``name``."""
+    files = kernel_files(name)
+    return render_kernel_script(
+        profile, kernel_name=name, state_dir=files.dir, log_path=files.log, python=node_python(profile)
+    )
+
+
+def submit(profile_name: str, request: KernelRequest) -> KernelRecord:
+    """Write the kernel's state, render its job script and submit it. Returns at once."""
+    profile = resolve_request(profile_name, request)
+    name = request.name
+    python = node_python(profile)
     with locked(name):
         _forget_if_dead(name)
         try:
@@ -171,9 +190,7 @@ def submit(profile_name: str, request: KernelRequest) -> KernelRecord:
             save_record(record)
             write_private_file(files.key, secrets.token_hex(32) + "\n")
             write_json(files.launch, launch_spec(profile, request, python))
-            script = render_kernel_script(
-                profile, kernel_name=name, state_dir=files.dir, log_path=files.log, python=python
-            )
+            script = kernel_script(profile, name)
             write_private_file(files.script, script)
             write_private_file(files.log, "")  # Slurm writes to it and keeps its mode: 0600
             record.job_id = submit_batch(script)

@@ -17,7 +17,7 @@ import difflib
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +203,8 @@ class Profile:
     source: Path
     description: str
     settings: Mapping[str, Mapping[str, Any]]
+    # "section.key" -> where the value came from: "file:line", "default" or "command line (--flag)"
+    origins: Mapping[str, str] = field(default_factory=dict)
 
     def get(self, section: str, key: str) -> Any:
         return self.settings[section][key]
@@ -267,51 +269,131 @@ def load_profile(name: str) -> Profile:
     return parse_profile(find_profile(name))
 
 
-def parse_profile(path: Path) -> Profile:
+def default_profile_name() -> str | None:
+    """``$HPC_KERNELS_PROFILE``, else a profile named ``default`` if the site has one."""
+    return os.environ.get("HPC_KERNELS_PROFILE") or ("default" if "default" in available_profiles() else None)
+
+
+Origins = dict[tuple[str, ...], str]
+
+
+def _read_yaml(path: Path) -> tuple[Any, Origins]:
+    """The file's data, and for every key path the ``file:line`` where its value is written."""
     try:
         text = path.read_text()
     except OSError as e:
         raise ProfileError(f"{path}: cannot read profile: {e.strerror}") from None
+    loader = yaml.SafeLoader(text)
     try:
-        data = yaml.safe_load(text)
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as e:
-        raise ProfileError(f"{path}: not valid YAML: {e}") from None
-    return validate_profile(data if data is not None else {}, path)
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ProfileError(f"{where}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
+    finally:
+        loader.dispose()
+    origins: Origins = {}
+
+    def walk(node: yaml.Node, keys: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                here = (*keys, str(key_node.value))
+                origins[here] = f"{path}:{key_node.start_mark.line + 1}"
+                walk(value_node, here)
+
+    if node is not None:
+        walk(node, ())
+    return data, origins
 
 
-def _unknown_key(path: Path, where: str, key: Any, known: set[str]) -> ProfileError:
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """Mappings merge key by key, recursively; anything else (lists included) in ``top`` replaces."""
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _resolve(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], Origins]:
+    """The profile at ``path`` with everything it ``extends`` merged under it."""
+    if path in chain:
+        cycle = " -> ".join(p.stem for p in (*chain, path))
+        raise ProfileError(f"{path}: extends: profiles extend each other in a cycle: {cycle}")
+    data, origins = _read_yaml(path)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ProfileError(f"{path}:1: expected a mapping of sections ({', '.join(sorted(_TOP_LEVEL))})")
+    base_name = data.pop("extends", None)
+    if base_name is None:
+        return data, origins
+    where = origins.get(("extends",), str(path))
+    if not isinstance(base_name, str) or not base_name:
+        raise ProfileError(f"{where}: extends: {base_name!r} is not valid: expected the name of another profile")
+    try:
+        base_path = find_profile(base_name)
+    except ProfileError as e:
+        raise ProfileError(f"{where}: extends: {e}") from None
+    base, base_origins = _resolve(base_path, (*chain, path))
+    merged_origins = {k: v for k, v in base_origins.items() if k[:1] != ("description",)}
+    merged_origins.update({k: v for k, v in origins.items() if k != ("extends",)})
+    return _deep_merge(base, data), merged_origins
+
+
+def parse_profile(path: Path) -> Profile:
+    data, origins = _resolve(path)
+    return validate_profile(data, path, origins)
+
+
+def _unknown_key(where: str, keys: str, key: Any, known: set[str]) -> ProfileError:
     hint = difflib.get_close_matches(str(key), sorted(known), n=1)
-    did_you_mean = f" (did you mean {where}{hint[0]}?)" if hint else ""
+    did_you_mean = f" (did you mean {keys}{hint[0]}?)" if hint else ""
     return ProfileError(
-        f"{path}: {where}{key}: unknown key{did_you_mean}; known keys here: {', '.join(sorted(known))}"
+        f"{where}: {keys}{key}: unknown key{did_you_mean}; known keys here: {', '.join(sorted(known))}"
     )
 
 
-def validate_profile(data: Any, path: Path) -> Profile:
+def validate_profile(data: Any, path: Path, origins: Origins | None = None) -> Profile:
+    """Check every value and fill in defaults. Errors name ``file:line`` of the value at fault
+    (which may be in a profile this one extends), the key path and what was expected."""
+    origins = origins or {}
+
+    def at(*keys: str) -> str:
+        for n in range(len(keys), 0, -1):
+            if keys[:n] in origins:
+                return origins[keys[:n]]
+        return str(path)
+
     if not isinstance(data, dict):
         raise ProfileError(f"{path}: expected a mapping of sections ({', '.join(sorted(_TOP_LEVEL))})")
     for key in data:
         if key not in _TOP_LEVEL:
-            raise _unknown_key(path, "", key, _TOP_LEVEL)
+            raise _unknown_key(at(str(key)), "", key, _TOP_LEVEL | {"extends"})
     settings: dict[str, dict[str, Any]] = {}
+    provenance: dict[str, str] = {}
     for section, keys in SCHEMA.items():
         given = data.get(section) or {}
         if not isinstance(given, dict):
-            raise ProfileError(f"{path}: {section}: expected a mapping with keys {', '.join(keys)}")
+            raise ProfileError(f"{at(section)}: {section}: expected a mapping with keys {', '.join(keys)}")
         for key in given:
             if key not in keys:
-                raise _unknown_key(path, f"{section}.", key, set(keys))
+                raise _unknown_key(at(section, str(key)), f"{section}.", key, set(keys))
         settings[section] = {}
         for key, (check, default) in keys.items():
             value = given.get(key, default)
             try:
                 settings[section][key] = check(value)
             except ValueError as e:
-                raise ProfileError(f"{path}: {section}.{key}: {value!r} is not valid: {e}") from None
+                raise ProfileError(f"{at(section, key)}: {section}.{key}: {value!r} is not valid: {e}") from None
+            provenance[f"{section}.{key}"] = at(section, key) if key in given else "default"
     description = data.get("description") or ""
     if not isinstance(description, str):
-        raise ProfileError(f"{path}: description: expected a string")
-    return Profile(name=path.stem, source=path, description=description, settings=settings)
+        raise ProfileError(f"{at('description')}: description: expected a string")
+    return Profile(name=path.stem, source=path, description=description, settings=settings, origins=provenance)
 
 
 def apply_request(profile: Profile, request: KernelRequest) -> Profile:
@@ -324,12 +406,15 @@ def apply_request(profile: Profile, request: KernelRequest) -> Profile:
         ("workspace", "mode"): "rw" if request.workspace_rw else None,
     }
     settings = {section: dict(values) for section, values in profile.settings.items()}
+    origins = dict(profile.origins)
     for (section, key), value in overrides.items():
         if value is None:
             continue
         check = SCHEMA[section][key][0]
+        flag = "--rw" if key == "mode" else f"--{key}"
         try:
             settings[section][key] = check(value)
         except ValueError as e:
-            raise ProfileError(f"--{key}: {value!r} is not valid: {e}") from None
-    return replace(profile, settings=settings)
+            raise ProfileError(f"{flag}: {value!r} is not valid: {e}") from None
+        origins[f"{section}.{key}"] = f"command line ({flag})"
+    return replace(profile, settings=settings, origins=origins)

@@ -59,6 +59,15 @@ def submit_batch(script: str, extra_args: Sequence[str] = ()) -> str:
     return parse_sbatch_parsable(proc.stdout)
 
 
+def sbatch_test_only(script: str) -> str:
+    """``sbatch --test-only``: Slurm's verdict on the script (when and where it would start),
+    without submitting anything. A refusal raises SlurmError with Slurm's message."""
+    proc = _run(["sbatch", "--test-only"], input=script)
+    if proc.returncode != 0:
+        raise SlurmError(f"sbatch --test-only refused the job: {_slurm_message(proc)}")
+    return _slurm_message(proc)
+
+
 def parse_sbatch_parsable(stdout: str) -> str:
     """``sbatch --parsable`` prints ``jobid`` or ``jobid;cluster``."""
     job_id = stdout.strip().splitlines()[-1].split(";")[0].strip() if stdout.strip() else ""

@@ -209,3 +209,21 @@ def test_home_as_workspace_is_refused_and_not_the_default(cluster: None) -> None
         assert out.split() == ["/tmp", "False"]
     finally:
         hk("shutdown", name)
+
+
+def test_render_test_only_asks_slurm_and_submits_nothing(cluster: None) -> None:
+    before = squeue_ids()
+    for profile in shipped_profiles():
+        out = hk("render", "--profile", profile, "--name", "probe", "--no-workspace", "--test-only")
+        assert "to start at" in out.stdout, out.stdout
+    refused = hk("render", "--profile", "local", "--name", "probe", "--no-workspace", "--partition", "nosuch",
+                 "--test-only", check=False)
+    assert refused.returncode == 1 and "Invalid partition name specified" in refused.stderr
+    assert squeue_ids() == before
+    assert not (STATE_ROOT / "probe").exists()
+
+
+def shipped_profiles() -> list[str]:
+    """Every shipped profile (the suite runs with no profile path of its own)."""
+    lines = hk("profiles", "list").stdout.splitlines()[1:]
+    return [line.split()[0] for line in lines]

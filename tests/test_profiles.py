@@ -62,14 +62,14 @@ def test_bad_time_names_file_key_and_expectation(profile_dir: Path) -> None:
     path = write(profile_dir, "bad", "slurm:\n  time: 2 hours\n")
     with pytest.raises(ProfileError) as err:
         parse_profile(path)
-    assert str(err.value).startswith(f"{path}: slurm.time: '2 hours' is not valid: expected a Slurm time")
+    assert str(err.value).startswith(f"{path}:2: slurm.time: '2 hours' is not valid: expected a Slurm time")
 
 
 def test_unknown_key_gets_did_you_mean(profile_dir: Path) -> None:
     path = write(profile_dir, "typo", "slurm:\n  partiton: debug\n")
     with pytest.raises(ProfileError) as err:
         parse_profile(path)
-    assert f"{path}: slurm.partiton: unknown key (did you mean slurm.partition?)" in str(err.value)
+    assert f"{path}:2: slurm.partiton: unknown key (did you mean slurm.partition?)" in str(err.value)
 
 
 def test_unknown_section(profile_dir: Path) -> None:
@@ -99,13 +99,13 @@ def test_values_that_could_break_the_script_are_refused(profile_dir: Path, yaml_
     path = write(profile_dir, "bad", yaml_text)
     with pytest.raises(ProfileError) as err:
         parse_profile(path)
-    assert str(err.value).startswith(f"{path}: {key}: ")
+    assert str(err.value).startswith(f"{path}:2: {key}: ")
     assert "expected" in str(err.value)
 
 
 def test_yaml_syntax_error_names_the_file(profile_dir: Path) -> None:
-    path = write(profile_dir, "broken", "slurm: [unclosed\n")
-    with pytest.raises(ProfileError, match=f"^{path}: not valid YAML"):
+    path = write(profile_dir, "broken", "description: x\nslurm:\n  time: [unclosed\n  cpus: 2\n")
+    with pytest.raises(ProfileError, match=f"^{path}:4: not valid YAML"):
         parse_profile(path)
 
 
@@ -132,3 +132,72 @@ def test_bad_kernel_names(name: str) -> None:
 
 def test_good_kernel_name() -> None:
     assert check_kernel_name("demo-1.gpu_a") == "demo-1.gpu_a"
+
+
+def test_error_line_points_at_the_value_deep_in_the_file(profile_dir: Path) -> None:
+    path = write(profile_dir, "deep", "description: x\n\nslurm:\n  partition: debug\n  cpus: 2\n  mem: lots\n")
+    with pytest.raises(ProfileError, match=f"^{path}:6: slurm.mem: 'lots' is not valid"):
+        parse_profile(path)
+
+
+def test_extends_merges_deeply_and_remembers_where_values_come_from(profile_dir: Path) -> None:
+    base = write(profile_dir, "site-base", """
+description: the site
+slurm:
+  account: proj1
+  time: "02:00:00"
+  modules: [python/3.11, cuda/12]
+kernel:
+  env: {A: "1", B: "2"}
+""")
+    gpu = write(profile_dir, "gpu", """
+extends: site-base
+slurm:
+  partition: gpu
+  modules: [cuda/12]
+kernel:
+  env: {B: "3"}
+""")
+    profile = load_profile("gpu")
+    assert profile.source == gpu
+    assert profile.get("slurm", "account") == "proj1", "kept from the base"
+    assert profile.get("slurm", "partition") == "gpu", "added by the child"
+    assert profile.get("slurm", "modules") == ["cuda/12"], "lists are replaced, not appended"
+    assert profile.get("kernel", "env") == {"A": "1", "B": "3"}, "mappings merge key by key"
+    assert profile.origins["slurm.account"] == f"{base}:4"
+    assert profile.origins["slurm.partition"] == f"{gpu}:4"
+    assert profile.origins["slurm.cpus"] == "default"
+    merged = apply_request(profile, KernelRequest(name="k", cpus=8))
+    assert merged.origins["slurm.cpus"] == "command line (--cpus)"
+
+
+def test_an_error_in_a_base_profile_names_the_base_file(profile_dir: Path) -> None:
+    base = write(profile_dir, "base", "slurm:\n  time: forever\n")
+    write(profile_dir, "child", "extends: base\nslurm:\n  partition: debug\n")
+    with pytest.raises(ProfileError, match=f"^{base}:2: slurm.time: 'forever'"):
+        load_profile("child")
+
+
+def test_extends_cycle_is_an_error(profile_dir: Path) -> None:
+    write(profile_dir, "a", "extends: b\n")
+    write(profile_dir, "b", "extends: c\n")
+    write(profile_dir, "c", "extends: a\n")
+    with pytest.raises(ProfileError, match="cycle: a -> b -> c -> a"):
+        load_profile("a")
+
+
+def test_extends_an_unknown_profile(profile_dir: Path) -> None:
+    path = write(profile_dir, "child", "description: x\nextends: nosuch\n")
+    with pytest.raises(ProfileError, match=f"^{path}:2: extends: unknown profile 'nosuch'"):
+        load_profile("child")
+
+
+def test_default_profile(profile_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hpc_kernels.profiles import default_profile_name
+
+    monkeypatch.delenv("HPC_KERNELS_PROFILE", raising=False)
+    assert default_profile_name() is None
+    write(profile_dir, "default", "extends: local\n")
+    assert default_profile_name() == "default"
+    monkeypatch.setenv("HPC_KERNELS_PROFILE", "local")
+    assert default_profile_name() == "local"
