@@ -22,6 +22,7 @@ from .launcher import (
     shutdown,
     submit,
     view,
+    view_all,
 )
 from .paths import state_root
 from .profiles import (
@@ -134,7 +135,7 @@ def _summary(current: KernelView) -> dict[str, object]:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    rows = [_summary(view(record.name)) for record in list_records()]
+    rows = [_summary(current) for current in view_all()]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

@@ -23,12 +23,13 @@ from .profiles import KernelRequest, Profile, apply_request, check_kernel_name, 
 from .processes import is_running, terminate
 from .relay import SRUN_STOP_SECONDS, login_dirs_of, relay_marker
 from .render import render_kernel_script
-from .slurm import JobInfo, cancel, job_info, submit_batch
+from .slurm import JobInfo, cancel, job_info, job_infos, submit_batch
 from .state import (
     KernelFiles,
     KernelRecord,
     create_kernel_dir,
     kernel_files,
+    list_records,
     load_record,
     locked,
     remove_kernel_dir,
@@ -38,6 +39,7 @@ from .state import (
 Progress = Callable[[str], None]
 LOG_TAIL_LINES = 25
 POLL_SECONDS = 0.1
+MAX_POLL_SECONDS = 5.0
 # Longer than the relay's own wait for its srun, so that its cleanup can finish.
 RELAY_STOP_SECONDS = SRUN_STOP_SECONDS + 10
 
@@ -88,11 +90,29 @@ class KernelView:
         return self.agent.get("node") or (self.job.node if self.job else None) or self.record.node
 
 
+def _same_job(record: KernelRecord, job: JobInfo | None) -> JobInfo | None:
+    """``job`` if it is the one this record submitted; None for a job that reuses its id."""
+    if job is None or (record.submit_time and job.submit_time and job.submit_time != record.submit_time):
+        return None
+    return job
+
+
+def _view(record: KernelRecord, job: JobInfo | None) -> KernelView:
+    files = kernel_files(record.name)
+    return KernelView(record, _same_job(record, job), read_json(files.agent) or {}, read_json(files.relay) or {})
+
+
 def view(name: str) -> KernelView:
+    """What is known of kernel ``name`` right now."""
     record = load_record(name)
-    files = kernel_files(name)
-    job = job_info(record.job_id) if record.job_id else None
-    return KernelView(record, job, read_json(files.agent) or {}, read_json(files.relay) or {})
+    return _view(record, job_info(record.job_id) if record.job_id else None)
+
+
+def view_all() -> list[KernelView]:
+    """Every kernel of this user, with one Slurm query for all of them."""
+    records = list_records()
+    jobs = job_infos([r.job_id for r in records if r.job_id])
+    return [_view(r, jobs.get(r.job_id or "")) for r in records]
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -195,6 +215,8 @@ def submit(profile_name: str, request: KernelRequest) -> KernelRecord:
             write_private_file(files.log, "")  # Slurm writes to it and keeps its mode: 0600
             record.job_id = submit_batch(script)
             record.status = "submitted"
+            submitted = job_info(record.job_id)
+            record.submit_time = submitted.submit_time if submitted else None
             save_record(record)
         except BaseException:
             # Nothing may outlive a failed submit: not the job (if sbatch gave us one), not the files.
@@ -242,6 +264,7 @@ def wait_until_ready(name: str, *, timeout: float | None = None, progress: Progr
     files = kernel_files(name)
     started = time.monotonic()
     last = ""
+    interval = POLL_SECONDS
     while True:
         current = view(name)
         if current.record.status == "ready" and current.job_alive:
@@ -276,7 +299,10 @@ def wait_until_ready(name: str, *, timeout: float | None = None, progress: Progr
         if line != last:
             progress(line)
             last = line
-        time.sleep(POLL_SECONDS)
+        # Quick while the job starts; slower and slower (up to MAX_POLL_SECONDS) while it waits in
+        # the queue, so that many waiting kernels do not hammer slurmctld.
+        interval = POLL_SECONDS if job.state != "PENDING" else min(interval * 1.5, MAX_POLL_SECONDS)
+        time.sleep(interval)
 
 
 def _update_record(name: str, **changes: Any) -> KernelRecord:

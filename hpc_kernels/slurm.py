@@ -37,6 +37,11 @@ class JobInfo:
     def running(self) -> bool:
         return self.state == "RUNNING"
 
+    @property
+    def submit_time(self) -> str:
+        """With the id, what names a job: Slurm reuses ids (after a controller loses its state)."""
+        return self.fields.get("SubmitTime", "")
+
 
 def _run(argv: Sequence[str], *, input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     try:
@@ -118,6 +123,24 @@ def job_info(job_id: str) -> JobInfo | None:
         raise SlurmError(f"scontrol show job {job_id} failed: {_slurm_message(proc)}")
     line = proc.stdout.strip().splitlines()[0] if proc.stdout.strip() else ""
     return job_info_from_fields(parse_scontrol_oneliner(line)) if line else None
+
+
+def job_infos(job_ids: Sequence[str]) -> dict[str, JobInfo]:
+    """Many jobs in one query (``scontrol show job -o`` lists every job slurmctld remembers),
+    rather than one query per job: a controller must not be polled once per kernel."""
+    wanted = set(job_ids)
+    if not wanted:
+        return {}
+    proc = _run(["scontrol", "show", "job", "-o"])
+    if proc.returncode != 0:
+        raise SlurmError(f"scontrol show job failed: {_slurm_message(proc)}")
+    infos = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("JobId="):
+            info = job_info_from_fields(parse_scontrol_oneliner(line))
+            if info.job_id in wanted:
+                infos[info.job_id] = info
+    return infos
 
 
 def cancel(job_id: str, signal: str | None = None) -> None:

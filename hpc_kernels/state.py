@@ -38,6 +38,7 @@ class KernelRecord:
     profile: str
     status: str  # submitting, submitted, ready, failed
     job_id: str | None = None
+    submit_time: str | None = None  # Slurm's SubmitTime: with job_id, it names the job
     node: str | None = None
     workspace: str | None = None
     workspace_rw: bool = False

@@ -227,3 +227,23 @@ def shipped_profiles() -> list[str]:
     """Every shipped profile (the suite runs with no profile path of its own)."""
     lines = hk("profiles", "list").stdout.splitlines()[1:]
     return [line.split()[0] for line in lines]
+
+
+def test_list_asks_slurm_once_for_all_kernels(cluster: None, workspace: Path, tmp_path: Path) -> None:
+    """Two kernels listed with one scontrol call (a wrapper on PATH counts the calls)."""
+    names = [f"many-{uuid.uuid4().hex[:6]}" for _ in range(2)]
+    for name in names:
+        hk("submit", "--profile", "local", "--name", name, "--workspace", str(workspace), "--no-wait")
+    try:
+        log = tmp_path / "calls"
+        wrapper = tmp_path / "bin" / "scontrol"
+        wrapper.parent.mkdir()
+        wrapper.write_text(f'#!/bin/sh\necho "$@" >> {log}\nexec /usr/bin/scontrol "$@"\n')
+        wrapper.chmod(0o755)
+        rows = json.loads(hk("list", "--json", env={"PATH": f"{wrapper.parent}:{os.environ['PATH']}"}).stdout)
+        assert {r["name"] for r in rows} >= set(names)
+        assert all(r["job_id"] for r in rows if r["name"] in names)
+        assert log.read_text().splitlines() == ["show job -o"]
+    finally:
+        for name in names:
+            hk("shutdown", name)

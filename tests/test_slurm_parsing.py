@@ -55,3 +55,15 @@ def test_srun_into_job_overlaps_and_is_unbuffered() -> None:
 def test_srun_into_job_can_limit_the_exported_environment() -> None:
     argv = srun_into_job("9", ["x"], export=["PATH", "HOME"])
     assert "--export=PATH,HOME" in argv and argv[-1] == "x"
+
+
+def test_a_reused_job_id_is_not_our_job() -> None:
+    from hpc_kernels.launcher import _same_job
+    from hpc_kernels.state import KernelRecord
+
+    record = KernelRecord(name="k", profile="local", status="submitted", job_id="7",
+                          submit_time="2026-11-23T10:00:00")
+    ours = job_info_from_fields({"JobId": "7", "JobState": "RUNNING", "SubmitTime": "2026-11-23T10:00:00"})
+    reused = job_info_from_fields({"JobId": "7", "JobState": "RUNNING", "SubmitTime": "2026-11-24T09:00:00"})
+    assert _same_job(record, ours) is ours
+    assert _same_job(record, reused) is None
