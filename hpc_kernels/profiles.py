@@ -265,8 +265,63 @@ def find_profile(name: str) -> Path:
     )
 
 
-def load_profile(name: str) -> Profile:
-    return parse_profile(find_profile(name))
+def load_profile(name: str, environ: Mapping[str, str] | None = None) -> Profile:
+    """Profile ``name`` as a user gets it: the profile (with what it extends), then the user's
+    config file, then ``HPC_KERNELS_<SECTION>_<KEY>`` variables. Command-line flags come last
+    (:func:`apply_request`)."""
+    path = find_profile(name)
+    data, origins = _resolve(path)
+    config = user_config_path()
+    if config.is_file():
+        user, user_origins = _read_yaml(config)
+        if user is not None:
+            if not isinstance(user, dict):
+                raise ProfileError(f"{config}:1: expected a mapping of sections, as in a profile")
+            for key in ("extends", "description"):
+                if key in user:
+                    raise ProfileError(f"{user_origins[(key,)]}: {key}: not allowed in the user config file")
+            data = _deep_merge(data, user)
+            origins.update(user_origins)
+    for (section, key), (variable, value) in environment_overrides(os.environ if environ is None else environ).items():
+        data.setdefault(section, {})
+        if not isinstance(data[section], dict):
+            data[section] = {}
+        data[section][key] = value
+        origins[(section, key)] = f"environment ({variable})"
+    return validate_profile(data, path, origins)
+
+
+def user_config_path() -> Path:
+    config = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(config) / "hpc-kernels" / "config.yaml"
+
+
+ENVIRONMENT_PREFIX = "HPC_KERNELS_"
+
+
+def environment_overrides(environ: Mapping[str, str]) -> dict[tuple[str, str], tuple[str, Any]]:
+    """``HPC_KERNELS_SLURM_TIME=2:00:00`` -> {("slurm", "time"): (variable, "2:00:00")}.
+
+    Values are read as YAML scalars or flow collections (``4`` is a number, ``[a, b]`` a list).
+    Only variables naming a profile section count (HPC_KERNELS_PROFILE and _PROFILE_PATH do not).
+    """
+    out: dict[tuple[str, str], tuple[str, Any]] = {}
+    for variable, raw in environ.items():
+        if not variable.startswith(ENVIRONMENT_PREFIX):
+            continue
+        section, _, key = variable[len(ENVIRONMENT_PREFIX):].lower().partition("_")
+        if section not in SCHEMA or not key:
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else raw
+        except yaml.YAMLError:
+            value = raw
+        if value is not None and not isinstance(value, (str, int, float, bool, list, dict)):
+            value = raw
+        if isinstance(value, (int, float)) and key in ("time", "mem"):
+            value = raw  # "90" minutes or "500" MB stay as Slurm wrote them
+        out[(section, key)] = (variable, value)
+    return out
 
 
 def default_profile_name() -> str | None:

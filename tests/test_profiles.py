@@ -201,3 +201,39 @@ def test_default_profile(profile_dir: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert default_profile_name() == "default"
     monkeypatch.setenv("HPC_KERNELS_PROFILE", "local")
     assert default_profile_name() == "local"
+
+
+def test_precedence_profile_then_user_config_then_environment_then_flags(
+    profile_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write(profile_dir, "site", "slurm:\n  account: site-acct\n  time: '01:00:00'\n  cpus: 2\n  mem: 2G\n")
+    config = profile_dir / "no-user-config" / "hpc-kernels" / "config.yaml"
+    config.parent.mkdir(parents=True)
+    config.write_text("slurm:\n  account: my-acct\n  cpus: 3\n")
+    environ = {"HPC_KERNELS_SLURM_CPUS": "4", "HPC_KERNELS_SLURM_TIME": "2:00:00",
+               "HPC_KERNELS_PROFILE": "ignored", "HPC_KERNELS_PROFILE_PATH": "/ignored"}
+    profile = load_profile("site", environ)
+    assert profile.get("slurm", "account") == "my-acct"
+    assert profile.origins["slurm.account"] == f"{config}:2"
+    assert profile.get("slurm", "cpus") == 4
+    assert profile.origins["slurm.cpus"] == "environment (HPC_KERNELS_SLURM_CPUS)"
+    assert profile.get("slurm", "time") == "2:00:00", "a Slurm time is not read as a sexagesimal number"
+    assert profile.get("slurm", "mem") == "2G" and profile.origins["slurm.mem"].endswith("site.yaml:5")
+    final = apply_request(profile, KernelRequest(name="k", cpus=8))
+    assert final.get("slurm", "cpus") == 8 and final.origins["slurm.cpus"] == "command line (--cpus)"
+
+
+def test_a_bad_environment_value_names_the_variable(profile_dir: Path) -> None:
+    with pytest.raises(ProfileError, match=r"^environment \(HPC_KERNELS_SLURM_CPUS\): slurm.cpus: 'lots'"):
+        load_profile("local", {"HPC_KERNELS_SLURM_CPUS": "lots"})
+    with pytest.raises(ProfileError, match=r"^environment \(HPC_KERNELS_SLURM_ACCOUT\): slurm.accout: unknown key "
+                                           r"\(did you mean slurm.account\?\)"):
+        load_profile("local", {"HPC_KERNELS_SLURM_ACCOUT": "x"})
+
+
+def test_user_config_may_not_extend(profile_dir: Path) -> None:
+    config = profile_dir / "no-user-config" / "hpc-kernels" / "config.yaml"
+    config.parent.mkdir(parents=True)
+    config.write_text("slurm: {cpus: 2}\nextends: local\n")
+    with pytest.raises(ProfileError, match=f"^{config}:2: extends: not allowed in the user config file"):
+        load_profile("local", {})
