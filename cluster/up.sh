@@ -125,15 +125,21 @@ SlurmctldLogFile=$HK_LOG/slurmctld.log
 SlurmdSpoolDir=$HK_STATE/spool/%n
 SlurmdPidFile=$HK_RUN/slurmd-%n.pid
 SlurmdLogFile=$HK_LOG/slurmd-%n.log
+# Node-local NVMe disk as a countable resource (GB), as some centres request it (--gres=nvme:N):
+# lets the shipped site profiles that model them pass "sbatch --test-only" here.
+GresTypes=nvme
 CONF
     for n in "${HK_NODES[@]}"; do
-        echo "NodeName=$n NodeAddr=$(hk_node_ip "$n") CPUs=2 RealMemory=4000 State=UNKNOWN" >>"$tmp"
+        echo "NodeName=$n NodeAddr=$(hk_node_ip "$n") CPUs=2 RealMemory=16000 Gres=nvme:no_consume:100 State=UNKNOWN" >>"$tmp"
     done
     local all_nodes
     all_nodes=$(IFS=,; echo "${HK_NODES[*]}")
     cat >>"$tmp" <<CONF
 PartitionName=debug Nodes=$all_nodes Default=YES MaxTime=INFINITE State=UP
 PartitionName=short Nodes=${HK_NODES[0]} MaxTime=01:00:00 State=UP
+# Partition names used by the shipped profiles modelled on real centres (site-configs/)
+PartitionName=interactive Nodes=$all_nodes MaxTime=7-00:00:00 State=UP
+PartitionName=small Nodes=$all_nodes MaxTime=3-00:00:00 State=UP
 CONF
     if cmp -s "$tmp" "$HK_CONF"; then rm -f "$tmp"; return 0; fi
     hk_log "writing $HK_CONF"

@@ -156,7 +156,7 @@ try:
     s.sendall(b"\xff" * 10)
     s.settimeout(10)
     print("closed" if s.recv(100) == b"" else "answered")
-except ConnectionResetError:
+except (ConnectionResetError, BrokenPipeError):
     print("closed")
 """
 
