@@ -108,11 +108,16 @@ class Agent:
                 "the compute nodes share (e.g. under your home), not on login-node-local storage"
             )
         hide = [path for path in launch.get("hide", []) if os.path.isdir(path)]
+        binds = launch.get("binds", [])
+        missing = [b for b in binds if not os.path.exists(b.partition(":")[0])]
+        if missing:
+            raise AgentError(f"runtime.binds: {', '.join(missing)} does not exist on {self.node}")
         spec = SandboxSpec(
             node_dir=str(self.node_dir),
             hide=hide,
             workspace=workspace,
             workspace_rw=bool(launch.get("workspace_rw")),
+            binds=binds,
         )
         kernel_argv = [
             arg.format(python=launch["python"], connection_file=str(connection_file))

@@ -142,6 +142,7 @@ def launch_spec(profile: Profile, request: KernelRequest, python: str) -> dict[s
         "start_timeout": profile.get("kernel", "start_timeout"),
         "node_tmp": profile.get("paths", "node_tmp"),
         "hide": [*profile.get("runtime", "hide"), home, str(state_root())],
+        "binds": profile.get("runtime", "binds"),
         "workspace": request.workspace,
         "workspace_rw": profile.get("workspace", "mode") == "rw",
         "tune_srun_tcp": profile.get("relay", "tune_srun_tcp"),
@@ -167,10 +168,16 @@ def resolve_request(profile_name: str, request: KernelRequest) -> Profile:
     """The profile with the request applied, everything checked: what submit and render use."""
     check_kernel_name(request.name)
     profile = apply_request(load_profile(profile_name), request)
+    private = (os.path.expanduser("~"), [str(state_root())])
     if request.workspace:
-        why = exposes_private_files(request.workspace, os.path.expanduser("~"), [str(state_root())])
+        why = exposes_private_files(request.workspace, *private)
         if why:
             raise HpcKernelsError(f"{why}; choose a project directory with --workspace, or --no-workspace")
+    for bind in profile.get("runtime", "binds"):
+        why = exposes_private_files(bind.partition(":")[0], *private)
+        if why:
+            raise HpcKernelsError(f"runtime.binds ({profile.origins.get('runtime.binds', profile.source)}): "
+                                  f"{why.replace('the workspace', 'the bind')}")
     return profile
 
 
@@ -181,8 +188,10 @@ def node_python(profile: Profile) -> str:
 def kernel_script(profile: Profile, name: str) -> str:
     """The exact batch script ``submit`` sends for kernel ``name``."""
     files = kernel_files(name)
+    templates = profile.get("paths", "templates")
     return render_kernel_script(
-        profile, kernel_name=name, state_dir=files.dir, log_path=files.log, python=node_python(profile)
+        profile, kernel_name=name, state_dir=files.dir, log_path=files.log, python=node_python(profile),
+        template_dir=Path(templates) if templates else None,
     )
 
 
@@ -292,6 +301,8 @@ def wait_until_ready(name: str, *, timeout: float | None = None, progress: Progr
             return record
         if job.state == "PENDING":
             line = f"PENDING ({job.reason or 'waiting'})"
+            if job.expected_start:
+                line += f", expected to start {job.expected_start.replace('T', ' ')}"
         elif current.agent_state == "starting":
             line = f"RUNNING on {current.node}: starting the kernel"
         else:

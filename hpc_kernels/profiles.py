@@ -34,6 +34,8 @@ _SLURM_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 _SBATCH_OPTION = re.compile(r"^--[A-Za-z][A-Za-z0-9\-]*(=[A-Za-z0-9_.,:=/@%+\-\[\]]*)?$")
 _MODULE_NAME = re.compile(r"^[A-Za-z0-9_.+/\-]+$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_CONSTRAINT = re.compile(r"^[A-Za-z0-9_.&|\[\]*:!(),\-]+$")
+_BIND = re.compile(r"^(/[^:\s]*)(:(ro|rw))?$")
 _KERNEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,39}$")
 _PLACEHOLDERS = {"python", "connection_file"}
 
@@ -125,6 +127,13 @@ def _node_tmp(value: Any) -> str:
     return text
 
 
+def _bind(value: Any) -> str:
+    text = _str(value)
+    if not _BIND.match(text) or ".." in text.split("/"):
+        raise ValueError("expected an absolute path, optionally followed by :ro or :rw (e.g. /datasets:ro)")
+    return text
+
+
 def _kernel_command(value: Any) -> list[str]:
     argv = _list_of(_str, "strings")(value)
     if not argv:
@@ -166,23 +175,29 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "time": (_matching(_SLURM_TIME, "a Slurm time, e.g. 02:00:00, 2:00 (minutes:seconds) or 1-12:00"), "01:00:00"),
         "cpus": (_positive_int, 1),
         "mem": (_matching(_SLURM_MEM, "a Slurm memory size, e.g. 4G or 500M"), "1G"),
+        "constraint": (_opt(_matching(_CONSTRAINT, "a Slurm constraint, e.g. a100 or intel&ib")), None),
+        "reservation": (_opt(_matching(_SLURM_NAME, "a reservation name (letters, digits, _ . -)")), None),
         "extra_options": (_list_of(_matching(_SBATCH_OPTION, "an sbatch long option, e.g. --exclusive or --licenses=matlab:1"), "sbatch options"), []),
         "modules": (_list_of(_matching(_MODULE_NAME, "a module name, e.g. python/3.11"), "module names"), []),
+        "environment": (_env, {}),
     },
     "runtime": {
         "kind": (_one_of("bwrap"), "bwrap"),
         "network": (_one_of("none"), "none"),
         "hide": (_list_of(_abs_path, "absolute paths"), ["/home", "/root", "/run", "/var/tmp", "/srv", "/mnt", "/media"]),
+        "binds": (_list_of(_bind, "paths"), []),
     },
     "kernel": {
         "command": (_kernel_command, _DEFAULT_KERNEL_COMMAND),
         "display_name": (_opt(_str), None),
+        "language": (_str, "python"),
         "env": (_env, {}),
         "start_timeout": (_positive_number, 60.0),
     },
     "paths": {
         "node_tmp": (_opt(_node_tmp), None),
         "python": (_opt(_abs_path), None),
+        "templates": (_opt(_abs_path), None),
     },
     "relay": {
         "transport": (_one_of("srun"), "srun"),

@@ -37,6 +37,7 @@ class SandboxSpec:
     hide: Sequence[str]
     workspace: str | None = None
     workspace_rw: bool = False
+    binds: Sequence[str] = ()  # "PATH", "PATH:ro" or "PATH:rw", bound at the same path
     env: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -70,14 +71,19 @@ def bwrap_argv(spec: SandboxSpec, kernel_argv: Sequence[str], bwrap: str = "bwra
     ]
     for path in _hidden_paths(spec.hide):
         argv += ["--tmpfs", path]
+    bound = []
+    for bind in spec.binds:
+        path, _, mode = bind.partition(":")
+        argv += ["--bind" if mode == "rw" else "--ro-bind", path, path]
+        bound.append(path)
     argv += ["--bind", spec.node_dir, spec.node_dir]
     if spec.workspace:
         argv += ["--bind" if spec.workspace_rw else "--ro-bind", spec.workspace, spec.workspace]
-        # A hidden path inside the workspace (the state directory, say) stays hidden.
-        workspace = spec.workspace.rstrip("/")
-        for path in sorted({p.rstrip("/") for p in spec.hide}):
-            if path.startswith(workspace + "/"):
-                argv += ["--tmpfs", path]
+        bound.append(spec.workspace)
+    # A hidden path inside something bound (the state directory inside a workspace, say) stays hidden.
+    for path in sorted({p.rstrip("/") for p in spec.hide}):
+        if any(path.startswith(b.rstrip("/") + "/") for b in bound):
+            argv += ["--tmpfs", path]
     argv += ["--chdir", spec.workspace or SANDBOX_HOME, "--", *kernel_argv]
     return argv
 

@@ -38,6 +38,12 @@ class JobInfo:
         return self.state == "RUNNING"
 
     @property
+    def expected_start(self) -> str | None:
+        """When Slurm expects a pending job to start, if it says (StartTime is then an estimate)."""
+        start = self.fields.get("StartTime", "")
+        return start if self.state == "PENDING" and start not in ("", "Unknown", "None", "(null)") else None
+
+    @property
     def submit_time(self) -> str:
         """With the id, what names a job: Slurm reuses ids (after a controller loses its state)."""
         return self.fields.get("SubmitTime", "")

@@ -152,7 +152,7 @@ def test_pending_reason_is_shown_and_timeout_cancels(cluster: None, workspace: P
     proc = hk("submit", "--profile", "later", "--name", name, "--workspace", str(workspace), "--timeout", "3",
               check=False)
     assert proc.returncode == 1
-    assert "PENDING (BeginTime)" in proc.stderr
+    assert "PENDING (BeginTime), expected to start " in proc.stderr
     assert "was not ready within 3 s; it was cancelled" in proc.stderr
     status = json.loads(hk("status", name, "--json").stdout)
     assert status["job_id"] not in squeue_ids()
@@ -247,3 +247,36 @@ def test_list_asks_slurm_once_for_all_kernels(cluster: None, workspace: Path, tm
     finally:
         for name in names:
             hk("shutdown", name)
+
+
+def test_profile_binds_are_mounted_as_asked(cluster: None, workspace: Path, profile_path: Path) -> None:
+    data, out = workspace / "dataset", workspace / "results"
+    data.mkdir()
+    (data / "x.csv").write_text("1,2,3\n")
+    out.mkdir()
+    (profile_path / "binds.yaml").write_text(f"extends: local\nruntime:\n  binds: ['{data}:ro', '{out}:rw']\n")
+    name = f"binds-{uuid.uuid4().hex[:6]}"
+    hk("submit", "--profile", "binds", "--name", name, "--no-workspace")
+    try:
+        code = f"""
+print(open({str(data / 'x.csv')!r}).read().strip())
+try:
+    open({str(data / 'new')!r}, 'w')
+except OSError as e:
+    print(e.strerror)
+_ = open({str(out / 'result.txt')!r}, 'w').write('done')
+"""
+        assert hk("exec", name, code).stdout.splitlines() == ["1,2,3", "Read-only file system"]
+        assert (out / "result.txt").read_text() == "done"
+    finally:
+        hk("shutdown", name)
+
+
+def test_a_bind_missing_on_the_node_is_reported(cluster: None, profile_path: Path) -> None:
+    (profile_path / "nobind.yaml").write_text("extends: local\nruntime:\n  binds: ['/tmp/only-on-the-login-node']\n")
+    Path("/tmp/only-on-the-login-node").mkdir(exist_ok=True)
+    name = f"nobind-{uuid.uuid4().hex[:6]}"
+    proc = hk("submit", "--profile", "nobind", "--name", name, "--no-workspace", check=False)
+    assert proc.returncode == 1
+    assert "runtime.binds: /tmp/only-on-the-login-node does not exist on c" in proc.stderr
+    hk("shutdown", name)

@@ -237,3 +237,20 @@ def test_user_config_may_not_extend(profile_dir: Path) -> None:
     config.write_text("slurm: {cpus: 2}\nextends: local\n")
     with pytest.raises(ProfileError, match=f"^{config}:2: extends: not allowed in the user config file"):
         load_profile("local", {})
+
+
+@pytest.mark.parametrize("bind", ["relative", "/a/../etc", "/a:rx", "/a b"])
+def test_bad_binds(profile_dir: Path, bind: str) -> None:
+    path = write(profile_dir, "b", f"runtime:\n  binds: [{bind!r}]\n")
+    with pytest.raises(ProfileError, match=f"^{path}:2: runtime.binds: "):
+        parse_profile(path)
+
+
+def test_a_bind_of_home_is_refused(profile_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hpc_kernels.errors import HpcKernelsError
+    from hpc_kernels.launcher import resolve_request
+
+    monkeypatch.setenv("HOME", str(profile_dir / "home"))
+    write(profile_dir, "b", f"extends: local\nruntime:\n  binds: ['{profile_dir / 'home'}:ro']\n")
+    with pytest.raises(HpcKernelsError, match="runtime.binds .*b.yaml:3.*: the bind .* would show the kernel your home"):
+        resolve_request("b", KernelRequest(name="k"))

@@ -76,3 +76,26 @@ def test_template_variables_must_exist(tmp_path: Path) -> None:
     (templates / "kernel.sbatch.j2").write_text("#!/bin/bash\n#SBATCH --time={{ slurm.walltime }}\n")
     with pytest.raises(jinja2.UndefinedError):
         render(profile_from(tmp_path, "{}\n"), tmp_path, template_dir=templates)
+
+
+def test_constraint_reservation_and_job_environment(tmp_path: Path) -> None:
+    profile = profile_from(tmp_path, """
+slurm:
+  constraint: "a100&ib"
+  reservation: course-2026
+  environment: {HTTPS_PROXY: "http://proxy:3128", LABEL: "it's quoted"}
+""")
+    lines = render(profile, tmp_path).splitlines()
+    assert "#SBATCH --constraint=a100&ib" in lines and "#SBATCH --reservation=course-2026" in lines
+    assert "export HTTPS_PROXY=http://proxy:3128" in lines
+    assert "export LABEL='it'\"'\"'s quoted'" in lines
+
+
+def test_a_profile_can_point_at_its_own_templates(tmp_path: Path) -> None:
+    from hpc_kernels.launcher import kernel_script
+
+    templates = tmp_path / "site-templates"
+    templates.mkdir()
+    (templates / "kernel.sbatch.j2").write_text("#!/bin/bash\n# site template for {{ kernel_name }}\n")
+    profile = profile_from(tmp_path, f"paths:\n  templates: {templates}\n")
+    assert kernel_script(profile, "k1") == "#!/bin/bash\n# site template for k1\n"

@@ -60,3 +60,14 @@ def test_hidden_paths_inside_the_workspace_stay_hidden() -> None:
     assert argv[bind - 1] == "--ro-bind"
     after = argv[bind + 2:]
     assert after[:2] == ["--tmpfs", "/home/u/.local/share/hpc-kernels"]
+
+
+def test_binds_come_after_hiding_and_keep_hidden_paths_hidden() -> None:
+    spec = SandboxSpec(node_dir="/tmp/d", hide=["/scratch", "/scratch/p/secret"],
+                       binds=["/scratch/p:ro", "/datasets", "/scratch/out:rw"])
+    argv = bwrap_argv(spec, ["k"])
+    assert ("/scratch/p", "/scratch/p") in pairs(argv, "--ro-bind")
+    assert ("/datasets", "/datasets") in pairs(argv, "--ro-bind"), "read-only unless :rw"
+    assert ("/scratch/out", "/scratch/out") in pairs(argv, "--bind")
+    assert argv.index("/scratch/p") > argv.index("/scratch"), "binds go on top of the tmpfs"
+    assert singles(argv, "--tmpfs")[-1] == "/scratch/p/secret", "re-hidden after the bind"

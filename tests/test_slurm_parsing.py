@@ -67,3 +67,10 @@ def test_a_reused_job_id_is_not_our_job() -> None:
     reused = job_info_from_fields({"JobId": "7", "JobState": "RUNNING", "SubmitTime": "2026-11-24T09:00:00"})
     assert _same_job(record, ours) is ours
     assert _same_job(record, reused) is None
+
+
+def test_expected_start_of_a_pending_job() -> None:
+    pending = job_info_from_fields({"JobState": "PENDING", "StartTime": "2026-11-23T21:00:00"})
+    assert pending.expected_start == "2026-11-23T21:00:00"
+    assert job_info_from_fields({"JobState": "PENDING", "StartTime": "Unknown"}).expected_start is None
+    assert job_info_from_fields({"JobState": "RUNNING", "StartTime": "2026-11-23T21:00:00"}).expected_start is None
