@@ -70,13 +70,17 @@ def _request(args: argparse.Namespace, profile_name: str) -> KernelRequest:
         partition=args.partition,
         workspace=_workspace(args),
         workspace_rw=args.rw,
+        allocation=None if args.new_job else os.environ.get("SLURM_JOB_ID") or None,
     )
 
 
 def cmd_render(args: argparse.Namespace) -> int:
     profile_name = _profile_name(args)
     request = _request(args, profile_name)
-    script = kernel_script(resolve_request(profile_name, request), request.name)
+    script = kernel_script(resolve_request(profile_name, request), request.name, request.allocation)
+    if args.test_only and request.allocation:
+        raise HpcKernelsError(f"inside an allocation (job {request.allocation}) nothing is submitted, so there is "
+                              "nothing for sbatch --test-only to judge; use --new-job to test a new job")
     if args.test_only:
         print(sbatch_test_only(script))
     else:
@@ -90,7 +94,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if args.no_wait:
         print(record.job_id)
         return 0
-    _progress(f"submitted job {record.job_id} for kernel {record.name}")
+    if record.step is not None:
+        _progress(f"started kernel {record.name} as a step of job {record.job_id} (your allocation)")
+    else:
+        _progress(f"submitted job {record.job_id} for kernel {record.name}")
     try:
         connection_file = ensure_relay(record.name, timeout=args.timeout, progress=_progress)
     except KeyboardInterrupt:
@@ -121,6 +128,7 @@ def _summary(current: KernelView) -> dict[str, object]:
         "name": record.name,
         "state": current.state,
         "job_id": record.job_id,
+        "mode": "step of your allocation" if record.step else "own job",
         "slurm_state": job.state if job else "(gone)",
         "slurm_reason": job.reason if job else "",
         "node": current.node,
@@ -260,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--workspace", "-w", help="directory bound into the sandbox (default: the current one)")
         p.add_argument("--no-workspace", action="store_true", help="bind no workspace")
         p.add_argument("--rw", action="store_true", help="bind the workspace read-write (default: read-only)")
+        p.add_argument("--new-job", action="store_true",
+                       help="submit a new job even inside an allocation (default there: a step of it)")
 
     p = sub.add_parser("submit", help="submit a kernel job and wait until the kernel is ready")
     add_request_arguments(p)

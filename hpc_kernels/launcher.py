@@ -20,7 +20,7 @@ from typing import Any
 from .errors import HpcKernelsError, KernelStartError, RelayError
 from .paths import read_json, state_root, write_json, write_private_file
 from .profiles import KernelRequest, Profile, apply_request, check_kernel_name, load_profile
-from .processes import is_running, terminate
+from .processes import identity, is_running, terminate
 from .relay import SRUN_STOP_SECONDS, login_dirs_of, relay_marker
 from .render import render_kernel_script
 from .slurm import JobInfo, cancel, job_info, job_infos, submit_batch
@@ -39,6 +39,7 @@ from .state import (
 Progress = Callable[[str], None]
 LOG_TAIL_LINES = 25
 POLL_SECONDS = 0.1
+STEP_STOP_SECONDS = 15.0
 MAX_POLL_SECONDS = 5.0
 # Longer than the relay's own wait for its srun, so that its cleanup can finish.
 RELAY_STOP_SECONDS = SRUN_STOP_SECONDS + 10
@@ -60,6 +61,7 @@ class KernelView:
     job: JobInfo | None
     agent: dict[str, Any]
     relay: dict[str, Any]
+    step_alive: bool = True  # for a kernel running as a step of the user's allocation: its srun runs
 
     @property
     def agent_state(self) -> str:
@@ -67,7 +69,8 @@ class KernelView:
 
     @property
     def job_alive(self) -> bool:
-        return self.job is not None and not self.job.finished
+        """The kernel's job (or, in someone's allocation, the kernel's step) has not ended."""
+        return self.job is not None and not self.job.finished and self.step_alive
 
     @property
     def state(self) -> str:
@@ -99,7 +102,40 @@ def _same_job(record: KernelRecord, job: JobInfo | None) -> JobInfo | None:
 
 def _view(record: KernelRecord, job: JobInfo | None) -> KernelView:
     files = kernel_files(record.name)
-    return KernelView(record, _same_job(record, job), read_json(files.agent) or {}, read_json(files.relay) or {})
+    step_alive = record.step is None or is_running(record.step, _step_marker(files))
+    return KernelView(record, _same_job(record, job), read_json(files.agent) or {}, read_json(files.relay) or {},
+                      step_alive)
+
+
+def _step_marker(files: KernelFiles) -> str:
+    return f"hpc_kernels.agent {files.dir}"
+
+
+def _end_kernel_job(record: KernelRecord) -> str:
+    """End what runs the kernel: our own job is cancelled; in the user's allocation only our
+    step is stopped (the allocation is theirs). Returns what was done, for people."""
+    if record.step is not None:
+        terminate(record.step, _step_marker(kernel_files(record.name)), STEP_STOP_SECONDS)
+        return f"stopped the kernel's step in job {record.job_id}"
+    if record.job_id:
+        cancel(record.job_id)
+    return f"cancelled job {record.job_id}"
+
+
+def _wait_kernel_gone(record: KernelRecord, timeout: float) -> bool:
+    """Wait until the kernel's job (or step) has ended; False if it is still there after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    marker = _step_marker(kernel_files(record.name))
+    while time.monotonic() < deadline:
+        if record.step is not None:
+            if not is_running(record.step, marker):
+                return True
+        else:
+            job = job_info(record.job_id) if record.job_id else None
+            if job is None or (job.finished and "COMPLETING" not in job.fields.get("JobState", "")):
+                return True
+        time.sleep(POLL_SECONDS)
+    return False
 
 
 def view(name: str) -> KernelView:
@@ -185,14 +221,42 @@ def node_python(profile: Profile) -> str:
     return str(profile.get("paths", "python") or sys.executable)
 
 
-def kernel_script(profile: Profile, name: str) -> str:
-    """The exact batch script ``submit`` sends for kernel ``name``."""
+def kernel_script(profile: Profile, name: str, allocation: str | None = None) -> str:
+    """The exact script ``submit`` uses for kernel ``name``: a batch script, or in the user's
+    allocation ``allocation``, the script that starts the kernel as its step."""
     files = kernel_files(name)
     templates = profile.get("paths", "templates")
     return render_kernel_script(
         profile, kernel_name=name, state_dir=files.dir, log_path=files.log, python=node_python(profile),
-        template_dir=Path(templates) if templates else None,
+        template_dir=Path(templates) if templates else None, allocation=allocation,
     )
+
+
+def _start_step(files: KernelFiles) -> dict[str, Any]:
+    """Run the step script detached (it outlives this command); return the srun's identity."""
+    fd = os.open(files.log, os.O_WRONLY | os.O_APPEND)
+    try:
+        proc = subprocess.Popen(["/bin/bash", str(files.script)], stdin=subprocess.DEVNULL, stdout=fd, stderr=fd,
+                                start_new_session=True, close_fds=True)
+    finally:
+        os.close(fd)
+    # The script execs srun: wait until the process is srun, so that its identity is srun's.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and proc.poll() is None:
+        if _step_marker(files) in _cmdline(proc.pid):
+            break
+        time.sleep(0.01)
+    if proc.poll() is not None:
+        raise KernelStartError(f"the step could not start (exit code {proc.returncode}):\n{log_tail(files.log)}")
+    return identity(proc.pid)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def submit(profile_name: str, request: KernelRequest) -> KernelRecord:
@@ -219,18 +283,28 @@ def submit(profile_name: str, request: KernelRequest) -> KernelRecord:
             save_record(record)
             write_private_file(files.key, secrets.token_hex(32) + "\n")
             write_json(files.launch, launch_spec(profile, request, python))
-            script = kernel_script(profile, name)
+            script = kernel_script(profile, name, request.allocation)
             write_private_file(files.script, script)
             write_private_file(files.log, "")  # Slurm writes to it and keeps its mode: 0600
-            record.job_id = submit_batch(script)
+            if request.allocation:
+                allocation = job_info(request.allocation)
+                if allocation is None or not allocation.running:
+                    raise HpcKernelsError(
+                        f"SLURM_JOB_ID is {request.allocation}, but that job is "
+                        f"{allocation.state if allocation else 'not known to Slurm'}; "
+                        "leave the allocation's environment or use --new-job")
+                record.job_id = request.allocation
+                record.step = _start_step(files)
+            else:
+                record.job_id = submit_batch(script)
             record.status = "submitted"
             submitted = job_info(record.job_id)
             record.submit_time = submitted.submit_time if submitted else None
             save_record(record)
         except BaseException:
             # Nothing may outlive a failed submit: not the job (if sbatch gave us one), not the files.
-            if record.job_id:
-                cancel(record.job_id)
+            if record.job_id and (record.step is not None or not request.allocation):
+                _end_kernel_job(record)
             remove_kernel_dir(name)
             raise
     return record
@@ -287,8 +361,8 @@ def wait_until_ready(name: str, *, timeout: float | None = None, progress: Progr
             why = f"was not ready within {timeout:.0f} s; it was cancelled"
         if why:
             if current.job_alive:
-                cancel(current.record.job_id or "")
-                _wait_job_gone(current.record.job_id or "", 30)
+                _end_kernel_job(current.record)
+                _wait_kernel_gone(current.record, 30)
             time.sleep(0.5)  # the job's last words reach the shared log file
             error = _start_failure(view(name), files, why)
             _update_record(name, status="failed", message=str(error).splitlines()[0])
@@ -323,16 +397,6 @@ def _update_record(name: str, **changes: Any) -> KernelRecord:
             setattr(record, key, value)
         save_record(record)
         return record
-
-
-def _wait_job_gone(job_id: str, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = job_info(job_id)
-        if job is None or (job.finished and "COMPLETING" not in job.fields.get("JobState", "")):
-            return True
-        time.sleep(POLL_SECONDS)
-    return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,22 +461,20 @@ def shutdown(name: str, *, graceful_timeout: float = 15, progress: Progress = _q
     """Ask the kernel to shut down, make sure the job is gone, stop the relay, remove all state."""
     current = view(name)
     files = kernel_files(name)
-    job_id = current.record.job_id or ""
+    record = current.record
     if current.job_alive and current.agent_state == "ready":
         try:
             connection_file = ensure_relay(name)
             _request_shutdown(connection_file, graceful_timeout)
-            if _wait_job_gone(job_id, graceful_timeout):
-                progress(f"kernel {name} shut down; job {job_id} ended")
+            if _wait_kernel_gone(record, graceful_timeout):
+                progress(f"kernel {name} shut down; " + ("its step ended" if record.step else f"job {record.job_id} ended"))
         except HpcKernelsError as e:
-            progress(f"graceful shutdown failed ({e}); cancelling job {job_id}")
+            progress(f"graceful shutdown failed ({e}); ending it")
     with locked(name):
-        job = job_info(job_id) if job_id else None
-        if job is not None and not job.finished:
-            cancel(job_id)
-            progress(f"cancelled job {job_id}")
-            if not _wait_job_gone(job_id, 60):
-                raise HpcKernelsError(f"job {job_id} is still in the queue after scancel; state kept in {files.dir}")
+        if view(name).job_alive:
+            progress(_end_kernel_job(record))
+            if not _wait_kernel_gone(record, 60):
+                raise HpcKernelsError(f"job {record.job_id} is still running after it was ended; state kept in {files.dir}")
         stop_relay(files)
         remove_kernel_dir(name)
 

@@ -236,6 +236,7 @@ class KernelRequest:
     partition: str | None = None
     workspace: str | None = None
     workspace_rw: bool = False
+    allocation: str | None = None  # run as a step of this job (the user's salloc) instead of a new job
 
 
 def check_kernel_name(name: str) -> str:

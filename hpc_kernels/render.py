@@ -14,6 +14,7 @@ from .profiles import Profile
 from .resources import data_dir
 
 KERNEL_TEMPLATE = "kernel.sbatch.j2"
+STEP_TEMPLATE = "kernel.step.j2"
 
 # sbatch reads #SBATCH lines itself (no shell): whitespace would split a value, and '%' starts a
 # filename pattern in --output, so paths that reach those lines must be plain.
@@ -49,10 +50,15 @@ def render_kernel_script(
     log_path: Path,
     python: str,
     template_dir: Path | None = None,
+    allocation: str | None = None,
 ) -> str:
-    """The sbatch script that runs the node agent for one kernel."""
-    template = template_environment(template_dir).get_template(KERNEL_TEMPLATE)
+    """The script that runs the node agent for one kernel: an sbatch script for a new job, or,
+    given the id of an allocation the user holds, a script that starts the agent as its step."""
+    if allocation is not None and not allocation.isdigit():
+        raise HpcKernelsError(f"SLURM_JOB_ID {allocation!r} is not a job id")
+    template = template_environment(template_dir).get_template(STEP_TEMPLATE if allocation else KERNEL_TEMPLATE)
     return template.render(
+        job_id=allocation,
         job_name=f"hk-{kernel_name}",
         kernel_name=kernel_name,
         state_dir=_plain_path(state_dir, "state directory"),

@@ -39,6 +39,7 @@ class KernelRecord:
     status: str  # submitting, submitted, ready, failed
     job_id: str | None = None
     submit_time: str | None = None  # Slurm's SubmitTime: with job_id, it names the job
+    step: dict[str, Any] | None = None  # in someone's allocation: the srun that runs our step
     node: str | None = None
     workspace: str | None = None
     workspace_rw: bool = False

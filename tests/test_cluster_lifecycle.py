@@ -280,3 +280,40 @@ def test_a_bind_missing_on_the_node_is_reported(cluster: None, profile_path: Pat
     assert proc.returncode == 1
     assert "runtime.binds: /tmp/only-on-the-login-node does not exist on c" in proc.stderr
     hk("shutdown", name)
+
+
+def test_inside_an_allocation_the_kernel_is_a_step_of_it(cluster: None, workspace: Path) -> None:
+    granted = run(["salloc", "--no-shell", "--nodes=1", "--time=10", "--partition=debug"]).stderr
+    allocation = granted.split("Granted job allocation ")[1].split()[0]
+    env = {"SLURM_JOB_ID": allocation}
+    name = f"step-{uuid.uuid4().hex[:6]}"
+    try:
+        script = hk("render", "--profile", "local", "--name", name, "--no-workspace", env=env).stdout
+        assert f"exec srun --jobid={allocation} --overlap" in script and "#SBATCH" not in script
+        before = squeue_ids()
+        proc = hk("submit", "--profile", "local", "--name", name, "--workspace", str(workspace), env=env)
+        assert f"started kernel {name} as a step of job {allocation}" in proc.stderr
+        assert squeue_ids() == before, "no new job"
+        status = json.loads(hk("status", name, "--json").stdout)
+        assert status["job_id"] == allocation and status["mode"] == "step of your allocation"
+        node = run(["squeue", "-h", "-j", allocation, "-o", "%N"]).stdout.strip()
+        assert hk("exec", name, "import socket; print(socket.gethostname())").stdout.strip() == node
+        hk("shutdown", name)
+        assert run(["squeue", "-h", "-j", allocation, "-o", "%T"]).stdout.strip() == "RUNNING", \
+            "the allocation is the user's: shutdown leaves it running"
+        steps = run(["squeue", "-h", "-s", "-j", allocation, "-o", "%j"]).stdout.split()
+        assert f"hk-{name}" not in steps, steps
+        assert not (STATE_ROOT / name).exists()
+    finally:
+        run(["scancel", allocation], check=False)
+
+
+def test_new_job_flag_inside_an_allocation_and_a_stale_job_id(cluster: None) -> None:
+    proc = hk("render", "--profile", "local", "--name", "x", "--no-workspace", "--new-job",
+              env={"SLURM_JOB_ID": "999999"})
+    assert "#SBATCH --job-name=hk-x" in proc.stdout
+    name = f"stale-{uuid.uuid4().hex[:6]}"
+    proc = hk("submit", "--profile", "local", "--name", name, "--no-workspace", env={"SLURM_JOB_ID": "999999"},
+              check=False)
+    assert proc.returncode == 1 and "SLURM_JOB_ID is 999999, but that job is not known to Slurm" in proc.stderr
+    assert not (STATE_ROOT / name).exists()

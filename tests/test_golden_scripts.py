@@ -22,18 +22,22 @@ SHIPPED = sorted(p.stem for p in data_dir("site-configs").glob("*.yaml"))
 STATE = Path("/home/user/.local/share/hpc-kernels/kernels/golden")
 
 
-def test_every_shipped_profile_has_a_golden_file() -> None:
+def test_every_shipped_profile_has_golden_files() -> None:
     assert SHIPPED, "no shipped profiles found"
-    assert sorted(p.name.removesuffix(".sbatch") for p in GOLDEN.glob("*.sbatch")) == SHIPPED
+    for suffix in ("sbatch", "step"):
+        assert sorted(p.name.removesuffix(f".{suffix}") for p in GOLDEN.glob(f"*.{suffix}")) == SHIPPED
 
 
+@pytest.mark.parametrize("mode", ["sbatch", "step"])
 @pytest.mark.parametrize("name", SHIPPED)
-def test_script_matches_golden_file(name: str) -> None:
+def test_script_matches_golden_file(name: str, mode: str) -> None:
+    """``sbatch``: a new job; ``step``: a step of the user's allocation (job 4242 here)."""
     profile = parse_profile(data_dir("site-configs") / f"{name}.yaml")
     profile = dataclasses.replace(profile, source=Path("site-configs") / f"{name}.yaml")
     script = render_kernel_script(profile, kernel_name="golden", state_dir=STATE, log_path=STATE / "job.log",
-                                  python="/opt/hpc-kernels/venv/bin/python3")
-    golden = GOLDEN / f"{name}.sbatch"
+                                  python="/opt/hpc-kernels/venv/bin/python3",
+                                  allocation="4242" if mode == "step" else None)
+    golden = GOLDEN / f"{name}.{mode}"
     if os.environ.get("UPDATE_GOLDEN"):
         golden.write_text(script)
     assert script == golden.read_text()
