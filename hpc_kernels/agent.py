@@ -28,7 +28,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from .paths import check_socket_path, read_json, write_json
+from .paths import check_socket_path, exposes_private_files, read_json, write_json
 from .relay import connection_info, socket_paths
 from .runtimes import SandboxSpec, bwrap_argv, sandbox_environment
 from .state import KernelFiles
@@ -112,6 +112,12 @@ class Agent:
         missing = [b for b in binds if not os.path.exists(b.partition(":")[0])]
         if missing:
             raise AgentError(f"runtime.binds: {', '.join(missing)} does not exist on {self.node}")
+        # Checked again here, where the paths really resolve (links may differ from the login node).
+        private = launch.get("private", [])
+        for path in [workspace, *(b.partition(":")[0] for b in binds)]:
+            why = exposes_private_files(path, private[0], private[1:]) if path and private else None
+            if why:
+                raise AgentError(f"refused on {self.node}: {why}")
         spec = SandboxSpec(
             node_dir=str(self.node_dir),
             hide=hide,

@@ -15,7 +15,6 @@ from .errors import HpcKernelsError, ProfileError
 from .launcher import (
     KernelView,
     ensure_relay,
-    exposes_private_files,
     kernel_script,
     resolve_request,
     relay_connection_file,
@@ -24,7 +23,7 @@ from .launcher import (
     view,
     view_all,
 )
-from .paths import state_root
+from .paths import exposes_private_files, state_root
 from .profiles import (
     KernelRequest,
     available_profiles,
@@ -101,7 +100,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     try:
         connection_file = ensure_relay(record.name, timeout=args.timeout, progress=_progress)
     except KeyboardInterrupt:
-        _progress(f"interrupted: cancelling job {record.job_id}")
+        _progress(f"interrupted: ending kernel {record.name}")
         shutdown(record.name, progress=_progress)
         return 130
     print(connection_file)
@@ -225,11 +224,23 @@ def cmd_profiles_show(args: argparse.Namespace) -> int:
 
 def cmd_profiles_validate(args: argparse.Namespace) -> int:
     failed = 0
-    for file in args.files:
+    search = os.environ.get("HPC_KERNELS_PROFILE_PATH")
+    try:
+        failed = _validate_files(args.files, search or "")
+    finally:
+        if search is None:
+            os.environ.pop("HPC_KERNELS_PROFILE_PATH", None)
+        else:
+            os.environ["HPC_KERNELS_PROFILE_PATH"] = search
+    return 1 if failed else 0
+
+
+def _validate_files(files: list[str], search: str) -> int:
+    failed = 0
+    for file in files:
         path = Path(file).resolve()
-        # A profile may extend its neighbours: look beside it first.
-        os.environ["HPC_KERNELS_PROFILE_PATH"] = ":".join(
-            filter(None, [str(path.parent), os.environ.get("HPC_KERNELS_PROFILE_PATH", "")]))
+        # A profile may extend its neighbours: look beside it first (this file's, not the previous one's).
+        os.environ["HPC_KERNELS_PROFILE_PATH"] = ":".join(filter(None, [str(path.parent), search]))
         try:
             profile = parse_profile(path)
             print(f"ok: {file} (runtime {profile.get('runtime', 'kind')}, "
@@ -237,7 +248,7 @@ def cmd_profiles_validate(args: argparse.Namespace) -> int:
         except ProfileError as e:
             print(f"error: {e}", file=sys.stderr)
             failed += 1
-    return 1 if failed else 0
+    return failed
 
 
 def cmd_shutdown(args: argparse.Namespace) -> int:

@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from .errors import HpcKernelsError, KernelStartError, RelayError
-from .paths import read_json, state_root, write_json, write_private_file
+from .paths import exposes_private_files, read_json, state_root, write_json, write_private_file
 from .profiles import KernelRequest, Profile, apply_request, check_kernel_name, load_profile
 from .processes import identity, is_running, terminate
 from .relay import SRUN_STOP_SECONDS, login_dirs_of, relay_marker
 from .render import render_kernel_script
-from .slurm import JobInfo, cancel, job_info, job_infos, submit_batch
+from .slurm import JobInfo, cancel, job_info, job_infos, job_steps, submit_batch
 from .state import (
     KernelFiles,
     KernelRecord,
@@ -102,9 +102,21 @@ def _same_job(record: KernelRecord, job: JobInfo | None) -> JobInfo | None:
 
 def _view(record: KernelRecord, job: JobInfo | None) -> KernelView:
     files = kernel_files(record.name)
-    step_alive = record.step is None or is_running(record.step, _step_marker(files))
-    return KernelView(record, _same_job(record, job), read_json(files.agent) or {}, read_json(files.relay) or {},
-                      step_alive)
+    job = _same_job(record, job)
+    step_alive = record.step is None or (job is not None and _step_alive(record))
+    return KernelView(record, job, read_json(files.agent) or {}, read_json(files.relay) or {}, step_alive)
+
+
+def _our_steps(record: KernelRecord) -> list[str]:
+    """Slurm's ids of the step running this kernel in the user's allocation (named hk-<name>)."""
+    return [step for step, name in job_steps(record.job_id or "").items() if name == f"hk-{record.name}"]
+
+
+def _step_alive(record: KernelRecord) -> bool:
+    """Asked of Slurm, so any login node gets the same answer; while the step is still being
+    launched (not yet listed), the srun we started counts, where we started it."""
+    assert record.step is not None
+    return bool(_our_steps(record)) or is_running(record.step, _step_marker(kernel_files(record.name)))
 
 
 def _step_marker(files: KernelFiles) -> str:
@@ -115,6 +127,8 @@ def _end_kernel_job(record: KernelRecord) -> str:
     """End what runs the kernel: our own job is cancelled; in the user's allocation only our
     step is stopped (the allocation is theirs). Returns what was done, for people."""
     if record.step is not None:
+        for step in _our_steps(record):
+            cancel(step)  # JOB.STEP: only the step, never the allocation
         terminate(record.step, _step_marker(kernel_files(record.name)), STEP_STOP_SECONDS)
         return f"stopped the kernel's step in job {record.job_id}"
     if record.job_id:
@@ -125,10 +139,9 @@ def _end_kernel_job(record: KernelRecord) -> str:
 def _wait_kernel_gone(record: KernelRecord, timeout: float) -> bool:
     """Wait until the kernel's job (or step) has ended; False if it is still there after ``timeout``."""
     deadline = time.monotonic() + timeout
-    marker = _step_marker(kernel_files(record.name))
     while time.monotonic() < deadline:
         if record.step is not None:
-            if not is_running(record.step, marker):
+            if not _step_alive(record):
                 return True
         else:
             job = job_info(record.job_id) if record.job_id else None
@@ -179,30 +192,22 @@ def launch_spec(profile: Profile, request: KernelRequest, python: str) -> dict[s
         "node_tmp": profile.get("paths", "node_tmp"),
         "hide": [*profile.get("runtime", "hide"), home, str(state_root())],
         "binds": profile.get("runtime", "binds"),
+        "private": [home, str(state_root())],  # the home first: what a workspace or bind must not show
         "workspace": request.workspace,
         "workspace_rw": profile.get("workspace", "mode") == "rw",
         "tune_srun_tcp": profile.get("relay", "tune_srun_tcp"),
     }
 
 
-def exposes_private_files(workspace: str, home: str, private: list[str]) -> str | None:
-    """Why binding ``workspace`` would hand the kernel what it must not see, or None.
-
-    The home directory itself (ssh keys, tokens, every dotfile) and any directory above it or
-    above hpc-kernels' own state are refused; a project directory inside home is fine.
-    """
-    ws = os.path.normpath(workspace)
-    for path in [home, *private]:
-        path = os.path.normpath(path)
-        if path == ws or path.startswith(ws.rstrip("/") + "/"):
-            what = "your home directory" if path == os.path.normpath(home) else path
-            return f"the workspace {ws} would show the kernel {what}"
-    return None
-
-
 def resolve_request(profile_name: str, request: KernelRequest) -> Profile:
     """The profile with the request applied, everything checked: what submit and render use."""
     check_kernel_name(request.name)
+    if request.allocation:
+        given = [f"--{k}" for k in ("time", "cpus", "mem", "partition") if getattr(request, k) is not None]
+        if given:
+            raise HpcKernelsError(
+                f"{', '.join(given)}: inside an allocation (job {request.allocation}) the kernel is a step of it "
+                "and has what the allocation has; use --new-job to submit a job with these")
     profile = apply_request(load_profile(profile_name), request)
     private = (os.path.expanduser("~"), [str(state_root())])
     if request.workspace:
@@ -242,10 +247,15 @@ def _start_step(files: KernelFiles) -> dict[str, Any]:
         os.close(fd)
     # The script execs srun: wait until the process is srun, so that its identity is srun's.
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and proc.poll() is None:
-        if _step_marker(files) in _cmdline(proc.pid):
-            break
-        time.sleep(0.01)
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if _step_marker(files) in _cmdline(proc.pid):
+                break
+            time.sleep(0.01)
+    except BaseException:  # interrupted before the record knows the step: end it here
+        proc.terminate()
+        proc.wait(STEP_STOP_SECONDS)
+        raise
     if proc.poll() is not None:
         raise KernelStartError(f"the step could not start (exit code {proc.returncode}):\n{log_tail(files.log)}")
     return identity(proc.pid)
@@ -376,7 +386,7 @@ def wait_until_ready(name: str, *, timeout: float | None = None, progress: Progr
         if job.state == "PENDING":
             line = f"PENDING ({job.reason or 'waiting'})"
             if job.expected_start:
-                line += f", expected to start {job.expected_start.replace('T', ' ')}"
+                line += f", expected to start {job.expected_start}"
         elif current.agent_state == "starting":
             line = f"RUNNING on {current.node}: starting the kernel"
         else:

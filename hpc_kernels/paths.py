@@ -102,3 +102,26 @@ def check_socket_path(path: str | os.PathLike[str], what: str) -> None:
             f"{MAX_UNIX_SOCKET_PATH} bytes. Choose a shorter directory (e.g. set paths.node_tmp in the "
             "profile, or XDG_RUNTIME_DIR on the login node)."
         )
+
+
+def exposes_private_files(workspace: str, home: str, private: list[str]) -> str | None:
+    """Why binding ``workspace`` would hand the kernel what it must not see, or None.
+
+    Refused: the home directory itself (ssh keys, tokens, every dotfile) or anything above it,
+    and anything above, at or inside hpc-kernels' own state (every kernel's key). A project
+    directory inside home is fine. Paths are compared after resolving symlinks, so a home that
+    is a link into /gpfs is found under /gpfs too.
+    """
+    ws = os.path.realpath(workspace)
+    home_real = os.path.realpath(home)
+
+    def under(path: str, parent: str) -> bool:
+        return path == parent or path.startswith(parent.rstrip("/") + "/")
+
+    if under(home_real, ws):
+        return f"the workspace {workspace} would show the kernel your home directory"
+    for path in private:
+        real = os.path.realpath(path)
+        if under(real, ws) or under(ws, real):
+            return f"the workspace {workspace} would show the kernel {path}"
+    return None

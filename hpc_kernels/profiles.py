@@ -40,6 +40,24 @@ _KERNEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,39}$")
 _PLACEHOLDERS = {"python", "connection_file"}
 
 
+class ProfileLoader(yaml.SafeLoader):
+    """YAML without YAML 1.1's surprises for a job script: ``2:00:00`` stays a time, not 7200
+    (sexagesimal); ``010`` and ``0755`` stay text, not octal; ``3.10`` stays ``3.10``; ``no``,
+    ``on`` and ``yes`` stay words. Only ``true``/``false``, ``null``/``~`` and plain decimal
+    integers are typed; a number with a point is read where a number is expected."""
+
+
+ProfileLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers
+            if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+ProfileLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
+ProfileLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?(?:0|[1-9][0-9]*)$"),
+                                    list("-+0123456789"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Value checkers: each returns the cleaned value or raises ValueError("<what was expected>").
 
@@ -78,7 +96,12 @@ def _positive_int(value: Any) -> int:
 
 
 def _positive_number(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError("expected a number of seconds greater than 0")
     return float(value)
 
@@ -299,10 +322,10 @@ def load_profile(name: str, environ: Mapping[str, str] | None = None) -> Profile
             data = _deep_merge(data, user)
             origins.update(user_origins)
     for (section, key), (variable, value) in environment_overrides(os.environ if environ is None else environ).items():
-        data.setdefault(section, {})
-        if not isinstance(data[section], dict):
+        if data.get(section) is None:
             data[section] = {}
-        data[section][key] = value
+        if isinstance(data[section], dict):  # else validation reports the broken section itself
+            data[section][key] = value
         origins[(section, key)] = f"environment ({variable})"
     return validate_profile(data, path, origins)
 
@@ -328,14 +351,17 @@ def environment_overrides(environ: Mapping[str, str]) -> dict[tuple[str, str], t
         section, _, key = variable[len(ENVIRONMENT_PREFIX):].lower().partition("_")
         if section not in SCHEMA or not key:
             continue
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else raw
-        except yaml.YAMLError:
-            value = raw
-        if value is not None and not isinstance(value, (str, int, float, bool, list, dict)):
-            value = raw
-        if isinstance(value, (int, float)) and key in ("time", "mem"):
-            value = raw  # "90" minutes or "500" MB stay as Slurm wrote them
+        default = SCHEMA[section][key][1] if key in SCHEMA[section] else None
+        value: Any = raw
+        if isinstance(default, (list, dict)):  # a flow collection: [a, b] or {A: b}
+            try:
+                value = yaml.load(raw, Loader=ProfileLoader)
+            except yaml.YAMLError:
+                value = raw
+        elif isinstance(default, bool):
+            value = {"true": True, "false": False}.get(raw.strip().lower(), raw)
+        elif isinstance(default, int):
+            value = int(raw) if raw.strip().isdigit() else raw
         out[(section, key)] = (variable, value)
     return out
 
@@ -351,10 +377,12 @@ Origins = dict[tuple[str, ...], str]
 def _read_yaml(path: Path) -> tuple[Any, Origins]:
     """The file's data, and for every key path the ``file:line`` where its value is written."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ProfileError(f"{path}: cannot read profile: {e.strerror}") from None
-    loader = yaml.SafeLoader(text)
+    except UnicodeDecodeError as e:
+        raise ProfileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    loader = ProfileLoader(text)
     try:
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else None
@@ -382,6 +410,8 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     """Mappings merge key by key, recursively; anything else (lists included) in ``top`` replaces."""
     out = dict(base)
     for key, value in top.items():
+        if value is None and isinstance(out.get(key), dict):
+            continue  # an empty section (every key commented out) changes nothing
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _deep_merge(out[key], value)
         else:
@@ -389,11 +419,29 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _find_base(name: str, extender: Path) -> Path:
+    """The profile ``name`` that ``extender`` builds on. A profile that extends its own name
+    shadows it: its base is the next one of that name on the search path (a user's ``gpu`` on
+    top of the site's ``gpu``)."""
+    if name != extender.stem:
+        return find_profile(name)
+    later = False
+    for directory in search_path():
+        for candidate in (directory / f"{name}.yaml", directory / f"{name}.yml"):
+            if candidate.is_file():
+                if later:
+                    return candidate
+                if candidate.resolve() == extender.resolve():
+                    later = True
+    raise ProfileError(f"unknown profile {name!r} further down the search path (a profile that extends its "
+                       "own name builds on the next profile of that name)")
+
+
 def _resolve(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], Origins]:
     """The profile at ``path`` with everything it ``extends`` merged under it."""
     if path in chain:
         cycle = " -> ".join(p.stem for p in (*chain, path))
-        raise ProfileError(f"{path}: extends: profiles extend each other in a cycle: {cycle}")
+        raise ProfileError(f"{chain[-1]}: extends: profiles extend each other in a cycle: {cycle}")
     data, origins = _read_yaml(path)
     if data is None:
         data = {}
@@ -406,10 +454,11 @@ def _resolve(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], 
     if not isinstance(base_name, str) or not base_name:
         raise ProfileError(f"{where}: extends: {base_name!r} is not valid: expected the name of another profile")
     try:
-        base_path = find_profile(base_name)
+        base_path = _find_base(base_name, path)
     except ProfileError as e:
         raise ProfileError(f"{where}: extends: {e}") from None
     base, base_origins = _resolve(base_path, (*chain, path))
+    base.pop("description", None)  # a description is the profile's own, never inherited
     merged_origins = {k: v for k, v in base_origins.items() if k[:1] != ("description",)}
     merged_origins.update({k: v for k, v in origins.items() if k != ("extends",)})
     return _deep_merge(base, data), merged_origins

@@ -56,6 +56,9 @@ def render_kernel_script(
     given the id of an allocation the user holds, a script that starts the agent as its step."""
     if allocation is not None and not allocation.isdigit():
         raise HpcKernelsError(f"SLURM_JOB_ID {allocation!r} is not a job id")
+    for what, text in (("profile name", profile.name), ("profile file", str(profile.source))):
+        if any(ord(c) < 32 or ord(c) == 127 for c in text):
+            raise HpcKernelsError(f"{what} {text!r} contains control characters; rename it")
     template = template_environment(template_dir).get_template(STEP_TEMPLATE if allocation else KERNEL_TEMPLATE)
     return template.render(
         job_id=allocation,

@@ -7,6 +7,7 @@ Parsing is kept in pure functions so it can be tested without a cluster.
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,7 +42,9 @@ class JobInfo:
     def expected_start(self) -> str | None:
         """When Slurm expects a pending job to start, if it says (StartTime is then an estimate)."""
         start = self.fields.get("StartTime", "")
-        return start if self.state == "PENDING" and start not in ("", "Unknown", "None", "(null)") else None
+        if self.state != "PENDING" or start in ("", "Unknown", "None", "(null)"):
+            return None
+        return start.replace("T", " ") + " UTC"
 
     @property
     def submit_time(self) -> str:
@@ -49,9 +52,15 @@ class JobInfo:
         return self.fields.get("SubmitTime", "")
 
 
+# Times as Slurm prints them depend on the caller's time zone and SLURM_TIME_FORMAT; fix both so
+# that a recorded SubmitTime compares equal from any shell, on any login node.
+_TIME_ENVIRONMENT = {"TZ": "UTC", "SLURM_TIME_FORMAT": "standard"}
+
+
 def _run(argv: Sequence[str], *, input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     try:
-        return subprocess.run(list(argv), input=input, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(list(argv), input=input, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, **_TIME_ENVIRONMENT})
     except FileNotFoundError:
         raise SlurmError(f"{argv[0]} was not found on PATH: is Slurm's client installed on this node?") from None
     except subprocess.TimeoutExpired:
@@ -131,22 +140,51 @@ def job_info(job_id: str) -> JobInfo | None:
     return job_info_from_fields(parse_scontrol_oneliner(line)) if line else None
 
 
+# squeue fields for job_infos, in the names scontrol uses (so one parser serves both).
+_SQUEUE_FIELDS = (("JobId", "%i"), ("JobState", "%T"), ("Reason", "%r"), ("NodeList", "%N"),
+                  ("BatchHost", "%B"), ("SubmitTime", "%V"), ("StartTime", "%S"))
+
+
 def job_infos(job_ids: Sequence[str]) -> dict[str, JobInfo]:
-    """Many jobs in one query (``scontrol show job -o`` lists every job slurmctld remembers),
-    rather than one query per job: a controller must not be polled once per kernel."""
-    wanted = set(job_ids)
+    """Many jobs in one query, rather than one query per job: a controller must not be polled
+    once per kernel. Only the jobs asked for are fetched (not the whole cluster's queue)."""
+    wanted = sorted(set(job_ids))
     if not wanted:
         return {}
-    proc = _run(["scontrol", "show", "job", "-o"])
-    if proc.returncode != 0:
-        raise SlurmError(f"scontrol show job failed: {_slurm_message(proc)}")
+    proc = _run(["squeue", "--noheader", "--states=all", f"--jobs={','.join(wanted)}",
+                 "--format=" + "|".join(code for _, code in _SQUEUE_FIELDS)])
+    if proc.returncode != 0 and "Invalid job id" not in proc.stderr:
+        raise SlurmError(f"squeue --jobs failed: {_slurm_message(proc)}")
+    return parse_squeue_jobs(proc.stdout if proc.returncode == 0 else "")
+
+
+def parse_squeue_jobs(stdout: str) -> dict[str, JobInfo]:
     infos = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("JobId="):
-            info = job_info_from_fields(parse_scontrol_oneliner(line))
-            if info.job_id in wanted:
-                infos[info.job_id] = info
+    for line in stdout.splitlines():
+        values = line.split("|")
+        if len(values) != len(_SQUEUE_FIELDS):
+            continue
+        fields = {name: value.strip() for (name, _), value in zip(_SQUEUE_FIELDS, values)}
+        if fields["BatchHost"] in ("n/a", ""):
+            fields["BatchHost"] = ""
+        info = job_info_from_fields(fields)
+        infos[info.job_id] = info
     return infos
+
+
+def job_steps(job_id: str) -> dict[str, str]:
+    """The running steps of a job: step id (``JOB.STEP``) -> step name. Empty once the job is gone."""
+    proc = _run(["squeue", "--noheader", "--steps", f"--jobs={job_id}", "--format=%i %j"])
+    if proc.returncode != 0:
+        if "Invalid job id" in proc.stderr:
+            return {}
+        raise SlurmError(f"squeue --steps --jobs={job_id} failed: {_slurm_message(proc)}")
+    steps = {}
+    for line in proc.stdout.splitlines():
+        step, _, name = line.strip().partition(" ")
+        if step:
+            steps[step] = name.strip()
+    return steps
 
 
 def cancel(job_id: str, signal: str | None = None) -> None:

@@ -174,7 +174,7 @@ def test_ctrl_c_while_waiting_cancels_the_job(cluster: None, workspace: Path, pr
     proc.send_signal(signal.SIGINT)
     rest = proc.stderr.read()
     assert proc.wait(60) == 130, rest
-    assert f"cancelling job {job_id}" in rest
+    assert f"interrupted: ending kernel {name}" in rest and f"cancelled job {job_id}" in rest
     assert job_id not in squeue_ids()
     assert not (STATE_ROOT / name).exists()
 
@@ -230,20 +230,23 @@ def shipped_profiles() -> list[str]:
 
 
 def test_list_asks_slurm_once_for_all_kernels(cluster: None, workspace: Path, tmp_path: Path) -> None:
-    """Two kernels listed with one scontrol call (a wrapper on PATH counts the calls)."""
+    """Two kernels listed with one squeue call for just their jobs (wrappers on PATH count calls)."""
     names = [f"many-{uuid.uuid4().hex[:6]}" for _ in range(2)]
     for name in names:
         hk("submit", "--profile", "local", "--name", name, "--workspace", str(workspace), "--no-wait")
     try:
         log = tmp_path / "calls"
-        wrapper = tmp_path / "bin" / "scontrol"
-        wrapper.parent.mkdir()
-        wrapper.write_text(f'#!/bin/sh\necho "$@" >> {log}\nexec /usr/bin/scontrol "$@"\n')
-        wrapper.chmod(0o755)
-        rows = json.loads(hk("list", "--json", env={"PATH": f"{wrapper.parent}:{os.environ['PATH']}"}).stdout)
+        (tmp_path / "bin").mkdir()
+        for tool in ("squeue", "scontrol"):
+            wrapper = tmp_path / "bin" / tool
+            wrapper.write_text(f'#!/bin/sh\necho "{tool} $@" >> {log}\nexec /usr/bin/{tool} "$@"\n')
+            wrapper.chmod(0o755)
+        rows = json.loads(hk("list", "--json", env={"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}).stdout)
         assert {r["name"] for r in rows} >= set(names)
-        assert all(r["job_id"] for r in rows if r["name"] in names)
-        assert log.read_text().splitlines() == ["show job -o"]
+        ids = sorted(r["job_id"] for r in rows)
+        assert all(r["slurm_state"] in ("PENDING", "RUNNING") for r in rows if r["name"] in names)
+        calls = log.read_text().splitlines()
+        assert len(calls) == 1 and calls[0].startswith("squeue ") and f"--jobs={','.join(ids)}" in calls[0], calls
     finally:
         for name in names:
             hk("shutdown", name)
@@ -317,3 +320,24 @@ def test_new_job_flag_inside_an_allocation_and_a_stale_job_id(cluster: None) -> 
               check=False)
     assert proc.returncode == 1 and "SLURM_JOB_ID is 999999, but that job is not known to Slurm" in proc.stderr
     assert not (STATE_ROOT / name).exists()
+
+
+def test_a_failing_kernel_in_an_allocation_stops_its_step_not_the_allocation(
+    cluster: None, profile_path: Path
+) -> None:
+    (profile_path / "broken.yaml").write_text(
+        'extends: local\nkernel:\n  command: ["{python}", "-c", "import sys; sys.exit(4)", "{connection_file}"]\n')
+    granted = run(["salloc", "--no-shell", "--nodes=1", "--time=10", "--partition=debug"]).stderr
+    allocation = granted.split("Granted job allocation ")[1].split()[0]
+    env = {"SLURM_JOB_ID": allocation}
+    name = f"stepfail-{uuid.uuid4().hex[:6]}"
+    try:
+        proc = hk("submit", "--profile", "broken", "--name", name, "--no-workspace", env=env, check=False)
+        assert proc.returncode == 1 and "the kernel exited with code 4" in proc.stderr, proc.stderr
+        refused = hk("submit", "--profile", "local", "--name", name, "--cpus", "2", env=env, check=False)
+        assert refused.returncode == 1 and "--cpus: inside an allocation" in refused.stderr
+        hk("shutdown", name)
+        assert run(["squeue", "-h", "-j", allocation, "-o", "%T"]).stdout.strip() == "RUNNING"
+        assert f"hk-{name}" not in run(["squeue", "-h", "-s", "-j", allocation, "-o", "%j"]).stdout.split()
+    finally:
+        run(["scancel", allocation], check=False)

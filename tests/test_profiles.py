@@ -254,3 +254,80 @@ def test_a_bind_of_home_is_refused(profile_dir: Path, monkeypatch: pytest.Monkey
     write(profile_dir, "b", f"extends: local\nruntime:\n  binds: ['{profile_dir / 'home'}:ro']\n")
     with pytest.raises(HpcKernelsError, match="runtime.binds .*b.yaml:3.*: the bind .* would show the kernel your home"):
         resolve_request("b", KernelRequest(name="k"))
+
+
+def test_yaml_keeps_times_names_and_versions_as_written(profile_dir: Path) -> None:
+    path = write(profile_dir, "plain", """
+slurm:
+  time: 1:30:00
+  account: 010
+  partition: no
+  cpus: 4
+  environment: {PY_VER: 3.10, START: 8:30, MASK: 0755, FLAG: on}
+kernel:
+  start_timeout: 2.5
+""")
+    profile = parse_profile(path)
+    assert profile.get("slurm", "time") == "1:30:00", "not 5400 (YAML 1.1 sexagesimal)"
+    assert profile.get("slurm", "account") == "010", "not 8 (octal)"
+    assert profile.get("slurm", "partition") == "no", "not False"
+    assert profile.get("slurm", "cpus") == 4
+    assert profile.get("slurm", "environment") == {"PY_VER": "3.10", "START": "8:30", "MASK": "0755", "FLAG": "on"}
+    assert profile.get("kernel", "start_timeout") == 2.5
+
+
+def test_environment_values_are_read_by_the_type_of_their_key(profile_dir: Path) -> None:
+    profile = load_profile("local", {
+        "HPC_KERNELS_SLURM_ACCOUNT": "0700", "HPC_KERNELS_SLURM_PARTITION": "no",
+        "HPC_KERNELS_KERNEL_DISPLAY_NAME": "Py #2", "HPC_KERNELS_SLURM_CPUS": "4",
+        "HPC_KERNELS_SLURM_MODULES": "[gcc/12, python/3.11]", "HPC_KERNELS_RELAY_TUNE_SRUN_TCP": "false",
+    })
+    assert profile.get("slurm", "account") == "0700"
+    assert profile.get("slurm", "partition") == "no"
+    assert profile.get("kernel", "display_name") == "Py #2"
+    assert profile.get("slurm", "cpus") == 4
+    assert profile.get("slurm", "modules") == ["gcc/12", "python/3.11"]
+    assert profile.get("relay", "tune_srun_tcp") is False
+
+
+def test_an_empty_section_changes_nothing(profile_dir: Path) -> None:
+    write(profile_dir, "base", "slurm:\n  partition: gpu\n  cpus: 8\n")
+    write(profile_dir, "child", "extends: base\nslurm:\n  # partition: debug\n")
+    profile = load_profile("child", {})
+    assert profile.get("slurm", "partition") == "gpu" and profile.get("slurm", "cpus") == 8
+
+
+def test_a_broken_section_is_reported_even_with_an_environment_override(profile_dir: Path) -> None:
+    path = write(profile_dir, "badsec", "slurm: just-a-string\n")
+    with pytest.raises(ProfileError, match=f"^{path}:1: slurm: expected a mapping"):
+        load_profile("badsec", {"HPC_KERNELS_SLURM_ACCOUNT": "x"})
+
+
+def test_description_is_not_inherited(profile_dir: Path) -> None:
+    write(profile_dir, "base", "description: the base\n")
+    write(profile_dir, "child", "extends: base\n")
+    assert load_profile("child", {}).description == ""
+
+
+def test_a_profile_that_is_not_utf8_is_a_clear_error(profile_dir: Path) -> None:
+    path = profile_dir / "latin1.yaml"
+    path.write_bytes("description: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ProfileError, match=f"^{path}: not UTF-8 text"):
+        parse_profile(path)
+
+
+def test_a_profile_extending_its_own_name_builds_on_the_next_one(profile_dir: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    user = profile_dir / "user"
+    user.mkdir()
+    (user / "local.yaml").write_text("extends: local\nslurm:\n  cpus: 2\n")
+    monkeypatch.setenv("HPC_KERNELS_PROFILE_PATH", str(user))
+    profile = load_profile("local", {})
+    assert profile.get("slurm", "cpus") == 2, "the user's own value"
+    assert profile.get("slurm", "partition") == "debug", "the shipped local profile underneath"
+
+
+def test_extending_itself_without_a_profile_below_is_an_error(profile_dir: Path) -> None:
+    path = write(profile_dir, "lonely", "description: x\nextends: lonely\n")
+    with pytest.raises(ProfileError, match=f"^{path}:2: extends: unknown profile 'lonely' further down"):
+        load_profile("lonely", {})

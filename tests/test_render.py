@@ -99,3 +99,11 @@ def test_a_profile_can_point_at_its_own_templates(tmp_path: Path) -> None:
     (templates / "kernel.sbatch.j2").write_text("#!/bin/bash\n# site template for {{ kernel_name }}\n")
     profile = profile_from(tmp_path, f"paths:\n  templates: {templates}\n")
     assert kernel_script(profile, "k1") == "#!/bin/bash\n# site template for k1\n"
+
+
+def test_a_profile_path_with_control_characters_is_refused(tmp_path: Path) -> None:
+    weird = tmp_path / "p\necho INJECTED #"
+    weird.mkdir()
+    profile = profile_from(weird, "{}\n")
+    with pytest.raises(HpcKernelsError, match="control characters"):
+        render(profile, tmp_path)

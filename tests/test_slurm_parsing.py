@@ -71,6 +71,19 @@ def test_a_reused_job_id_is_not_our_job() -> None:
 
 def test_expected_start_of_a_pending_job() -> None:
     pending = job_info_from_fields({"JobState": "PENDING", "StartTime": "2026-11-23T21:00:00"})
-    assert pending.expected_start == "2026-11-23T21:00:00"
+    assert pending.expected_start == "2026-11-23 21:00:00 UTC"
     assert job_info_from_fields({"JobState": "PENDING", "StartTime": "Unknown"}).expected_start is None
     assert job_info_from_fields({"JobState": "RUNNING", "StartTime": "2026-11-23T21:00:00"}).expected_start is None
+
+
+def test_squeue_lines_become_job_infos() -> None:
+    from hpc_kernels.slurm import parse_squeue_jobs
+
+    out = ("12|RUNNING|None|c1|c1|2026-11-23T19:00:00|2026-11-23T19:00:01\n"
+           "13|PENDING|Resources||n/a|2026-11-23T19:00:02|2026-11-23T20:00:00\n"
+           "garbage line\n")
+    infos = parse_squeue_jobs(out)
+    assert set(infos) == {"12", "13"}
+    assert infos["12"].running and infos["12"].node == "c1" and infos["12"].submit_time == "2026-11-23T19:00:00"
+    assert infos["13"].reason == "Resources" and infos["13"].node is None
+    assert infos["13"].expected_start == "2026-11-23 20:00:00 UTC"

@@ -91,7 +91,7 @@ def test_node_tmp_choice(tmp_path: Path) -> None:
 
 
 def test_a_workspace_that_would_expose_home_or_state_is_refused() -> None:
-    from hpc_kernels.launcher import exposes_private_files
+    from hpc_kernels.paths import exposes_private_files
 
     state = "/home/u/.local/share/hpc-kernels"
     assert exposes_private_files("/home/u", "/home/u", [state]) == "the workspace /home/u would show the kernel your home directory"
@@ -100,3 +100,17 @@ def test_a_workspace_that_would_expose_home_or_state_is_refused() -> None:
     assert exposes_private_files("/home/u/.local", "/home/u", [state]) == f"the workspace /home/u/.local would show the kernel {state}"
     assert exposes_private_files("/home/u/project", "/home/u", [state]) is None
     assert exposes_private_files("/home/u2", "/home/u", [state]) is None
+
+
+def test_private_files_are_found_through_symlinks(tmp_path: Path) -> None:
+    from hpc_kernels.paths import exposes_private_files
+
+    real_home = tmp_path / "gpfs" / "home" / "alice"
+    (real_home / ".local" / "share" / "hpc-kernels" / "kernels").mkdir(parents=True)
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "alice").symlink_to(real_home)
+    home = str(tmp_path / "home" / "alice")
+    state = f"{home}/.local/share/hpc-kernels"
+    assert exposes_private_files(str(tmp_path / "gpfs"), home, [state]), "a parent of the real home"
+    assert exposes_private_files(f"{real_home}/.local/share/hpc-kernels/kernels", home, [state]), "inside the state"
+    assert exposes_private_files(str(real_home / "project"), home, [state]) is None
