@@ -155,7 +155,10 @@ class Agent:
                 self.report("starting")
                 _say(f"starting the kernel on {self.node} in {self.node_dir}")
                 env = sandbox_environment(os.environ, self.launch.get("kernel_env", {}))
-                self.kernel = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL)
+                # The kernel's stdout carries only ipykernel's banner for terminal users (a node-side
+                # --existing path, "Ctrl-C will not work"): misleading in the job log. Its errors go
+                # to stderr, the log; what user code prints travels over IOPub.
+                self.kernel = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
                 self.wait_for_sockets(float(self.launch.get("start_timeout", 60)))
             except Exception as e:  # every failure before readiness is reported the same way
                 message = f"launch.json lacks {e}" if isinstance(e, KeyError) else str(e)

@@ -219,6 +219,7 @@ def test_list_status_and_logs(kernel: Kernel) -> None:
     assert f"job id           {kernel.job_id}" in status
     logs = hk("logs", kernel.name).stdout
     assert f"starting the kernel on {kernel.node}" in logs and "kernel ready after" in logs
+    assert "--existing" not in logs, "no node-side connection hint for terminal users"
 
 
 def test_relay_srun_carries_the_tcp_tuning_and_the_node_side_does_not(kernel: Kernel) -> None:
@@ -254,3 +255,9 @@ def test_ctrl_c_in_exec_interrupts_the_code_and_the_kernel_lives_on(kernel: Kern
     assert proc.returncode == 1
     assert "interrupted" in err
     assert kernel.exec("print(state_before_interrupt)").stdout.strip() == "kept"
+
+
+def test_output_written_straight_to_file_descriptors_reaches_the_client(kernel: Kernel) -> None:
+    """As C extensions write: os.write(1/2), not sys.stdout (the kernel's own stdout is discarded)."""
+    proc = kernel.exec("import os, time\nos.write(1, b'fd one\\n')\nos.write(2, b'fd two\\n')\ntime.sleep(0.5)")
+    assert "fd one" in proc.stdout and "fd two" in proc.stderr
