@@ -46,10 +46,15 @@ def _workspace(args: argparse.Namespace) -> str | None:
         return str(Path(args.workspace).resolve())
     cwd = str(Path.cwd().resolve())
     if exposes_private_files(cwd, os.path.expanduser("~"), [str(state_root())]):
-        _progress(f"not binding {cwd} as the workspace (it holds your home directory); "
-                  "the kernel starts in a private /tmp. Use --workspace DIR to bind a project directory.")
+        args.workspace_note = (f"not binding {cwd} as the workspace (it holds your home directory); the kernel "
+                               "starts in a private /tmp. Use --workspace DIR to bind a project directory.")
         return None
     return cwd
+
+
+def _say_workspace_note(args: argparse.Namespace) -> None:
+    if getattr(args, "workspace_note", None):
+        _progress(args.workspace_note)
 
 
 def _profile_name(args: argparse.Namespace) -> str:
@@ -77,6 +82,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     profile_name = _profile_name(args)
     request = _request(args, profile_name)
     script = kernel_script(resolve_request(profile_name, request), request.name, request.allocation)
+    _say_workspace_note(args)
     if args.test_only and request.allocation:
         raise HpcKernelsError(f"inside an allocation (job {request.allocation}) nothing is submitted, so there is "
                               "nothing for sbatch --test-only to judge; use --new-job to test a new job")
@@ -90,6 +96,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     profile_name = _profile_name(args)
     record = submit(profile_name, _request(args, profile_name))
+    _say_workspace_note(args)
     if args.no_wait:
         print(record.job_id)
         return 0
