@@ -23,7 +23,7 @@ from .launcher import (
     view,
     view_all,
 )
-from .paths import exposes_private_files, state_root
+from .paths import exposes_private_files, private_paths
 from .profiles import (
     KernelRequest,
     available_profiles,
@@ -45,7 +45,7 @@ def _workspace(args: argparse.Namespace) -> str | None:
     if args.workspace:
         return str(Path(args.workspace).resolve())
     cwd = str(Path.cwd().resolve())
-    if exposes_private_files(cwd, os.path.expanduser("~"), [str(state_root())]):
+    if exposes_private_files(cwd, *private_paths()):
         args.workspace_note = (f"not binding {cwd} as the workspace (it holds your home directory); the kernel "
                                "starts in a private /tmp. Use --workspace DIR to bind a project directory.")
         return None
@@ -230,7 +230,6 @@ def cmd_profiles_show(args: argparse.Namespace) -> int:
 
 
 def cmd_profiles_validate(args: argparse.Namespace) -> int:
-    failed = 0
     search = os.environ.get("HPC_KERNELS_PROFILE_PATH")
     try:
         failed = _validate_files(args.files, search or "")

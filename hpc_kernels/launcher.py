@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import HpcKernelsError, KernelStartError, RelayError
-from .paths import exposes_private_files, read_json, state_root, write_json, write_private_file
+from .paths import exposes_private_files, private_paths, read_json, write_json, write_private_file
 from .profiles import KernelRequest, Profile, apply_request, check_kernel_name, load_profile
-from .processes import identity, is_running, terminate
+from .processes import cmdline, identity, is_running, terminate
 from .relay import SRUN_STOP_SECONDS, login_dirs_of, relay_marker
 from .render import render_kernel_script
 from .slurm import JobInfo, cancel, job_info, job_infos, job_steps, submit_batch
@@ -145,7 +145,7 @@ def _wait_kernel_gone(record: KernelRecord, timeout: float) -> bool:
                 return True
         else:
             job = job_info(record.job_id) if record.job_id else None
-            if job is None or (job.finished and "COMPLETING" not in job.fields.get("JobState", "")):
+            if job is None or job.finished:  # COMPLETING is not finished yet
                 return True
         time.sleep(POLL_SECONDS)
     return False
@@ -181,7 +181,7 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
 
 def launch_spec(profile: Profile, request: KernelRequest, python: str) -> dict[str, Any]:
     """What the node agent needs (launch.json). No secrets: the key has its own 0600 file."""
-    home = os.path.expanduser("~")
+    home, state = private_paths()
     return {
         "profile": profile.name,
         "runtime": profile.get("runtime", "kind"),
@@ -190,9 +190,9 @@ def launch_spec(profile: Profile, request: KernelRequest, python: str) -> dict[s
         "kernel_env": profile.get("kernel", "env"),
         "start_timeout": profile.get("kernel", "start_timeout"),
         "node_tmp": profile.get("paths", "node_tmp"),
-        "hide": [*profile.get("runtime", "hide"), home, str(state_root())],
+        "hide": [*profile.get("runtime", "hide"), home, *state],
         "binds": profile.get("runtime", "binds"),
-        "private": [home, str(state_root())],  # the home first: what a workspace or bind must not show
+        "private": [home, *state],  # the home first: what a workspace or bind must not show
         "workspace": request.workspace,
         "workspace_rw": profile.get("workspace", "mode") == "rw",
         "tune_srun_tcp": profile.get("relay", "tune_srun_tcp"),
@@ -209,16 +209,15 @@ def resolve_request(profile_name: str, request: KernelRequest) -> Profile:
                 f"{', '.join(given)}: inside an allocation (job {request.allocation}) the kernel is a step of it "
                 "and has what the allocation has; use --new-job to submit a job with these")
     profile = apply_request(load_profile(profile_name), request)
-    private = (os.path.expanduser("~"), [str(state_root())])
+    private = private_paths()
     if request.workspace:
         why = exposes_private_files(request.workspace, *private)
         if why:
             raise HpcKernelsError(f"{why}; choose a project directory with --workspace, or --no-workspace")
     for bind in profile.get("runtime", "binds"):
-        why = exposes_private_files(bind.partition(":")[0], *private)
+        why = exposes_private_files(bind.partition(":")[0], *private, what="the bind")
         if why:
-            raise HpcKernelsError(f"runtime.binds ({profile.origins.get('runtime.binds', profile.source)}): "
-                                  f"{why.replace('the workspace', 'the bind')}")
+            raise HpcKernelsError(f"runtime.binds ({profile.origins.get('runtime.binds', profile.source)}): {why}")
     return profile
 
 
@@ -249,7 +248,7 @@ def _start_step(files: KernelFiles) -> dict[str, Any]:
     deadline = time.monotonic() + 10
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            if _step_marker(files) in _cmdline(proc.pid):
+            if _step_marker(files) in cmdline(proc.pid):
                 break
             time.sleep(0.01)
     except BaseException:  # interrupted before the record knows the step: end it here
@@ -259,14 +258,6 @@ def _start_step(files: KernelFiles) -> dict[str, Any]:
     if proc.poll() is not None:
         raise KernelStartError(f"the step could not start (exit code {proc.returncode}):\n{log_tail(files.log)}")
     return identity(proc.pid)
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def submit(profile_name: str, request: KernelRequest) -> KernelRecord:
@@ -296,8 +287,9 @@ def submit(profile_name: str, request: KernelRequest) -> KernelRecord:
             script = kernel_script(profile, name, request.allocation)
             write_private_file(files.script, script)
             write_private_file(files.log, "")  # Slurm writes to it and keeps its mode: 0600
+            submitted: JobInfo | None = None
             if request.allocation:
-                allocation = job_info(request.allocation)
+                submitted = allocation = job_info(request.allocation)
                 if allocation is None or not allocation.running:
                     raise HpcKernelsError(
                         f"SLURM_JOB_ID is {request.allocation}, but that job is "
@@ -307,8 +299,8 @@ def submit(profile_name: str, request: KernelRequest) -> KernelRecord:
                 record.step = _start_step(files)
             else:
                 record.job_id = submit_batch(script)
+                submitted = job_info(record.job_id)
             record.status = "submitted"
-            submitted = job_info(record.job_id)
             record.submit_time = submitted.submit_time if submitted else None
             save_record(record)
         except BaseException:

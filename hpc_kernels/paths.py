@@ -104,8 +104,14 @@ def check_socket_path(path: str | os.PathLike[str], what: str) -> None:
         )
 
 
-def exposes_private_files(workspace: str, home: str, private: list[str]) -> str | None:
-    """Why binding ``workspace`` would hand the kernel what it must not see, or None.
+def private_paths() -> tuple[str, list[str]]:
+    """What no workspace or bind may show a kernel: the user's home, and hpc-kernels' state."""
+    return os.path.expanduser("~"), [str(state_root())]
+
+
+def exposes_private_files(workspace: str, home: str, private: list[str], what: str = "the workspace") -> str | None:
+    """Why binding ``workspace`` (``what``: "the workspace", "the bind") would hand the kernel
+    what it must not see, or None.
 
     Refused: the home directory itself (ssh keys, tokens, every dotfile) or anything above it,
     and anything above, at or inside hpc-kernels' own state (every kernel's key). A project
@@ -119,9 +125,9 @@ def exposes_private_files(workspace: str, home: str, private: list[str]) -> str 
         return path == parent or path.startswith(parent.rstrip("/") + "/")
 
     if under(home_real, ws):
-        return f"the workspace {workspace} would show the kernel your home directory"
+        return f"{what} {workspace} would show the kernel your home directory"
     for path in private:
         real = os.path.realpath(path)
         if under(real, ws) or under(ws, real):
-            return f"the workspace {workspace} would show the kernel {path}"
+            return f"{what} {workspace} would show the kernel {path}"
     return None

@@ -27,6 +27,15 @@ def start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
+def cmdline(pid: int) -> str:
+    """The process's command line, arguments joined by spaces ("" if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def identity(pid: int | None = None) -> dict[str, Any]:
     """What to record about ``pid`` (default: this process) to find it again."""
     pid = os.getpid() if pid is None else pid
@@ -41,12 +50,7 @@ def is_running(recorded: dict[str, Any], marker: str) -> bool:
         return False
     if start_time(pid) != recorded.get("start_time"):
         return False
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
-    except FileNotFoundError:
-        return False
-    return marker in cmdline
+    return marker in cmdline(pid)
 
 
 def terminate(recorded: dict[str, Any], marker: str, timeout: float) -> None:

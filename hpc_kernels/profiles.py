@@ -271,10 +271,15 @@ def check_kernel_name(name: str) -> str:
     return name
 
 
+def config_dir() -> Path:
+    """The user's hpc-kernels config directory (``$XDG_CONFIG_HOME/hpc-kernels``)."""
+    config = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(config) / "hpc-kernels"
+
+
 def search_path() -> list[Path]:
     dirs = [Path(p) for p in os.environ.get("HPC_KERNELS_PROFILE_PATH", "").split(":") if p]
-    config = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    dirs.append(Path(config) / "hpc-kernels" / "profiles")
+    dirs.append(config_dir() / "profiles")
     dirs.append(SYSTEM_PROFILE_DIR)
     dirs.append(data_dir("site-configs"))
     return dirs
@@ -331,8 +336,7 @@ def load_profile(name: str, environ: Mapping[str, str] | None = None) -> Profile
 
 
 def user_config_path() -> Path:
-    config = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    return Path(config) / "hpc-kernels" / "config.yaml"
+    return config_dir() / "config.yaml"
 
 
 ENVIRONMENT_PREFIX = "HPC_KERNELS_"
