@@ -64,6 +64,15 @@ remove_hosts_lines() {
     printf '%s\n' "$rest" >/etc/hosts        # in place: /etc/hosts may be a bind mount
 }
 
+remove_standin_gpus() {
+    local list=$HK_STATE/standin-devices dev
+    [[ -f $list ]] || return 0
+    while read -r dev; do
+        [[ -c $dev ]] && rm -f "$dev"
+    done <"$list"
+    rm -f "$list"
+}
+
 main() {
     hk_need_root
     cancel_jobs
@@ -72,6 +81,7 @@ main() {
     hk_stop_pidfile "$HK_RUN/munged.pid" munged
     remove_network
     remove_hosts_lines
+    remove_standin_gpus
 }
 
 main "$@"

@@ -12,8 +12,14 @@ HK_LOGIN_IP=$HK_NET_PREFIX.1
 HK_NODES=(c1 c2)                           # node N gets $HK_NET_PREFIX.1N
 HK_HOSTS_MARK='# hpc-kernels-cluster'      # marks our /etc/hosts lines
 HK_USERS=(hk-alice hk-bob)
+HK_GPU_NODE=c1                             # the node with stand-in GPUs (up.sh: add_standin_gpus)
+HK_GPU_DEVICES=(nvidia0:0)                 # device:minor, one per GPU
+HK_GPU_CONTROL_DEVICES=(nvidiactl:255)
 HK_GROUP=hk-cluster                        # test users; may append to the jobcomp file (sacct -c)
 HK_VENV=/opt/hpc-kernels/venv
+HK_APPTAINER_PREFIX=/opt/hpc-kernels/apptainer  # Apptainer, unpacked from Debian sid (install-apptainer.sh)
+HK_IMAGES=/opt/hpc-kernels/images           # kernel images every node can read
+HK_CACHE=/var/cache/hpc-kernels             # downloads and built images kept between runs
 # Daemons are started with a clean, predictable environment.
 HK_DAEMON_ENV=(env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 "SLURM_CONF=$HK_CONF")
 

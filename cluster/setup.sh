@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-time (idempotent) machine setup for the hpc-kernels test cluster.
 #
-#   cluster/setup.sh [REPO_DIR]          packages, users, sudoers, venv (+ install REPO_DIR[test])
+#   cluster/setup.sh [REPO_DIR]          packages, users, sudoers, venv (+ install REPO_DIR[test]),
+#                                        Apptainer, and (with REPO_DIR) the kernel image
 #   cluster/setup.sh --venv-only REPO_DIR   only (re)install REPO_DIR[test] into the venv (cheap)
 #
 # Must run as root on Debian 12. Quiet when there is nothing to do.
@@ -113,6 +114,11 @@ main() {
     install_sudoers
     make_venv
     install_repo "${1:-}"
+    # Apptainer, as a site installs it: on every user's PATH (spython looks for `singularity`).
+    "$HERE/install-apptainer.sh"
+    ln -sfn "$HK_APPTAINER_PREFIX/bin/apptainer" /usr/local/bin/apptainer
+    ln -sfn "$HK_APPTAINER_PREFIX/bin/singularity" /usr/local/bin/singularity
+    [[ -z ${1:-} ]] || "$HERE/kernel-image.sh"
 }
 
 main "$@"

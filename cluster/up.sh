@@ -90,8 +90,36 @@ update_hosts() {
 }
 
 # --- slurm.conf ---------------------------------------------------------------------------
+# write_if_changed TMP DEST: install TMP as DEST (0644) unless identical; false if it changed.
+write_if_changed() {
+    if cmp -s "$1" "$2"; then rm -f "$1"; return 0; fi
+    hk_log "writing $2"
+    mkdir -p "$(dirname "$2")"
+    install -m 0644 "$1" "$2"
+    rm -f "$1"
+    return 1
+}
+
+# --- stand-in GPUs --------------------------------------------------------------------------
+# No GPU exists on these machines. So that GPU requests go through Slurm for real (gres.conf,
+# scheduling, CUDA_VISIBLE_DEVICES) and the runtimes' GPU plumbing (apptainer --nv, bwrap
+# device binds) can be tested, the NVIDIA device nodes are created with their real numbers
+# (major 195); with no driver loaded, opening one fails (ENXIO). They are in the shared /dev,
+# so every node and the login host see them; only $HK_GPU_NODE declares them to Slurm.
+# down.sh removes those this script created. A machine with a real NVIDIA driver is left alone.
+add_standin_gpus() {
+    [[ -e /proc/driver/nvidia ]] && return 0
+    local entry dev minor
+    for entry in "${HK_GPU_DEVICES[@]}" "${HK_GPU_CONTROL_DEVICES[@]}"; do
+        dev=${entry%%:*} minor=${entry##*:}
+        [[ -e /dev/$dev ]] && continue
+        mknod -m 0666 "/dev/$dev" c 195 "$minor"
+        echo "/dev/$dev" >>"$HK_STATE/standin-devices"
+    done
+}
+
 write_slurm_conf() {
-    local tmp n
+    local tmp n changed=0
     tmp=$(mktemp)
     cat >"$tmp" <<CONF
 # Written by hpc-kernels cluster/up.sh: a throwaway test cluster. Do not edit by hand.
@@ -127,12 +155,17 @@ SlurmdPidFile=$HK_RUN/slurmd-%n.pid
 SlurmdLogFile=$HK_LOG/slurmd-%n.log
 # Node-local NVMe disk as a countable resource (GB), as some centres request it (--gres=nvme:N):
 # lets the shipped site profiles that model them pass "sbatch --test-only" here.
-GresTypes=nvme
+# gpu: c1 has one stand-in GPU (gres.conf; a character device without a driver, see
+# add_standin_gpus): GPU requests are scheduled and CUDA_VISIBLE_DEVICES set as on a GPU node.
+GresTypes=nvme,gpu
 # The nodes declare more memory than a small test machine may have: trust the configuration.
 SlurmdParameters=config_overrides
 CONF
+    local gres
     for n in "${HK_NODES[@]}"; do
-        echo "NodeName=$n NodeAddr=$(hk_node_ip "$n") CPUs=2 RealMemory=16000 Gres=nvme:no_consume:100 State=UNKNOWN" >>"$tmp"
+        gres=nvme:no_consume:100
+        [[ $n == "$HK_GPU_NODE" ]] && gres+=",gpu:standin:${#HK_GPU_DEVICES[@]}"
+        echo "NodeName=$n NodeAddr=$(hk_node_ip "$n") CPUs=2 RealMemory=16000 Gres=$gres State=UNKNOWN" >>"$tmp"
     done
     local all_nodes
     all_nodes=$(IFS=,; echo "${HK_NODES[*]}")
@@ -142,12 +175,16 @@ PartitionName=short Nodes=${HK_NODES[0]} MaxTime=01:00:00 State=UP
 # Partition names used by the shipped profiles modelled on real centres (site-configs/)
 PartitionName=interactive Nodes=$all_nodes MaxTime=7-00:00:00 State=UP
 PartitionName=small Nodes=$all_nodes MaxTime=3-00:00:00 State=UP
+PartitionName=gpu Nodes=$HK_GPU_NODE MaxTime=1-00:00:00 State=UP
 CONF
-    if cmp -s "$tmp" "$HK_CONF"; then rm -f "$tmp"; return 0; fi
-    hk_log "writing $HK_CONF"
-    mkdir -p "$(dirname "$HK_CONF")"
-    install -m 0644 "$tmp" "$HK_CONF"
-    rm -f "$tmp"
+    write_if_changed "$tmp" "$HK_CONF" || changed=1
+    tmp=$(mktemp)
+    cat >"$tmp" <<CONF
+# Written by hpc-kernels cluster/up.sh. Stand-in GPUs: device nodes without a driver (see up.sh).
+NodeName=$HK_GPU_NODE Name=gpu Type=standin File=/dev/nvidia[0-$(( ${#HK_GPU_DEVICES[@]} - 1 ))]
+CONF
+    write_if_changed "$tmp" "$(dirname "$HK_CONF")/gres.conf" || changed=1
+    (( changed )) || return 0
     # Daemons running with an older config: restart them (node changes need a restart).
     if slurm_daemons_running; then
         hk_log "slurm.conf changed: restarting Slurm daemons"
@@ -253,6 +290,7 @@ main() {
     start_munged
     setup_network
     update_hosts
+    add_standin_gpus
     write_slurm_conf
     start_slurmctld
     local n

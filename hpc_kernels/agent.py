@@ -15,13 +15,18 @@ the sockets this agent's kernel made.
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import glob
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,9 +34,24 @@ from types import FrameType
 from typing import Any
 
 from .paths import check_socket_path, exposes_private_files, read_json, write_json
+from .processes import cmdline, descendants, start_time
 from .relay import connection_info, socket_paths
-from .runtimes import SandboxSpec, bwrap_argv, sandbox_environment
+from .runtimes import (
+    SandboxSpec,
+    apptainer_argv,
+    apptainer_process_environment,
+    bwrap_argv,
+    gpu_device_paths,
+    has_gpus,
+    sandbox_environment,
+)
 from .state import KernelFiles
+
+STDERR_TAIL_LINES = 40
+KERNEL_STOP_SECONDS = 5.0
+# What the runtime says of itself on every start: not a reason for a failure.
+_NOISE = ("INFO:", "INFO :")
+_ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class AgentError(Exception):
@@ -72,7 +92,10 @@ class Agent:
         self.job_id = os.environ.get("SLURM_JOB_ID", "")
         self.node_dir: Path | None = None
         self.kernel: subprocess.Popen[bytes] | None = None
+        self.connection_file: Path | None = None
         self.stop_signal: int | None = None
+        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self.stderr_done = threading.Event()
 
     def report(self, state: str, **extra: Any) -> None:
         """Write agent.json; a failure to write (quota, a removed state dir) is said, not raised."""
@@ -90,15 +113,41 @@ class Agent:
         if self.kernel is not None and self.kernel.poll() is None:
             self.kernel.terminate()  # bwrap forwards nothing; its sandbox dies with it
 
-    def prepare(self) -> list[str]:
-        """Make the node-side directory and connection file; return the sandboxed kernel argv."""
+    def on_interrupt(self, signum: int, frame: FrameType | None) -> None:
+        """SIGINT (``hpc-kernel interrupt``, ``scancel --signal=INT``) interrupts the kernel, as a
+        local Jupyter kernel is interrupted: the signal goes to the kernel process inside the
+        sandbox (bubblewrap forwards no signal), and to its process group if it leads one."""
+        pid = self.kernel_pid()
+        if pid is None:
+            _say("SIGINT: no kernel process to interrupt")
+            return
+        try:
+            if os.getpgid(pid) == pid:
+                os.killpg(pid, signal.SIGINT)
+            else:
+                os.kill(pid, signal.SIGINT)
+        except ProcessLookupError:
+            pass
+
+    def kernel_pid(self) -> int | None:
+        """The kernel's own process, found below the runtime by its connection file argument."""
+        if self.kernel is None or self.connection_file is None or self.kernel.poll() is not None:
+            return None
+        for pid in descendants(self.kernel.pid):
+            if str(self.connection_file) in cmdline(pid):
+                return pid
+        return None
+
+    def prepare(self) -> tuple[list[str], dict[str, str]]:
+        """Make the node-side directory and connection file; return the sandboxed kernel's argv
+        and the environment to start it with."""
         launch = self.launch
         root = choose_node_tmp(launch.get("node_tmp"), os.environ)
         self.node_dir = Path(tempfile.mkdtemp(prefix=f"hk-{self.job_id}-", dir=root))
         base = str(self.node_dir / "kernel")
         for path in socket_paths(base):
             check_socket_path(path, "node-side socket")
-        connection_file = self.node_dir / "kernel.json"
+        connection_file = self.connection_file = self.node_dir / "kernel.json"
         write_json(connection_file, connection_info(base, self.files.key.read_text().strip()))
 
         workspace = launch.get("workspace")
@@ -118,18 +167,56 @@ class Agent:
             why = exposes_private_files(path, private[0], private[1:]) if path and private else None
             if why:
                 raise AgentError(f"refused on {self.node}: {why}")
+        gpus = has_gpus(os.environ)
         spec = SandboxSpec(
             node_dir=str(self.node_dir),
             hide=hide,
             workspace=workspace,
             workspace_rw=bool(launch.get("workspace_rw")),
             binds=binds,
+            gpus=gpus,
+            gpu_devices=gpu_device_paths(os.environ, glob.glob("/dev/nvidia*")) if gpus else (),
         )
         kernel_argv = [
-            arg.format(python=launch["python"], connection_file=str(connection_file))
+            arg.format(python=launch["kernel_python"], connection_file=str(connection_file))
             for arg in launch["kernel_command"]
         ]
-        return bwrap_argv(spec, kernel_argv)
+        kind = launch["runtime"]
+        executable = launch.get("runtime_executable") or kind
+        found = shutil.which(executable)
+        if found is None:
+            raise AgentError(f"runtime {kind}: {executable!r} is not installed on {self.node} (not found on "
+                             f"PATH={os.environ.get('PATH', '')}); set runtime.executable, or load its module "
+                             "with slurm.modules")
+        env = sandbox_environment(os.environ, launch.get("kernel_env", {}))
+        if kind == "bwrap":
+            return bwrap_argv(spec, kernel_argv, bwrap=found), env
+        image = launch["image"]
+        if not os.path.exists(image):
+            raise AgentError(f"runtime.image {image} does not exist on {self.node}: kernel images must be on a "
+                             "file system the compute nodes share")
+        empty = self.node_dir / "empty"
+        empty.mkdir(mode=0o500)
+        argv = apptainer_argv(spec, kernel_argv, image, apptainer=found, empty_dir=str(empty))
+        return argv, apptainer_process_environment(os.environ, env)
+
+    def _forward_stderr(self, stream: Any) -> None:
+        """The runtime's and kernel's stderr goes to the job log; its last lines are kept for
+        the failure message (Apptainer's FATAL lines, a Python traceback)."""
+        try:
+            for raw in iter(stream.readline, b""):
+                sys.stderr.buffer.write(raw)
+                sys.stderr.flush()
+                line = _ANSI_COLOUR.sub("", raw.decode(errors="replace")).rstrip()
+                if line:
+                    self.stderr_tail.append(line)
+        finally:
+            self.stderr_done.set()
+
+    def failure_reason(self, lines: int = 6) -> str:
+        self.stderr_done.wait(2)
+        said = [line for line in self.stderr_tail if not line.startswith(_NOISE)]
+        return "\n".join(said[-lines:])
 
     def wait_for_sockets(self, timeout: float) -> None:
         assert self.kernel is not None and self.node_dir is not None
@@ -140,28 +227,34 @@ class Agent:
                 raise AgentError(f"stopped by signal {signal.Signals(self.stop_signal).name} before the kernel was ready")
             code = self.kernel.poll()
             if code is not None:
-                raise AgentError(f"the kernel exited with code {code} before it was ready (its output is above)")
+                reason = self.failure_reason()
+                raise AgentError(f"the kernel exited with code {code} before it was ready"
+                                 + (f":\n{reason}" if reason else " (it said nothing)"))
             if time.monotonic() > deadline:
                 raise AgentError(f"the kernel did not create its sockets within {timeout:.0f} s (kernel.start_timeout)")
             time.sleep(0.02)
 
     def run(self) -> int:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, self.on_signal)
+        signal.signal(signal.SIGINT, self.on_interrupt)
         started = time.monotonic()
         try:
             try:
-                argv = self.prepare()
+                argv, env = self.prepare()
                 self.report("starting")
-                _say(f"starting the kernel on {self.node} in {self.node_dir}")
-                env = sandbox_environment(os.environ, self.launch.get("kernel_env", {}))
+                _say(f"starting the kernel on {self.node} in {self.node_dir} ({self.launch['runtime']})")
                 # The kernel's stdout carries only ipykernel's banner for terminal users (a node-side
                 # --existing path, "Ctrl-C will not work"): misleading in the job log. Its errors go
                 # to stderr, the log; what user code prints travels over IOPub.
-                self.kernel = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+                self.kernel = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                               stderr=subprocess.PIPE)
+                threading.Thread(target=self._forward_stderr, args=(self.kernel.stderr,), daemon=True).start()
                 self.wait_for_sockets(float(self.launch.get("start_timeout", 60)))
             except Exception as e:  # every failure before readiness is reported the same way
                 message = f"launch.json lacks {e}" if isinstance(e, KeyError) else str(e)
+                if isinstance(e, OSError) and self.kernel is None:
+                    message = f"could not start the runtime: {e}"
                 _say(f"failed: {message}")
                 self.cleanup()
                 self.report("failed", message=message)
@@ -179,8 +272,20 @@ class Agent:
 
     def cleanup(self) -> None:
         if self.kernel is not None and self.kernel.poll() is None:
-            self.kernel.kill()
-            self.kernel.wait()
+            # SIGTERM first: Apptainer's starter passes it on to the container, which then ends
+            # whole. Its processes live in their own PID namespace and would outlive a SIGKILLed
+            # starter, so whatever is left after the grace period is killed one by one.
+            below = [(pid, start_time(pid)) for pid in descendants(self.kernel.pid)]
+            self.kernel.terminate()
+            try:
+                self.kernel.wait(KERNEL_STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                self.kernel.kill()
+                self.kernel.wait()
+            for pid, started in below:
+                if start_time(pid) == started:  # still that process, not a reused pid
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
         if self.node_dir is not None:
             shutil.rmtree(self.node_dir, ignore_errors=True)
 

@@ -15,6 +15,7 @@ from .errors import HpcKernelsError, ProfileError
 from .launcher import (
     KernelView,
     ensure_relay,
+    interrupt,
     kernel_script,
     resolve_request,
     relay_connection_file,
@@ -72,6 +73,8 @@ def _request(args: argparse.Namespace, profile_name: str) -> KernelRequest:
         cpus=args.cpus,
         mem=args.mem,
         partition=args.partition,
+        gpus=args.gpus,
+        image=args.image,
         workspace=_workspace(args),
         workspace_rw=args.rw,
         allocation=None if args.new_job else os.environ.get("SLURM_JOB_ID") or None,
@@ -257,6 +260,57 @@ def _validate_files(files: list[str], search: str) -> int:
     return failed
 
 
+def cmd_interrupt(args: argparse.Namespace) -> int:
+    _progress(interrupt(args.name))
+    return 0
+
+
+def cmd_image_build(args: argparse.Namespace) -> int:
+    from .images import build_image, image_definition
+
+    if args.definition:
+        if args.source or args.packages:
+            raise HpcKernelsError("--definition FILE is the whole recipe: it goes without --from and --package")
+        definition = Path(args.definition).read_text()
+    else:
+        definition = image_definition(args.source, mirror=args.mirror, packages=args.packages or ())
+    if args.print_definition:
+        sys.stdout.write(definition)
+        return 0
+    if not args.output:
+        raise HpcKernelsError("name the image to build: hpc-kernel image build OUTPUT.sif")
+    build_image(Path(args.output), definition, apptainer=args.apptainer)
+    _progress(f"built {Path(args.output).resolve()}; check it with `hpc-kernel image check {args.output}`")
+    return 0
+
+
+def cmd_image_check(args: argparse.Namespace) -> int:
+    from .images import check_image
+
+    image, apptainer, python = args.image, args.apptainer, "python3"
+    if args.profile:
+        profile = load_profile(args.profile)
+        if profile.get("runtime", "kind") != "apptainer":
+            raise HpcKernelsError(f"profile {args.profile} runs kernels in {profile.get('runtime', 'kind')}, "
+                                  "not in an image")
+        image = image or profile.get("runtime", "image")
+        apptainer = profile.get("runtime", "executable") or apptainer
+        python = profile.get("kernel", "python") or python
+    if not image:
+        raise HpcKernelsError("name an image, or a profile with --profile")
+    report = check_image(image, apptainer=apptainer, python=python)
+    if args.json:
+        print(json.dumps({"image": report.image, "ok": report.ok, "problems": report.problems, **report.info}))
+    else:
+        for key in ("python", "ipykernel", "zmq", "jupyter_client"):
+            if key in report.info:
+                print(f"{key:15} {report.info[key] or '(missing)'}")
+        for problem in report.problems:
+            print(f"problem: {problem}")
+        print(f"{image}: {'can run a kernel' if report.ok else 'cannot run a kernel'}")
+    return 0 if report.ok else 1
+
+
 def cmd_shutdown(args: argparse.Namespace) -> int:
     names = [r.name for r in list_records()] if args.all else args.names
     if not names:
@@ -282,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--cpus", "-c", type=int, help="CPUs (overrides the profile)")
         p.add_argument("--mem", help="memory, e.g. 4G (overrides the profile)")
         p.add_argument("--partition", help="Slurm partition (overrides the profile)")
+        p.add_argument("--gpus", "-g", help="GPUs: N or TYPE:N, 0 for none (overrides the profile)")
+        p.add_argument("--image", help="kernel image for the apptainer runtime (overrides the profile)")
         p.add_argument("--workspace", "-w", help="directory bound into the sandbox (default: the current one)")
         p.add_argument("--no-workspace", action="store_true", help="bind no workspace")
         p.add_argument("--rw", action="store_true", help="bind the workspace read-write (default: read-only)")
@@ -338,6 +394,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow", "-f", action="store_true", help="keep printing as the log grows")
     p.add_argument("--relay", action="store_true", help="show the login-side relay's log instead")
     p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("interrupt", help="interrupt the code a kernel runs (SIGINT to the kernel, through Slurm)")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_interrupt)
+
+    p = sub.add_parser("image", help="kernel images for the apptainer runtime: build, check")
+    images = p.add_subparsers(dest="image_command", required=True, metavar="SUBCOMMAND")
+    q = images.add_parser("build", help="build a kernel image (SIF) with Python and ipykernel")
+    q.add_argument("output", nargs="?", metavar="OUTPUT.sif")
+    q.add_argument("--from", dest="source", metavar="SOURCE",
+                   help="a Debian suite (default bookworm), an image path, or a URI like docker://python:3.12-slim")
+    q.add_argument("--mirror", default="http://deb.debian.org/debian", help="Debian mirror for a suite")
+    q.add_argument("--package", dest="packages", action="append", metavar="PKG",
+                   help="another Debian package to install (repeatable)")
+    q.add_argument("--definition", metavar="FILE", help="build from this Apptainer definition instead")
+    q.add_argument("--print-definition", action="store_true", help="print the definition and build nothing")
+    q.add_argument("--apptainer", default="apptainer", help="the apptainer binary (default: on PATH)")
+    q.set_defaults(func=cmd_image_build)
+    q = images.add_parser("check", help="say whether an image can run a kernel (before anyone queues)")
+    q.add_argument("image", nargs="?")
+    q.add_argument("--profile", "-p", help="check this profile's image, with its runtime settings")
+    q.add_argument("--apptainer", default="apptainer", help="the apptainer binary (default: on PATH)")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_image_check)
 
     p = sub.add_parser("shutdown", help="shut a kernel down: job ended, relay stopped, state removed")
     p.add_argument("names", nargs="*", metavar="name")

@@ -185,7 +185,10 @@ def launch_spec(profile: Profile, request: KernelRequest, python: str) -> dict[s
     return {
         "profile": profile.name,
         "runtime": profile.get("runtime", "kind"),
+        "runtime_executable": profile.get("runtime", "executable"),
+        "image": profile.get("runtime", "image"),
         "python": python,
+        "kernel_python": kernel_python(profile, python),
         "kernel_command": profile.get("kernel", "command"),
         "kernel_env": profile.get("kernel", "env"),
         "start_timeout": profile.get("kernel", "start_timeout"),
@@ -199,11 +202,20 @@ def launch_spec(profile: Profile, request: KernelRequest, python: str) -> dict[s
     }
 
 
+def kernel_python(profile: Profile, node_python: str) -> str:
+    """The interpreter ``{python}`` stands for inside the sandbox: ``kernel.python``, else the node's
+    (bubblewrap shows the node's file system) or ``python3`` on the image's PATH (Apptainer)."""
+    configured = profile.get("kernel", "python")
+    if configured:
+        return str(configured)
+    return node_python if profile.get("runtime", "kind") == "bwrap" else "python3"
+
+
 def resolve_request(profile_name: str, request: KernelRequest) -> Profile:
     """The profile with the request applied, everything checked: what submit and render use."""
     check_kernel_name(request.name)
     if request.allocation:
-        given = [f"--{k}" for k in ("time", "cpus", "mem", "partition") if getattr(request, k) is not None]
+        given = [f"--{k}" for k in ("time", "cpus", "mem", "partition", "gpus") if getattr(request, k) is not None]
         if given:
             raise HpcKernelsError(
                 f"{', '.join(given)}: inside an allocation (job {request.allocation}) the kernel is a step of it "
@@ -214,6 +226,11 @@ def resolve_request(profile_name: str, request: KernelRequest) -> Profile:
         why = exposes_private_files(request.workspace, *private)
         if why:
             raise HpcKernelsError(f"{why}; choose a project directory with --workspace, or --no-workspace")
+    image = profile.get("runtime", "image")
+    if profile.get("runtime", "kind") == "apptainer" and not os.path.exists(image):
+        where = profile.origins.get("runtime.image", str(profile.source))
+        raise HpcKernelsError(f"runtime.image ({where}): {image} does not exist; build one with "
+                              "`hpc-kernel image build`, check one with `hpc-kernel image check`")
     for bind in profile.get("runtime", "binds"):
         why = exposes_private_files(bind.partition(":")[0], *private, what="the bind")
         if why:
@@ -453,6 +470,26 @@ def stop_relay(files: KernelFiles) -> None:
     terminate(read_json(files.relay) or {}, relay_marker(files.dir), RELAY_STOP_SECONDS)
     for login_dir in login_dirs_of(files.name):
         shutil.rmtree(login_dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Interrupt
+
+
+def interrupt(name: str) -> str:
+    """A signal-mode interrupt: SIGINT to the node agent through Slurm (no relay needed), which
+    passes it to the kernel process inside the sandbox. Returns what was done, for people."""
+    current = view(name)
+    if not current.job_alive or current.agent_state != "ready":
+        raise HpcKernelsError(f"kernel {name} is {current.state}: there is nothing to interrupt")
+    record = current.record
+    if record.step is not None:
+        for step in _our_steps(record):
+            cancel(step, signal="INT")
+        return f"sent SIGINT to kernel {name} (step of job {record.job_id})"
+    assert record.job_id is not None
+    cancel(record.job_id, signal="INT")
+    return f"sent SIGINT to kernel {name} (job {record.job_id})"
 
 
 # ---------------------------------------------------------------------------------------------

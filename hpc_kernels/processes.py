@@ -36,6 +36,30 @@ def cmdline(pid: int) -> str:
         return ""
 
 
+def descendants(pid: int) -> list[int]:
+    """Every living process below ``pid``, nearest first (read from /proc: children lists are
+    per thread, so all of a process's threads are asked)."""
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop(0)
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{task}/children") as f:
+                    children = [int(c) for c in f.read().split()]
+            except OSError:
+                continue
+            for child in children:
+                if child not in out and start_time(child) is not None:
+                    out.append(child)
+                    todo.append(child)
+    return out
+
+
 def identity(pid: int | None = None) -> dict[str, Any]:
     """What to record about ``pid`` (default: this process) to find it again."""
     pid = os.getpid() if pid is None else pid

@@ -25,6 +25,7 @@ import yaml
 
 from .errors import ProfileError
 from .resources import data_dir
+from .runtimes import RUNTIME_KINDS
 
 SYSTEM_PROFILE_DIR = Path("/etc/hpc-kernels/profiles")
 
@@ -36,6 +37,8 @@ _MODULE_NAME = re.compile(r"^[A-Za-z0-9_.+/\-]+$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _CONSTRAINT = re.compile(r"^[A-Za-z0-9_.&|\[\]*:!(),\-]+$")
 _BIND = re.compile(r"^(/[^:\s]*)(:(ro|rw))?$")
+_GRES = re.compile(r"^[A-Za-z0-9_.\-]+(:[A-Za-z0-9_.\-]+)*$")
+_GPUS = re.compile(r"^([A-Za-z0-9_.\-]+:)?[1-9][0-9]*$")
 _KERNEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,39}$")
 _PLACEHOLDERS = {"python", "connection_file"}
 
@@ -157,6 +160,30 @@ def _bind(value: Any) -> str:
     return text
 
 
+def _gpus(value: Any) -> str | None:
+    """``1``, ``2`` or ``a100:2`` (a GPU type, then how many); 0 or null: no GPU."""
+    if value is None or value == 0 or value == "0":
+        return None
+    text = str(value) if isinstance(value, int) and not isinstance(value, bool) else _str(value)
+    if not _GPUS.match(text):
+        raise ValueError("expected a number of GPUs, optionally after a GPU type: 1, 2 or a100:2 (0 for none)")
+    return text
+
+
+def _gres(value: Any) -> str:
+    text = _str(value)
+    if not _GRES.match(text) or text.split(":")[0] == "gpu":
+        raise ValueError("expected a generic resource other than GPUs, e.g. nvme:10 (GPUs go in slurm.gpus)")
+    return text
+
+
+def _image(value: Any) -> str:
+    text = _abs_path(value)
+    if any(c.isspace() for c in text) or ":" in text:
+        raise ValueError("expected the absolute path of a SIF file or image directory, without spaces or ':'")
+    return text
+
+
 def _kernel_command(value: Any) -> list[str]:
     argv = _list_of(_str, "strings")(value)
     if not argv:
@@ -200,18 +227,23 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "mem": (_matching(_SLURM_MEM, "a Slurm memory size, e.g. 4G or 500M"), "1G"),
         "constraint": (_opt(_matching(_CONSTRAINT, "a Slurm constraint, e.g. a100 or intel&ib")), None),
         "reservation": (_opt(_matching(_SLURM_NAME, "a reservation name (letters, digits, _ . -)")), None),
+        "gpus": (_gpus, None),
+        "gres": (_list_of(_gres, "generic resources"), []),
         "extra_options": (_list_of(_matching(_SBATCH_OPTION, "an sbatch long option, e.g. --exclusive or --licenses=matlab:1"), "sbatch options"), []),
         "modules": (_list_of(_matching(_MODULE_NAME, "a module name, e.g. python/3.11"), "module names"), []),
         "environment": (_env, {}),
     },
     "runtime": {
-        "kind": (_one_of("bwrap"), "bwrap"),
+        "kind": (_one_of(*RUNTIME_KINDS), "bwrap"),
+        "image": (_opt(_image), None),
+        "executable": (_opt(_str), None),
         "network": (_one_of("none"), "none"),
         "hide": (_list_of(_abs_path, "absolute paths"), ["/home", "/root", "/run", "/var/tmp", "/srv", "/mnt", "/media"]),
         "binds": (_list_of(_bind, "paths"), []),
     },
     "kernel": {
         "command": (_kernel_command, _DEFAULT_KERNEL_COMMAND),
+        "python": (_opt(_str), None),
         "display_name": (_opt(_str), None),
         "language": (_str, "python"),
         "env": (_env, {}),
@@ -257,6 +289,8 @@ class KernelRequest:
     cpus: int | None = None
     mem: str | None = None
     partition: str | None = None
+    gpus: str | None = None
+    image: str | None = None
     workspace: str | None = None
     workspace_rw: bool = False
     allocation: str | None = None  # run as a step of this job (the user's salloc) instead of a new job
@@ -514,10 +548,28 @@ def validate_profile(data: Any, path: Path, origins: Origins | None = None) -> P
             except ValueError as e:
                 raise ProfileError(f"{at(section, key)}: {section}.{key}: {value!r} is not valid: {e}") from None
             provenance[f"{section}.{key}"] = at(section, key) if key in given else "default"
+    _check_together(settings, at)
     description = data.get("description") or ""
     if not isinstance(description, str):
         raise ProfileError(f"{at('description')}: description: expected a string")
     return Profile(name=path.stem, source=path, description=description, settings=settings, origins=provenance)
+
+
+def _check_together(settings: Mapping[str, Mapping[str, Any]], at: Callable[..., str]) -> None:
+    """Rules that concern more than one key."""
+    runtime = settings["runtime"]
+    if runtime["kind"] == "apptainer" and not runtime["image"]:
+        raise ProfileError(f"{at('runtime', 'kind')}: runtime.image: required with runtime.kind apptainer "
+                           "(the absolute path of a kernel image: see `hpc-kernel image build`)")
+    if runtime["kind"] == "bwrap" and runtime["image"]:
+        raise ProfileError(f"{at('runtime', 'image')}: runtime.image: only used with runtime.kind apptainer "
+                           "(bubblewrap runs the node's own file system)")
+    slurm = settings["slurm"]
+    if slurm["gpus"] or slurm["gres"]:
+        for option in slurm["extra_options"]:
+            if option.startswith(("--gres=", "--gpus")):
+                raise ProfileError(f"{at('slurm', 'extra_options')}: slurm.extra_options: {option} together with "
+                                   "slurm.gpus or slurm.gres: sbatch would keep only one; use slurm.gpus and slurm.gres")
 
 
 def apply_request(profile: Profile, request: KernelRequest) -> Profile:
@@ -527,6 +579,8 @@ def apply_request(profile: Profile, request: KernelRequest) -> Profile:
         ("slurm", "cpus"): request.cpus,
         ("slurm", "mem"): request.mem,
         ("slurm", "partition"): request.partition,
+        ("slurm", "gpus"): request.gpus,
+        ("runtime", "image"): request.image,
         ("workspace", "mode"): "rw" if request.workspace_rw else None,
     }
     settings = {section: dict(values) for section, values in profile.settings.items()}
@@ -541,4 +595,5 @@ def apply_request(profile: Profile, request: KernelRequest) -> Profile:
         except ValueError as e:
             raise ProfileError(f"{flag}: {value!r} is not valid: {e}") from None
         origins[f"{section}.{key}"] = f"command line ({flag})"
+    _check_together(settings, lambda *keys: origins.get(".".join(keys), str(profile.source)))
     return replace(profile, settings=settings, origins=origins)

@@ -1,7 +1,9 @@
 """Sandbox runtimes: how the kernel's command line is wrapped so that it runs isolated.
 
 Pure functions only: a :class:`SandboxSpec` becomes an argv and an environment. The node agent
-runs them. bubblewrap is the only runtime so far; Apptainer comes next (see the issues).
+runs them. Two runtimes: bubblewrap (the node's own root file system, read-only) and Apptainer
+(a kernel image). Both give the kernel no network, no home, a private /tmp, the node-side socket
+directory, the workspace (read-only unless asked) and, when Slurm gave the job GPUs, those GPUs.
 """
 
 from __future__ import annotations
@@ -18,10 +20,22 @@ PASSED_ENVIRONMENT = (
     "SLURM_CPUS_ON_NODE", "SLURM_CPUS_PER_TASK", "SLURM_MEM_PER_NODE", "SLURM_MEM_PER_CPU",
     "SLURM_JOB_PARTITION", "SLURM_JOB_ACCOUNT", "SLURM_CLUSTER_NAME", "SLURMD_NODENAME",
     "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID",
+    "SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "SLURM_GPUS_ON_NODE",
     "CUDA_VISIBLE_DEVICES", "GPU_DEVICE_ORDINAL", "ROCR_VISIBLE_DEVICES", "OMP_NUM_THREADS",
 )
 
 SANDBOX_HOME = "/tmp"
+
+RUNTIME_KINDS = ("bwrap", "apptainer")
+
+# NVIDIA device nodes every GPU process needs besides its /dev/nvidiaN (those present are bound).
+NVIDIA_CONTROL_DEVICES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia-modeset")
+
+# Of the job's environment, what the Apptainer binary itself may see. Site modules often set
+# APPTAINER_BINDPATH and the like, which would bind more of the node into the container: only
+# these pass (the kernel's own variables reach it as APPTAINERENV_*).
+APPTAINER_PROCESS_ENVIRONMENT = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_*", "TZ",
+                                 "APPTAINER_TMPDIR", "APPTAINER_CACHEDIR")
 
 
 @dataclass(frozen=True)
@@ -38,7 +52,8 @@ class SandboxSpec:
     workspace: str | None = None
     workspace_rw: bool = False
     binds: Sequence[str] = ()  # "PATH", "PATH:ro" or "PATH:rw", bound at the same path
-    env: Mapping[str, str] = field(default_factory=dict)
+    gpu_devices: Sequence[str] = ()  # device nodes of the GPUs Slurm allocated (bwrap binds them)
+    gpus: bool = False  # Slurm allocated GPUs: Apptainer adds --nv
 
 
 def _hidden_paths(paths: Sequence[str]) -> list[str]:
@@ -81,20 +96,94 @@ def bwrap_argv(spec: SandboxSpec, kernel_argv: Sequence[str], bwrap: str = "bwra
         argv += ["--bind" if spec.workspace_rw else "--ro-bind", spec.workspace, spec.workspace]
         bound.append(spec.workspace)
     # A hidden path inside something bound (the state directory inside a workspace, say) stays hidden.
-    for path in sorted({p.rstrip("/") for p in spec.hide}):
-        if any(path.startswith(b.rstrip("/") + "/") for b in bound):
-            argv += ["--tmpfs", path]
+    for path in _hidden_inside(spec.hide, bound):
+        argv += ["--tmpfs", path]
+    # --dev gave the sandbox a minimal /dev: the GPUs must be bound in (the driver libraries are
+    # already there, with the rest of the node's root file system).
+    for device in spec.gpu_devices:
+        argv += ["--dev-bind", device, device]
     argv += ["--chdir", spec.workspace or SANDBOX_HOME, "--", *kernel_argv]
     return argv
 
 
+def _hidden_inside(hide: Sequence[str], bound: Sequence[str]) -> list[str]:
+    """The hidden paths that lie inside a bound path: they must be hidden again after the bind."""
+    return [path for path in sorted({p.rstrip("/") for p in hide})
+            if any(path.startswith(b.rstrip("/") + "/") for b in bound)]
+
+
+def apptainer_argv(spec: SandboxSpec, kernel_argv: Sequence[str], image: str, apptainer: str = "apptainer",
+                   empty_dir: str | None = None) -> list[str]:
+    """The Apptainer command line that runs ``kernel_argv`` in ``image``.
+
+    ``--containall`` gives private PID, IPC and /tmp, a minimal /dev and a clean environment;
+    ``--no-home`` keeps the home directory out (HOME is /tmp inside); ``--net --network none``
+    leaves only a loopback device. The kernel's environment reaches it as APPTAINERENV_*
+    variables (:func:`apptainer_process_environment`), never on the command line.
+    ``empty_dir`` (an empty directory) is bound over hidden paths that lie inside a bind.
+    """
+    argv = [
+        apptainer, "exec",
+        "--containall", "--no-home", "--home", SANDBOX_HOME, "--cleanenv",
+        "--net", "--network", "none",
+        "--no-mount", "bind-paths",  # the site's "bind path" defaults in apptainer.conf
+    ]
+    bound = []
+    for bind in spec.binds:
+        path, _, mode = bind.partition(":")
+        argv += ["--bind", f"{path}:{path}:{'rw' if mode == 'rw' else 'ro'}"]
+        bound.append(path)
+    argv += ["--bind", f"{spec.node_dir}:{spec.node_dir}:rw"]
+    if spec.workspace:
+        argv += ["--bind", f"{spec.workspace}:{spec.workspace}:{'rw' if spec.workspace_rw else 'ro'}"]
+        bound.append(spec.workspace)
+    hidden_inside = _hidden_inside(spec.hide, bound)
+    if hidden_inside and empty_dir is None:
+        raise ValueError(f"an empty directory is needed to hide {', '.join(hidden_inside)} inside a bind")
+    for path in hidden_inside:
+        argv += ["--bind", f"{empty_dir}:{path}:ro"]
+    if spec.gpus:
+        argv.append("--nv")
+    argv += ["--pwd", spec.workspace or SANDBOX_HOME, image, *kernel_argv]
+    return argv
+
+
+def gpu_device_paths(job_env: Mapping[str, str], existing: Sequence[str]) -> list[str]:
+    """The device nodes of the GPUs Slurm allocated to this step (``SLURM_STEP_GPUS``, in a batch
+    step ``SLURM_JOB_GPUS``: indices into gres.conf's ``File=/dev/nvidia[...]``), with the control
+    devices; only those in ``existing`` (the device nodes present on the node)."""
+    indices = job_env.get("SLURM_STEP_GPUS") or job_env.get("SLURM_JOB_GPUS") or ""
+    wanted = [f"/dev/nvidia{i.strip()}" for i in indices.split(",") if i.strip().isdigit()]
+    if not wanted:
+        return []
+    present = set(existing)
+    return [d for d in (*wanted, *NVIDIA_CONTROL_DEVICES) if d in present]
+
+
+def has_gpus(job_env: Mapping[str, str]) -> bool:
+    """Slurm allocated GPUs to this job (or step)."""
+    return bool((job_env.get("SLURM_STEP_GPUS") or job_env.get("SLURM_JOB_GPUS") or "").strip())
+
+
+def apptainer_process_environment(host_env: Mapping[str, str], kernel_env: Mapping[str, str]) -> dict[str, str]:
+    """The environment of the ``apptainer`` process: a short allowlist of the job's, plus the
+    kernel's environment as APPTAINERENV_* (what --cleanenv lets through). PATH and HOME stay the
+    image's and /tmp: the node's PATH means nothing inside an image."""
+    env = _allowed(host_env, APPTAINER_PROCESS_ENVIRONMENT)
+    for name, value in kernel_env.items():
+        if name not in ("PATH", "HOME"):
+            env[f"APPTAINERENV_{name}"] = value
+    return env
+
+
+def _allowed(env: Mapping[str, str], patterns: Sequence[str]) -> dict[str, str]:
+    return {name: value for name, value in env.items()
+            if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)}
+
+
 def sandbox_environment(job_env: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, str]:
     """The kernel's environment: a short allowlist from the job, HOME in the sandbox, then ``extra``."""
-    env = {
-        name: value
-        for name, value in job_env.items()
-        if any(fnmatch.fnmatchcase(name, pattern) for pattern in PASSED_ENVIRONMENT)
-    }
+    env = _allowed(job_env, PASSED_ENVIRONMENT)
     env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
     env["HOME"] = SANDBOX_HOME
     env["PYTHONUNBUFFERED"] = "1"

@@ -188,8 +188,10 @@ def job_steps(job_id: str) -> dict[str, str]:
 
 
 def cancel(job_id: str, signal: str | None = None) -> None:
-    """Cancel the job (or send it ``signal``). A job that already ended is not an error."""
-    argv = ["scancel", *(["--signal", signal, "--batch"] if signal else []), str(job_id)]
+    """Cancel the job or step ``JOB.STEP`` (or send it ``signal``: for a job, to its batch
+    step's script only, not to its other steps). A job that already ended is not an error."""
+    options = ["--signal", signal, *([] if "." in str(job_id) else ["--batch"])] if signal else []
+    argv = ["scancel", *options, str(job_id)]
     proc = _run(argv)
     if proc.returncode != 0 and "already completed" not in proc.stderr and "Invalid job id" not in proc.stderr:
         raise SlurmError(f"scancel {job_id} failed: {_slurm_message(proc)}")

@@ -1,0 +1,182 @@
+"""Kernel images for the Apptainer runtime: build one, and check that one can run a kernel.
+
+An image is built from an Apptainer definition rendered from ``templates/kernel-image.def.j2``
+(Debian via debootstrap by default, or on top of an existing image or OCI source), or from a
+definition of the site's own. ``check`` starts the image the way the node agent will (contained,
+no network) and asks its Python what it has, so that a broken image is found before anyone waits
+in a queue.
+
+Apptainer is called directly. spython (Apptainer's Python client) calls the binary by its old
+name ``singularity`` and builds with sudo by default; neither suits a login node.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import __version__
+from .errors import HpcKernelsError
+from .render import template_environment
+
+DEFINITION_TEMPLATE = "kernel-image.def.j2"
+DEFAULT_SUITE = "bookworm"
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+# Sources Apptainer can bootstrap from, by URI scheme.
+_URI_BOOTSTRAPS = {"docker": "docker", "oras": "oras", "library": "library", "docker-archive": "docker-archive"}
+_WORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+\-]*$")
+_SAFE = re.compile(r"^[A-Za-z0-9_.,:/@%+=~\-]+$")
+MIN_IPYKERNEL = (6, 0)
+
+# Run inside the image: what a kernel needs, as JSON on stdout.
+PROBE = r"""
+import json, sys
+info = {"python": sys.version.split()[0], "executable": sys.executable}
+for module in ("ipykernel", "zmq", "jupyter_client"):
+    try:
+        info[module] = __import__(module).__version__
+    except Exception as e:
+        info[module] = None
+        info[module + "_error"] = f"{type(e).__name__}: {e}"
+try:
+    import ipykernel_launcher  # noqa: F401
+    info["ipykernel_launcher"] = True
+except Exception:
+    info["ipykernel_launcher"] = False
+print(json.dumps(info))
+"""
+
+
+def image_definition(source: str | None = None, *, mirror: str = DEFAULT_MIRROR,
+                     packages: Sequence[str] = ()) -> str:
+    """The definition of a kernel image. ``source``: a Debian suite (``bookworm``, the default),
+    an existing image (an absolute path to a SIF file or sandbox directory), or a URI
+    (``docker://python:3.12-slim``, ``oras://...``). ``packages``: more Debian packages
+    (debootstrap only)."""
+    source = source or DEFAULT_SUITE
+    scheme, sep, rest = source.partition("://")
+    if sep:
+        if scheme not in _URI_BOOTSTRAPS or not rest or not _SAFE.match(rest):
+            raise HpcKernelsError(f"--from {source!r}: expected a Debian suite, an absolute path, or a URI "
+                                  f"({', '.join(s + '://' for s in _URI_BOOTSTRAPS)})")
+        bootstrap, source = _URI_BOOTSTRAPS[scheme], rest
+    elif source.startswith("/"):
+        if not _SAFE.match(source):
+            raise HpcKernelsError(f"--from {source!r}: the path may not contain spaces or quotes")
+        if not os.path.exists(source):
+            raise HpcKernelsError(f"--from {source}: no such image or directory")
+        bootstrap = "localimage"
+    elif _WORD.match(source):
+        bootstrap = "debootstrap"
+    else:
+        raise HpcKernelsError(f"--from {source!r}: expected a Debian suite (e.g. bookworm), an absolute path "
+                              "to an image, or a URI such as docker://python:3.12-slim")
+    if not _SAFE.match(mirror):
+        raise HpcKernelsError(f"--mirror {mirror!r}: expected a URL")
+    for package in packages:
+        if not _WORD.match(package):
+            raise HpcKernelsError(f"--package {package!r}: expected a Debian package name")
+    if packages and bootstrap != "debootstrap":
+        raise HpcKernelsError("--package adds Debian packages to a debootstrap build; with --from an image, "
+                              "write a definition of your own (--print-definition shows ours) and use --definition")
+    template = template_environment().get_template(DEFINITION_TEMPLATE)
+    return template.render(bootstrap=bootstrap, source=source, mirror=mirror, packages=list(packages),
+                           version=__version__).lstrip()
+
+
+def build_argv(apptainer: str, output: str, definition: str, *, as_root: bool) -> list[str]:
+    """``apptainer build``; unprivileged users build with --fakeroot (it needs /etc/subuid)."""
+    return [apptainer, "build", *([] if as_root else ["--fakeroot"]), "--force", output, definition]
+
+
+def build_image(output: Path, definition: str, *, apptainer: str = "apptainer") -> None:
+    """Build ``output`` from the definition text. The image appears at ``output`` only when the
+    build (with its %test) succeeded; a failed or interrupted build leaves nothing there."""
+    executable = _find(apptainer)
+    output = output.resolve()
+    if output.suffix != ".sif":
+        raise HpcKernelsError(f"{output}: an image file name ends in .sif")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="hk-image-") as work:
+        definition_path = Path(work) / "kernel.def"
+        definition_path.write_text(definition)
+        partial = output.parent / f".{output.name}.{os.getpid()}.partial"
+        try:
+            proc = subprocess.run(build_argv(executable, str(partial), str(definition_path),
+                                             as_root=os.getuid() == 0))
+            if proc.returncode != 0:
+                raise HpcKernelsError(f"apptainer build failed (exit code {proc.returncode}); its output is above")
+            os.chmod(partial, 0o644)
+            os.replace(partial, output)
+        finally:
+            if partial.exists():
+                partial.unlink()
+
+
+@dataclass
+class ImageReport:
+    """What an image's Python has, and what stops it from running a kernel."""
+
+    image: str
+    info: dict[str, object] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def check_argv(apptainer: str, image: str, python: str = "python3") -> list[str]:
+    """Start the image as the agent will (contained, no home, clean environment, no network)."""
+    return [apptainer, "exec", "--containall", "--no-home", "--cleanenv", "--net", "--network", "none",
+            image, python, "-c", PROBE]
+
+
+def judge(image: str, info: dict[str, object]) -> ImageReport:
+    """Pure: the probe's answer becomes a report."""
+    report = ImageReport(image, info)
+    version = str(info.get("ipykernel") or "")
+    if not version:
+        report.problems.append(f"ipykernel cannot be imported ({info.get('ipykernel_error', 'not installed')})")
+    elif tuple(int(n) for n in re.findall(r"\d+", version)[:2]) < MIN_IPYKERNEL:
+        report.problems.append(f"ipykernel {version} is too old (at least {'.'.join(map(str, MIN_IPYKERNEL))})")
+    elif not info.get("ipykernel_launcher"):
+        report.problems.append("ipykernel_launcher cannot be imported")
+    if not info.get("zmq"):
+        report.problems.append(f"pyzmq cannot be imported ({info.get('zmq_error', 'not installed')})")
+    return report
+
+
+def check_image(image: str, *, apptainer: str = "apptainer", python: str = "python3",
+                timeout: float = 120) -> ImageReport:
+    """Run the probe in ``image``; a report with problems if it cannot run a kernel."""
+    if not os.path.exists(image):
+        return ImageReport(image, problems=[f"{image} does not exist"])
+    executable = _find(apptainer)
+    proc = subprocess.run(check_argv(executable, image, python), capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+    lines = proc.stdout.strip().splitlines()
+    try:
+        info = json.loads(lines[-1]) if lines else None
+    except json.JSONDecodeError:
+        info = None
+    if proc.returncode != 0 or not isinstance(info, dict):
+        said = "\n".join(line for line in proc.stderr.strip().splitlines() if not line.startswith("INFO:"))
+        return ImageReport(image, problems=[f"{python} did not run in the image (exit code {proc.returncode})"
+                                            + (f":\n{said}" if said else "")])
+    return judge(image, info)
+
+
+def _find(apptainer: str) -> str:
+    found = shutil.which(apptainer)
+    if found is None:
+        raise HpcKernelsError(f"{apptainer!r} is not installed here (not found on PATH); "
+                              "load its module or give --apptainer PATH")
+    return found
