@@ -158,6 +158,9 @@ SlurmdLogFile=$HK_LOG/slurmd-%n.log
 # gpu: c1 has one stand-in GPU (gres.conf; a character device without a driver, see
 # add_standin_gpus): GPU requests are scheduled and CUDA_VISIBLE_DEVICES set as on a GPU node.
 GresTypes=nvme,gpu
+# Each node declares the size of a modest real compute node (16 CPUs, 96000 MB), more than this
+# machine has, so that the shipped profiles of real centres fit; slurmd trusts this
+# (config_overrides below). Jobs here are tiny and mostly idle kernels.
 # The nodes declare more memory than a small test machine may have: trust the configuration.
 SlurmdParameters=config_overrides
 CONF
@@ -165,7 +168,7 @@ CONF
     for n in "${HK_NODES[@]}"; do
         gres=nvme:no_consume:100
         [[ $n == "$HK_GPU_NODE" ]] && gres+=",gpu:standin:${#HK_GPU_DEVICES[@]}"
-        echo "NodeName=$n NodeAddr=$(hk_node_ip "$n") CPUs=2 RealMemory=16000 Gres=$gres State=UNKNOWN" >>"$tmp"
+        echo "NodeName=$n NodeAddr=$(hk_node_ip "$n") CPUs=16 RealMemory=96000 Gres=$gres State=UNKNOWN" >>"$tmp"
     done
     local all_nodes
     all_nodes=$(IFS=,; echo "${HK_NODES[*]}")

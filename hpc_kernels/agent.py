@@ -20,6 +20,7 @@ import contextlib
 import glob
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -244,6 +245,7 @@ class Agent:
                 argv, env = self.prepare()
                 self.report("starting")
                 _say(f"starting the kernel on {self.node} in {self.node_dir} ({self.launch['runtime']})")
+                _say(f"runtime command: {shlex.join(argv)}")  # no secret in it: the key is in a 0600 file
                 # The kernel's stdout carries only ipykernel's banner for terminal users (a node-side
                 # --existing path, "Ctrl-C will not work"): misleading in the job log. Its errors go
                 # to stderr, the log; what user code prints travels over IOPub.

@@ -226,11 +226,6 @@ def resolve_request(profile_name: str, request: KernelRequest) -> Profile:
         why = exposes_private_files(request.workspace, *private)
         if why:
             raise HpcKernelsError(f"{why}; choose a project directory with --workspace, or --no-workspace")
-    image = profile.get("runtime", "image")
-    if profile.get("runtime", "kind") == "apptainer" and not os.path.exists(image):
-        where = profile.origins.get("runtime.image", str(profile.source))
-        raise HpcKernelsError(f"runtime.image ({where}): {image} does not exist; build one with "
-                              "`hpc-kernel image build`, check one with `hpc-kernel image check`")
     for bind in profile.get("runtime", "binds"):
         why = exposes_private_files(bind.partition(":")[0], *private, what="the bind")
         if why:
@@ -280,6 +275,11 @@ def _start_step(files: KernelFiles) -> dict[str, Any]:
 def submit(profile_name: str, request: KernelRequest) -> KernelRecord:
     """Write the kernel's state, render its job script and submit it. Returns at once."""
     profile = resolve_request(profile_name, request)
+    image = profile.get("runtime", "image")
+    if profile.get("runtime", "kind") == "apptainer" and not os.path.exists(image):
+        where = profile.origins.get("runtime.image", str(profile.source))
+        raise HpcKernelsError(f"runtime.image ({where}): {image} does not exist; build one with "
+                              "`hpc-kernel image build`, check one with `hpc-kernel image check`")
     name = request.name
     python = node_python(profile)
     with locked(name):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -20,6 +21,8 @@ from pathlib import Path
 import pytest
 
 SECOND_USER = "hk-bob"
+# The shipped test-cluster profile of each sandbox runtime: the kernel tests run for both.
+RUNTIME_PROFILES = {"bwrap": "local", "apptainer": "local-apptainer"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -43,6 +46,12 @@ def hk(*args: str, check: bool = True, timeout: float = 180, input: str | None =
        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run the installed ``hpc-kernel`` command."""
     return run(["hpc-kernel", *args], check=check, timeout=timeout, input=input, env=env)
+
+
+def default_sigint() -> None:
+    """For Popen's preexec_fn: Ctrl-C as at a terminal, even when the suite itself runs in the
+    background (the shell then starts every command with SIGINT ignored, and Python keeps it so)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def as_second_user(argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -83,6 +92,7 @@ class Kernel:
     node: str
     connection_file: Path
     workspace: Path
+    profile: str = "local"
 
     def status(self) -> dict[str, object]:
         return json.loads(hk("status", self.name, "--json").stdout)
@@ -91,20 +101,28 @@ class Kernel:
         return hk("exec", self.name, code, check=check, timeout=timeout)
 
 
-def start_kernel(workspace: Path, *extra: str, prefix: str = "t") -> Kernel:
+def start_kernel(workspace: Path | None, *extra: str, prefix: str = "t", profile: str = "local") -> Kernel:
     name = f"{prefix}-{uuid.uuid4().hex[:6]}"
-    proc = hk("submit", "--profile", "local", "--name", name, "--workspace", str(workspace), *extra)
+    where = ["--workspace", str(workspace)] if workspace else ["--no-workspace"]
+    proc = hk("submit", "--profile", profile, "--name", name, *where, *extra)
     connection_file = Path(proc.stdout.strip().splitlines()[-1])
     status = json.loads(hk("status", name, "--json").stdout)
     assert status["state"] == "ready", status
-    return Kernel(name, str(status["job_id"]), str(status["node"]), connection_file, workspace)
+    return Kernel(name, str(status["job_id"]), str(status["node"]), connection_file, workspace or Path("/tmp"),
+                  profile)
 
 
-@pytest.fixture(scope="module")
-def kernel(cluster: None) -> Iterator[Kernel]:
-    """One ready kernel shared by a module's tests, shut down at the end."""
+@pytest.fixture(params=sorted(RUNTIME_PROFILES))
+def runtime_profile(request: pytest.FixtureRequest) -> str:
+    """A test that starts its own kernels runs once per sandbox runtime, with this profile."""
+    return RUNTIME_PROFILES[request.param]
+
+
+@pytest.fixture(scope="module", params=sorted(RUNTIME_PROFILES))
+def kernel(request: pytest.FixtureRequest, cluster: None) -> Iterator[Kernel]:
+    """One ready kernel per sandbox runtime, shared by a module's tests, shut down at the end."""
     path = make_workspace()
-    k = start_kernel(path)
+    k = start_kernel(path, profile=RUNTIME_PROFILES[request.param], prefix=request.param[:3])
     yield k
     hk("shutdown", k.name, check=False)
     shutil.rmtree(path, ignore_errors=True)

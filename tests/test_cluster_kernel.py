@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from jupyter_client import BlockingKernelClient
 
-from conftest import Kernel, hk, run, start_kernel
+from conftest import Kernel, default_sigint, hk, run, start_kernel
 
 LOGIN_ADDRESS = "10.77.7.1"
 
@@ -75,7 +75,10 @@ Comm(target_name="hk-test", data={"sha256": hashlib.sha256(payload).hexdigest()}
 
 HASHING_TARGET_CODE = """
 import hashlib
-from comm import get_comm_manager
+try:
+    from comm import get_comm_manager
+except ImportError:  # ipykernel < 6.18 (Debian bookworm's, in the Apptainer image) has its own
+    get_comm_manager = lambda: get_ipython().kernel.comm_manager
 def _hash_buffers(comm, msg):
     data = bytes(msg["buffers"][0])
     comm.send({"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)})
@@ -184,8 +187,8 @@ except OSError as e:
     assert not (kernel.workspace / "new.txt").exists()
 
 
-def test_workspace_is_writable_when_asked(cluster: None, workspace: Path) -> None:
-    k = start_kernel(workspace, "--rw", prefix="rw")
+def test_workspace_is_writable_when_asked(cluster: None, workspace: Path, runtime_profile: str) -> None:
+    k = start_kernel(workspace, "--rw", prefix="rw", profile=runtime_profile)
     try:
         k.exec("open('from-the-kernel.txt', 'w').write('hello from ' + __import__('socket').gethostname())")
         assert (workspace / "from-the-kernel.txt").read_text() == f"hello from {k.node}"
@@ -247,7 +250,7 @@ def test_relay_srun_carries_the_tcp_tuning_and_the_node_side_does_not(kernel: Ke
 def test_ctrl_c_in_exec_interrupts_the_code_and_the_kernel_lives_on(kernel: Kernel) -> None:
     kernel.exec("state_before_interrupt = 'kept'")
     proc = subprocess.Popen(["hpc-kernel", "exec", kernel.name, "print('looping', flush=True)\nwhile True: pass"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "looping"
     proc.send_signal(signal.SIGINT)
@@ -255,6 +258,29 @@ def test_ctrl_c_in_exec_interrupts_the_code_and_the_kernel_lives_on(kernel: Kern
     assert proc.returncode == 1
     assert "interrupted" in err
     assert kernel.exec("print(state_before_interrupt)").stdout.strip() == "kept"
+
+
+def test_signal_interrupt_reaches_the_kernel_in_the_sandbox(kernel: Kernel) -> None:
+    """`hpc-kernel interrupt`: SIGINT through Slurm to the node agent, which signals the kernel
+    process inside the sandbox (bubblewrap forwards no signal); the kernel lives on."""
+    kernel.exec("kept_across_the_signal = 7")
+    proc = subprocess.Popen(["hpc-kernel", "exec", kernel.name, "print('spinning', flush=True)\nwhile True: pass"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "spinning"
+    hk("interrupt", kernel.name)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "KeyboardInterrupt" in err, err
+    assert kernel.exec("print(kept_across_the_signal)").stdout.strip() == "7"
+
+
+def test_the_kernel_runs_in_its_runtime(kernel: Kernel) -> None:
+    out = kernel.exec("import os, sys; print(sys.executable); print('APPTAINER_CONTAINER' in os.environ); "
+                      "print(os.environ['HOME'])").stdout.split()
+    if kernel.profile == "local-apptainer":
+        assert out == ["/usr/bin/python3", "True", "/tmp"], "the image's own Python"
+    else:
+        assert out == ["/opt/hpc-kernels/venv/bin/python3", "False", "/tmp"], "the node's Python"
 
 
 def test_output_written_straight_to_file_descriptors_reaches_the_client(kernel: Kernel) -> None:

@@ -2,7 +2,8 @@
 
 A change to a template or to a shipped profile shows up here as a diff to review. After a
 deliberate change, regenerate with ``UPDATE_GOLDEN=1 pytest tests/test_golden_scripts.py`` and
-commit the new files with the change. (Apptainer and GPU variants join when those runtimes do.)
+commit the new files with the change. The runtime (bubblewrap or Apptainer) does not show in the
+script (the node agent reads it from launch.json); GPU requests do, in one --gres line.
 """
 
 from __future__ import annotations

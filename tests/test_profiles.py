@@ -331,3 +331,54 @@ def test_extending_itself_without_a_profile_below_is_an_error(profile_dir: Path)
     path = write(profile_dir, "lonely", "description: x\nextends: lonely\n")
     with pytest.raises(ProfileError, match=f"^{path}:2: extends: unknown profile 'lonely' further down"):
         load_profile("lonely", {})
+
+
+# --- runtimes, images and GPUs ------------------------------------------------------------------
+
+
+def test_apptainer_needs_an_image_and_bwrap_takes_none(profile_dir: Path) -> None:
+    path = write(profile_dir, "a", "runtime:\n  kind: apptainer\n")
+    with pytest.raises(ProfileError, match=rf"^{path}:2: runtime.image: required with runtime.kind apptainer"):
+        parse_profile(path)
+    path = write(profile_dir, "b", "runtime:\n  kind: bwrap\n  image: /i.sif\n")
+    with pytest.raises(ProfileError, match=rf"^{path}:3: runtime.image: only used with runtime.kind apptainer"):
+        parse_profile(path)
+    path = write(profile_dir, "c", "runtime:\n  kind: docker\n")
+    with pytest.raises(ProfileError, match=r"runtime.kind: 'docker' is not valid: expected one of: bwrap, apptainer"):
+        parse_profile(path)
+    path = write(profile_dir, "d", "runtime:\n  kind: apptainer\n  image: 'images/k.sif'\n")
+    with pytest.raises(ProfileError, match=r"runtime.image: 'images/k.sif' is not valid: expected an absolute path"):
+        parse_profile(path)
+
+
+@pytest.mark.parametrize("value, expected", [(1, "1"), ("2", "2"), ("a100:2", "a100:2"), (0, None), (None, None)])
+def test_gpus_are_a_count_with_an_optional_type(profile_dir: Path, value: object, expected: str | None) -> None:
+    path = write(profile_dir, "g", f"slurm:\n  gpus: {'null' if value is None else value}\n")
+    assert parse_profile(path).get("slurm", "gpus") == expected
+
+
+@pytest.mark.parametrize("value", ["-1", "two", "a100:", "a100:0", "gpu:a100:1 --x", "1,2"])
+def test_bad_gpu_requests(profile_dir: Path, value: str) -> None:
+    path = write(profile_dir, "g", f"slurm:\n  gpus: '{value}'\n")
+    with pytest.raises(ProfileError, match=rf"^{path}:2: slurm.gpus: .* expected a number of GPUs"):
+        parse_profile(path)
+
+
+def test_gres_other_than_gpus_and_no_second_gres_option(profile_dir: Path) -> None:
+    assert parse_profile(write(profile_dir, "n", "slurm:\n  gres: [nvme:10]\n")).get("slurm", "gres") == ["nvme:10"]
+    with pytest.raises(ProfileError, match=r"slurm.gres: .*GPUs go in slurm.gpus"):
+        parse_profile(write(profile_dir, "n", "slurm:\n  gres: ['gpu:1']\n"))
+    path = write(profile_dir, "n", "slurm:\n  gpus: 1\n  extra_options: ['--gres=nvme:1']\n")
+    with pytest.raises(ProfileError, match=rf"^{path}:3: slurm.extra_options: --gres=nvme:1 together with"):
+        parse_profile(path)
+
+
+def test_gpus_and_image_flags_override_the_profile() -> None:
+    merged = apply_request(load_profile("local-apptainer"), KernelRequest(name="k", gpus="1", image="/other.sif"))
+    assert merged.get("slurm", "gpus") == "1" and merged.origins["slurm.gpus"] == "command line (--gpus)"
+    assert merged.get("runtime", "image") == "/other.sif"
+    assert apply_request(load_profile("local-gpu"), KernelRequest(name="k", gpus="0")).get("slurm", "gpus") is None
+    with pytest.raises(ProfileError, match=r"^--gpus: 'lots' is not valid"):
+        apply_request(load_profile("local"), KernelRequest(name="k", gpus="lots"))
+    with pytest.raises(ProfileError, match=r"runtime.image: only used with runtime.kind apptainer"):
+        apply_request(load_profile("local"), KernelRequest(name="k", image="/other.sif"))

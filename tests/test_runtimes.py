@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-from hpc_kernels.runtimes import SANDBOX_HOME, SandboxSpec, bwrap_argv, sandbox_environment
+import pytest
+
+from hpc_kernels.runtimes import (
+    SANDBOX_HOME,
+    SandboxSpec,
+    apptainer_argv,
+    apptainer_process_environment,
+    bwrap_argv,
+    gpu_device_paths,
+    has_gpus,
+    sandbox_environment,
+)
 
 
 def pairs(argv: list[str], flag: str) -> list[tuple[str, str]]:
@@ -71,3 +82,77 @@ def test_binds_come_after_hiding_and_keep_hidden_paths_hidden() -> None:
     assert ("/scratch/out", "/scratch/out") in pairs(argv, "--bind")
     assert argv.index("/scratch/p") > argv.index("/scratch"), "binds go on top of the tmpfs"
     assert singles(argv, "--tmpfs")[-1] == "/scratch/p/secret", "re-hidden after the bind"
+
+
+# --- GPUs -------------------------------------------------------------------------------------
+
+
+def test_gpu_devices_follow_what_slurm_allocated() -> None:
+    present = ["/dev/nvidia0", "/dev/nvidia1", "/dev/nvidia2", "/dev/nvidiactl", "/dev/nvidia-uvm"]
+    assert gpu_device_paths({"SLURM_JOB_GPUS": "1,2"}, present) == [
+        "/dev/nvidia1", "/dev/nvidia2", "/dev/nvidiactl", "/dev/nvidia-uvm"]
+    assert gpu_device_paths({"SLURM_STEP_GPUS": "0", "SLURM_JOB_GPUS": "0,1"}, present)[0] == "/dev/nvidia0", \
+        "a step's own GPUs win over the job's"
+    assert gpu_device_paths({}, present) == [], "no GPU allocated, no device bound"
+    assert gpu_device_paths({"SLURM_JOB_GPUS": "3"}, present) == ["/dev/nvidiactl", "/dev/nvidia-uvm"]
+    assert has_gpus({"SLURM_JOB_GPUS": "0"}) and not has_gpus({"SLURM_JOB_GPUS": ""}) and not has_gpus({})
+
+
+def test_bwrap_binds_gpu_devices_into_its_minimal_dev() -> None:
+    spec = SandboxSpec(node_dir="/tmp/d", hide=[], gpu_devices=["/dev/nvidia0", "/dev/nvidiactl"], gpus=True)
+    argv = bwrap_argv(spec, ["k"])
+    assert pairs(argv, "--dev-bind") == [("/dev/nvidia0", "/dev/nvidia0"), ("/dev/nvidiactl", "/dev/nvidiactl")]
+    assert argv.index("--dev-bind") > argv.index("--dev"), "bound on top of the minimal /dev"
+    assert "--dev-bind" not in bwrap_argv(SandboxSpec(node_dir="/tmp/d", hide=[]), ["k"])
+
+
+# --- Apptainer --------------------------------------------------------------------------------
+
+
+def test_apptainer_isolates_and_runs_the_kernel_in_the_image() -> None:
+    spec = SandboxSpec(node_dir="/tmp/hk-1-abc", hide=["/home"], workspace="/home/u/proj")
+    argv = apptainer_argv(spec, ["python3", "-m", "k"], "/images/k.sif", apptainer="/usr/bin/apptainer")
+    assert argv[:2] == ["/usr/bin/apptainer", "exec"]
+    for flag in ("--containall", "--no-home", "--cleanenv"):
+        assert flag in argv
+    assert argv[argv.index("--net"):argv.index("--net") + 3] == ["--net", "--network", "none"]
+    assert singles(argv, "--home") == [SANDBOX_HOME], "HOME inside is the private /tmp, not the user's"
+    assert singles(argv, "--no-mount") == ["bind-paths"], "the site's default binds stay out"
+    assert "/tmp/hk-1-abc:/tmp/hk-1-abc:rw" in singles(argv, "--bind")
+    assert "/home/u/proj:/home/u/proj:ro" in singles(argv, "--bind"), "the workspace is read-only by default"
+    assert singles(argv, "--pwd") == ["/home/u/proj"]
+    assert argv[-4:] == ["/images/k.sif", "python3", "-m", "k"]
+    assert "--nv" not in argv
+
+
+def test_apptainer_rw_workspace_binds_and_gpus() -> None:
+    spec = SandboxSpec(node_dir="/tmp/d", hide=[], workspace="/w", workspace_rw=True,
+                       binds=["/datasets", "/scratch/out:rw"], gpus=True, gpu_devices=["/dev/nvidia0"])
+    argv = apptainer_argv(spec, ["k"], "/i.sif")
+    assert "/w:/w:rw" in singles(argv, "--bind")
+    assert "/datasets:/datasets:ro" in singles(argv, "--bind"), "read-only unless :rw"
+    assert "/scratch/out:/scratch/out:rw" in singles(argv, "--bind")
+    assert "--nv" in argv and argv.index("--nv") < argv.index("/i.sif")
+    assert singles(argv, "--pwd") == ["/w"]
+
+
+def test_apptainer_hides_paths_inside_binds_with_an_empty_directory() -> None:
+    spec = SandboxSpec(node_dir="/tmp/d", hide=["/scratch", "/scratch/p/secret"], binds=["/scratch/p"])
+    argv = apptainer_argv(spec, ["k"], "/i.sif", empty_dir="/tmp/d/empty")
+    binds = singles(argv, "--bind")
+    assert binds.index("/tmp/d/empty:/scratch/p/secret:ro") > binds.index("/scratch/p:/scratch/p:ro")
+    with pytest.raises(ValueError, match="empty directory"):
+        apptainer_argv(spec, ["k"], "/i.sif")
+
+
+def test_apptainer_process_environment_carries_the_kernel_env_and_no_site_binds() -> None:
+    host = {"PATH": "/usr/bin", "HOME": "/home/u", "APPTAINER_BINDPATH": "/scratch", "SINGULARITY_BIND": "/x",
+            "SSH_AUTH_SOCK": "/tmp/a", "APPTAINER_CACHEDIR": "/c", "LANG": "C.UTF-8"}
+    kernel = sandbox_environment({"PATH": "/opt/venv/bin", "CUDA_VISIBLE_DEVICES": "0", "SLURM_JOB_ID": "7"},
+                                 {"MPLBACKEND": "Agg"})
+    env = apptainer_process_environment(host, kernel)
+    assert env["PATH"] == "/usr/bin" and env["APPTAINER_CACHEDIR"] == "/c"
+    assert "APPTAINER_BINDPATH" not in env and "SINGULARITY_BIND" not in env and "SSH_AUTH_SOCK" not in env
+    assert env["APPTAINERENV_CUDA_VISIBLE_DEVICES"] == "0", "Slurm's GPU choice survives --cleanenv"
+    assert env["APPTAINERENV_SLURM_JOB_ID"] == "7" and env["APPTAINERENV_MPLBACKEND"] == "Agg"
+    assert "APPTAINERENV_PATH" not in env and "APPTAINERENV_HOME" not in env, "the image keeps its PATH"

@@ -1,0 +1,204 @@
+"""Runtime-specific behaviour on the real cluster: GPUs, kernel images, and the runtimes' own failures.
+
+GPUs: no GPU exists on these machines. The test cluster's node c1 declares one GPU in gres.conf,
+backed by a stand-in device node (/dev/nvidia0, the NVIDIA major number, no driver; see
+cluster/up.sh). Slurm schedules it and sets CUDA_VISIBLE_DEVICES for real, and the runtimes bind
+it for real (`apptainer --nv`, bwrap --dev-bind); CUDA itself cannot run. docs/admin-guide.md
+gives the command a site runs on a real GPU node.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import RUNTIME_PROFILES, hk, run, start_kernel
+from test_cluster_lifecycle import STATE_ROOT, processes_mentioning, squeue_ids
+
+IMAGES = Path("/opt/hpc-kernels/images")
+GPU_PROBE = ("import os; print(os.environ.get('CUDA_VISIBLE_DEVICES')); "
+             "print(sorted(d for d in os.listdir('/dev') if d.startswith('nvidia')))")
+
+
+@pytest.fixture
+def profile_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("HPC_KERNELS_PROFILE_PATH", str(tmp_path))
+    return tmp_path
+
+
+def slurm_gpu_indices(job_id: str) -> str:
+    """The GPU indices Slurm gave the job, from `scontrol show job -d` (GRES=gpu:standin:1(IDX:0))."""
+    detail = run(["scontrol", "show", "job", "-d", job_id]).stdout
+    found = re.search(r"GRES=\S*gpu\S*\(IDX:([0-9,\-]+)\)", detail)
+    assert found, detail
+    return found.group(1)
+
+
+def runtime_command_line(kernel_name: str) -> str:
+    """The runtime command line the agent started, as it says in the job log (Apptainer's starter
+    rewrites its own /proc/PID/cmdline)."""
+    log = (STATE_ROOT / kernel_name / "job.log").read_text()
+    found = re.search(r"runtime command: (.*)", log)
+    assert found, log
+    return found.group(1)
+
+
+def runtime_pid(kernel_name: str) -> int:
+    """The runtime process: the node agent's child (the node shares this machine's /proc)."""
+    agent = json.loads((STATE_ROOT / kernel_name / "agent.json").read_text())["pid"]
+    children = Path(f"/proc/{agent}/task/{agent}/children").read_text().split()
+    assert len(children) == 1, children
+    return int(children[0])
+
+
+def test_a_gpu_kernel_gets_the_gpu_slurm_chose(cluster: None, runtime_profile: str) -> None:
+    """A stand-in GPU (see the module docstring): Slurm's request, --nv or the device bind, and
+    CUDA_VISIBLE_DEVICES are real; no CUDA call is made."""
+    k = start_kernel(None, "--gpus", "1", "--partition", "gpu", prefix="gpu", profile=runtime_profile)
+    try:
+        script = (STATE_ROOT / k.name / "job.sh").read_text()
+        assert "#SBATCH --gres=gpu:1" in script
+        assert k.node == "c1"
+        visible, devices = k.exec(GPU_PROBE).stdout.splitlines()
+        assert visible == slurm_gpu_indices(k.job_id) == "0"
+        assert devices == "['nvidia0', 'nvidiactl']"
+        argv = runtime_command_line(k.name)
+        if runtime_profile == RUNTIME_PROFILES["apptainer"]:
+            assert " --nv " in argv, argv
+        else:
+            assert "--dev-bind /dev/nvidia0 /dev/nvidia0" in argv, argv
+    finally:
+        hk("shutdown", k.name)
+
+
+def test_a_kernel_without_gpus_sees_no_gpu_device(kernel) -> None:  # type: ignore[no-untyped-def]
+    """The stand-in device nodes exist on every node's /dev; a sandbox without a GPU request shows none."""
+    visible, devices = kernel.exec(GPU_PROBE).stdout.splitlines()
+    assert visible == "None" and devices == "[]"
+
+
+def test_the_gpu_profile_asks_for_a_gpu_and_runs_with_nv(cluster: None) -> None:
+    k = start_kernel(None, prefix="lgpu", profile="local-gpu")
+    try:
+        assert k.exec(GPU_PROBE).stdout.splitlines() == ["0", "['nvidia0', 'nvidiactl']"]
+    finally:
+        hk("shutdown", k.name)
+
+
+# --- images -------------------------------------------------------------------------------------
+
+
+def test_image_check_tells_a_kernel_image_from_one_without_ipykernel(cluster: None) -> None:
+    good = hk("image", "check", "--profile", "local-apptainer", "--json")
+    report = json.loads(good.stdout)
+    assert report["ok"] is True and report["ipykernel"] and report["python"].startswith("3.")
+    bad = hk("image", "check", str(IMAGES / "no-ipykernel"), check=False)
+    assert bad.returncode == 1
+    assert "problem: ipykernel cannot be imported (ModuleNotFoundError" in bad.stdout
+    assert "cannot run a kernel" in bad.stdout
+
+
+def test_image_build_from_an_existing_image_is_atomic_and_checked(cluster: None, tmp_path: Path) -> None:
+    """A real `apptainer build --fakeroot` as the test user, on top of the cluster's image (no
+    download): the %test section runs, and the image appears only when the build succeeded."""
+    out = Path.home() / "hk-test-images" / f"derived-{uuid.uuid4().hex[:6]}.sif"
+    try:
+        proc = hk("image", "build", str(out), "--from", str(IMAGES / "kernel.sif"), timeout=600)
+        assert out.is_file() and "ipykernel" in proc.stdout + proc.stderr
+        assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == [], "no partial file left"
+        assert json.loads(hk("image", "check", str(out), "--json").stdout)["ok"] is True
+        # An image whose %test fails is not written at all.
+        broken = tmp_path / "broken.def"
+        broken.write_text(f"Bootstrap: localimage\nFrom: {IMAGES / 'no-ipykernel'}\n\n%test\n    python3 -c 'import ipykernel'\n")
+        failed = hk("image", "build", str(out.with_name("broken.sif")), "--definition", str(broken),
+                    check=False, timeout=600)
+        assert failed.returncode == 1 and "apptainer build failed" in failed.stderr
+        assert sorted(p.name for p in out.parent.iterdir()) == [out.name]
+    finally:
+        shutil.rmtree(out.parent, ignore_errors=True)
+
+
+# --- the runtimes' own failures -------------------------------------------------------------------
+
+
+def assert_nothing_left(name: str, jobs_before: set[str]) -> None:
+    assert squeue_ids() <= jobs_before, "no job left running"
+    status = hk("status", name, "--json", check=False)
+    if status.returncode == 0:  # a failed kernel stays listed until shut down, with its reason
+        assert json.loads(status.stdout)["state"] == "failed"
+        hk("shutdown", name)
+    assert not (STATE_ROOT / name).exists()
+    assert processes_mentioning(str(STATE_ROOT / name)) == []
+
+
+def test_a_missing_image_is_refused_before_submit(cluster: None) -> None:
+    name = f"noimg-{uuid.uuid4().hex[:6]}"
+    before = squeue_ids()
+    proc = hk("submit", "-p", "local-apptainer", "-n", name, "--no-workspace", "--image", str(IMAGES / "nope.sif"),
+              check=False)
+    assert proc.returncode == 1
+    assert f"runtime.image (command line (--image)): {IMAGES / 'nope.sif'} does not exist" in proc.stderr
+    assert squeue_ids() == before and not (STATE_ROOT / name).exists()
+
+
+def test_an_image_without_ipykernel_fails_at_submit_with_the_reason(cluster: None) -> None:
+    name = f"noipy-{uuid.uuid4().hex[:6]}"
+    before = squeue_ids()
+    proc = hk("submit", "-p", "local-apptainer", "-n", name, "--no-workspace", "--image",
+              str(IMAGES / "no-ipykernel"), check=False)
+    assert proc.returncode == 1
+    first = proc.stderr.split("last lines of")[0]
+    assert "the kernel exited with code 1 before it was ready" in first
+    assert "No module named ipykernel_launcher" in first, "the reason is in the message, not only in the log"
+    assert_nothing_left(name, before)
+
+
+@pytest.mark.parametrize("runtime", sorted(RUNTIME_PROFILES))
+def test_a_runtime_that_is_not_installed_is_a_clear_error(cluster: None, profile_path: Path, runtime: str) -> None:
+    (profile_path / "noruntime.yaml").write_text(
+        f"extends: {RUNTIME_PROFILES[runtime]}\nruntime:\n  executable: /opt/nowhere/{runtime}\n")
+    name = f"nort-{uuid.uuid4().hex[:6]}"
+    before = squeue_ids()
+    proc = hk("submit", "-p", "noruntime", "-n", name, "--no-workspace", check=False)
+    assert proc.returncode == 1
+    assert f"runtime {runtime}: '/opt/nowhere/{runtime}' is not installed on c" in proc.stderr
+    assert_nothing_left(name, before)
+
+
+def test_an_apptainer_failure_comes_back_as_its_own_message(cluster: None, profile_path: Path) -> None:
+    """Apptainer refusing to start (here: an image file that is not an image) is reported with
+    Apptainer's own FATAL line, not as a silent timeout."""
+    fake = Path.home() / "hk-test-images" / "not-an-image.sif"
+    fake.parent.mkdir(exist_ok=True)
+    fake.write_bytes(os.urandom(4096))
+    name = f"fatal-{uuid.uuid4().hex[:6]}"
+    before = squeue_ids()
+    try:
+        proc = hk("submit", "-p", "local-apptainer", "-n", name, "--no-workspace", "--image", str(fake), check=False)
+        assert proc.returncode == 1
+        first = proc.stderr.split("last lines of")[0]
+        assert "the kernel exited with code 255 before it was ready" in first and "FATAL" in first, proc.stderr
+        assert_nothing_left(name, before)
+    finally:
+        shutil.rmtree(fake.parent, ignore_errors=True)
+
+
+def test_the_runtime_is_called_without_the_key_and_with_its_isolation_flags(kernel) -> None:  # type: ignore[no-untyped-def]
+    argv = runtime_command_line(kernel.name)
+    if kernel.profile == RUNTIME_PROFILES["apptainer"]:
+        flags = ("--containall", "--no-home", "--cleanenv", "--network none", "--no-mount bind-paths")
+    else:
+        flags = ("--unshare-all", "--die-with-parent", "--new-session", "--ro-bind / /")
+    for flag in flags:
+        assert flag in argv, argv
+    key = (STATE_ROOT / kernel.name / "key").read_text().strip()
+    assert key not in argv
+    assert key not in Path(f"/proc/{runtime_pid(kernel.name)}/cmdline").read_text()
+    environ = Path(f"/proc/{runtime_pid(kernel.name)}/environ").read_bytes().decode(errors="replace")
+    assert key not in environ and "BINDPATH" not in environ

@@ -1,0 +1,81 @@
+"""Kernel image definitions and the verdict on an image (pure parts; the cluster tests build and
+check a real image with a real Apptainer)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hpc_kernels.errors import HpcKernelsError
+from hpc_kernels.images import build_argv, check_argv, image_definition, judge
+
+
+def header(definition: str) -> dict[str, str]:
+    lines = definition.split("\n\n", 1)[0].splitlines()
+    return dict(line.split(": ", 1) for line in lines)
+
+
+def test_default_is_debian_with_ipykernel_from_apt() -> None:
+    definition = image_definition()
+    assert header(definition) == {"Bootstrap": "debootstrap", "OSVersion": "bookworm",
+                                  "MirrorURL": "http://deb.debian.org/debian", "Include": "python3"}
+    assert "apt-get install -y -qq --no-install-recommends python3-ipykernel\n" in definition
+    assert "%test" in definition and "import ipykernel_launcher" in definition
+
+
+def test_suite_mirror_and_packages() -> None:
+    definition = image_definition("trixie", mirror="http://mirror.example/debian", packages=["python3-numpy"])
+    assert header(definition)["OSVersion"] == "trixie"
+    assert header(definition)["MirrorURL"] == "http://mirror.example/debian"
+    assert "python3-ipykernel python3-numpy\n" in definition
+
+
+def test_from_an_image_or_a_registry(tmp_path: Path) -> None:
+    assert header(image_definition("docker://python:3.12-slim")) == {"Bootstrap": "docker", "From": "python:3.12-slim"}
+    sif = tmp_path / "base.sif"
+    sif.write_bytes(b"")
+    definition = image_definition(str(sif))
+    assert header(definition) == {"Bootstrap": "localimage", "From": str(sif)}
+    assert "pip install --no-cache-dir ipykernel" in definition, "ipykernel is added when the base lacks it"
+
+
+@pytest.mark.parametrize("source, message", [
+    ("http://x/y", "expected a Debian suite"),
+    ("docker://python 3", "expected a Debian suite"),
+    ("/no/such/image.sif", "no such image"),
+    ("bookworm; rm -rf /", "expected a Debian suite"),
+])
+def test_bad_sources(source: str, message: str) -> None:
+    with pytest.raises(HpcKernelsError, match=message):
+        image_definition(source)
+
+
+def test_bad_packages_and_packages_on_a_non_debian_source() -> None:
+    with pytest.raises(HpcKernelsError, match="expected a Debian package name"):
+        image_definition(packages=["numpy\n%post"])
+    with pytest.raises(HpcKernelsError, match="--package adds Debian packages to a debootstrap build"):
+        image_definition("docker://python:3.12", packages=["python3-numpy"])
+
+
+def test_unprivileged_builds_use_fakeroot() -> None:
+    assert build_argv("apptainer", "o.sif", "k.def", as_root=False) == [
+        "apptainer", "build", "--fakeroot", "--force", "o.sif", "k.def"]
+    assert "--fakeroot" not in build_argv("apptainer", "o.sif", "k.def", as_root=True)
+
+
+def test_check_starts_the_image_as_the_agent_does() -> None:
+    argv = check_argv("apptainer", "/i.sif")
+    for flag in ("--containall", "--no-home", "--cleanenv"):
+        assert flag in argv
+    assert argv[argv.index("--network") + 1] == "none"
+    assert argv[argv.index("/i.sif") + 1] == "python3"
+
+
+def test_judge() -> None:
+    good = {"python": "3.11.2", "ipykernel": "6.17.0", "ipykernel_launcher": True, "zmq": "24.0.1"}
+    assert judge("/i", good).ok
+    missing = judge("/i", {**good, "ipykernel": None, "ipykernel_error": "ModuleNotFoundError: no ipykernel"})
+    assert missing.problems == ["ipykernel cannot be imported (ModuleNotFoundError: no ipykernel)"]
+    assert "too old" in judge("/i", {**good, "ipykernel": "5.5.6"}).problems[0]
+    assert "pyzmq cannot be imported" in judge("/i", {**good, "zmq": None}).problems[0]
