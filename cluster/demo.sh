@@ -42,6 +42,24 @@ step hpc-kernel logs demo
 hpc-kernel logs demo
 step hpc-kernel shutdown demo
 hpc-kernel shutdown demo
+
+# The same in an Apptainer image, on the GPU partition (c1's GPU is a stand-in: docs/testing.md).
+hpc-kernel shutdown demo-gpu >/dev/null 2>&1 || true
+step hpc-kernel submit --profile local-apptainer --name demo-gpu --gpus 1 --partition gpu --no-workspace
+hpc-kernel submit --profile local-apptainer --name demo-gpu --gpus 1 --partition gpu --no-workspace
+step hpc-kernel exec demo-gpu "'...: Python, the GPU Slurm gave, the network'"
+hpc-kernel exec demo-gpu '
+import os, socket, sys
+print("python:   ", sys.executable, sys.version.split()[0], "(the image'"'"'s)")
+print("GPU:      ", "CUDA_VISIBLE_DEVICES =", os.environ.get("CUDA_VISIBLE_DEVICES"),
+      [d for d in sorted(os.listdir("/dev")) if d.startswith("nvidia")])
+try:
+    socket.create_connection(("10.77.7.1", 22), timeout=3)
+except OSError as e:
+    print("network:  ", e)
+'
+step hpc-kernel shutdown demo-gpu
+hpc-kernel shutdown demo-gpu
 step "squeue --me; hpc-kernel list"
 squeue --me
 hpc-kernel list

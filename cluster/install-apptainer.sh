@@ -26,17 +26,6 @@ installed() {
     [[ -x $PREFIX/bin/apptainer ]] && "$PREFIX/bin/apptainer" --version >/dev/null 2>&1
 }
 
-install_helpers() {
-    local missing=() p
-    for p in "${HELPERS[@]}"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-    done
-    (( ${#missing[@]} )) || return 0
-    hk_log "installing: ${missing[*]}"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null ||
-        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; }
-}
-
 download_debs() {
     local want=() w
     for w in "${WANTED[@]}"; do
@@ -78,7 +67,7 @@ unpack() {
 
 main() {
     hk_need_root
-    install_helpers
+    hk_install_packages "${HELPERS[@]}"
     # SIF images are mounted with squashfuse by unprivileged users: /dev/fuse must be theirs to open.
     [[ -c /dev/fuse ]] && chmod 0666 /dev/fuse
     installed && return 0

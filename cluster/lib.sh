@@ -28,6 +28,19 @@ hk_node_ip() { echo "$HK_NET_PREFIX.1${1#c}"; }
 hk_log() { echo "[$(basename "$0")] $*"; }
 hk_die() { echo "[$(basename "$0")] ERROR: $*" >&2; exit 1; }
 
+# Install the Debian packages named that are not installed yet (quiet when all are).
+hk_install_packages() {
+    local missing=() p
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+    done
+    (( ${#missing[@]} )) || return 0
+    hk_log "installing: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
 hk_need_root() { [[ $(id -u) -eq 0 ]] || hk_die "must run as root"; }
 
 # True if PID exists and is not a zombie (PID 1 here reaps slowly: state Z counts as gone).

@@ -13,18 +13,6 @@ source "$HERE/lib.sh"
 
 PACKAGES=(slurm-wlm munge bubblewrap python3 python3-venv python3-dev sudo iproute2 procps psmisc util-linux)
 
-install_packages() {
-    local missing=() p
-    for p in "${PACKAGES[@]}"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-    done
-    (( ${#missing[@]} )) || return 0
-    hk_log "installing: ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >/dev/null
-}
-
 create_users() {
     local u
     getent group "$HK_GROUP" >/dev/null || groupadd "$HK_GROUP"
@@ -109,7 +97,7 @@ main() {
         install_repo "${2:-}"
         return
     fi
-    install_packages
+    hk_install_packages "${PACKAGES[@]}"
     create_users
     install_sudoers
     make_venv

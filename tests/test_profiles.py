@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -336,18 +337,16 @@ def test_extending_itself_without_a_profile_below_is_an_error(profile_dir: Path)
 # --- runtimes, images and GPUs ------------------------------------------------------------------
 
 
-def test_apptainer_needs_an_image_and_bwrap_takes_none(profile_dir: Path) -> None:
-    path = write(profile_dir, "a", "runtime:\n  kind: apptainer\n")
-    with pytest.raises(ProfileError, match=rf"^{path}:2: runtime.image: required with runtime.kind apptainer"):
-        parse_profile(path)
-    path = write(profile_dir, "b", "runtime:\n  kind: bwrap\n  image: /i.sif\n")
-    with pytest.raises(ProfileError, match=rf"^{path}:3: runtime.image: only used with runtime.kind apptainer"):
-        parse_profile(path)
-    path = write(profile_dir, "c", "runtime:\n  kind: docker\n")
-    with pytest.raises(ProfileError, match=r"runtime.kind: 'docker' is not valid: expected one of: bwrap, apptainer"):
-        parse_profile(path)
-    path = write(profile_dir, "d", "runtime:\n  kind: apptainer\n  image: 'images/k.sif'\n")
-    with pytest.raises(ProfileError, match=r"runtime.image: 'images/k.sif' is not valid: expected an absolute path"):
+@pytest.mark.parametrize("text, line, message", [
+    ("runtime:\n  kind: apptainer\n", 2, "runtime.image: required with runtime.kind apptainer"),
+    ("runtime:\n  kind: bwrap\n  image: /i.sif\n", 3, "runtime.image: only used with runtime.kind apptainer"),
+    ("runtime:\n  kind: docker\n", 2, "runtime.kind: 'docker' is not valid: expected one of: bwrap, apptainer"),
+    ("runtime:\n  kind: apptainer\n  image: 'images/k.sif'\n", 3,
+     "runtime.image: 'images/k.sif' is not valid: expected an absolute path"),
+])
+def test_apptainer_needs_an_image_and_bwrap_takes_none(profile_dir: Path, text: str, line: int, message: str) -> None:
+    path = write(profile_dir, "r", text)
+    with pytest.raises(ProfileError, match=f"^{re.escape(f'{path}:{line}: {message}')}"):
         parse_profile(path)
 
 
