@@ -35,7 +35,7 @@ from types import FrameType
 from typing import Any
 
 from .paths import check_socket_path, exposes_private_files, read_json, write_json
-from .processes import cmdline, descendants, start_time
+from .processes import cmdline, descendants, identity, is_running, start_time
 from .relay import connection_info, socket_paths
 from .runtimes import (
     SandboxSpec,
@@ -103,7 +103,7 @@ class Agent:
         try:
             write_json(
                 self.files.agent,
-                {"state": state, "node": self.node, "job_id": self.job_id, "pid": os.getpid(),
+                {"state": state, "node": self.node, "job_id": self.job_id, **identity(),
                  "node_dir": str(self.node_dir) if self.node_dir else None, "time": time.time(), **extra},
             )
         except OSError as e:
@@ -115,7 +115,7 @@ class Agent:
             self.kernel.terminate()  # bwrap forwards nothing; its sandbox dies with it
 
     def on_interrupt(self, signum: int, frame: FrameType | None) -> None:
-        """SIGINT (``hpc-kernel interrupt``, ``scancel --signal=INT``) interrupts the kernel, as a
+        """SIGINT (from ``hpc-kernel interrupt``, see :func:`send_interrupt`) interrupts the kernel, as a
         local Jupyter kernel is interrupted: the signal goes to the kernel process inside the
         sandbox (bubblewrap forwards no signal), and to its process group if it leads one."""
         pid = self.kernel_pid()
@@ -292,10 +292,29 @@ class Agent:
             shutil.rmtree(self.node_dir, ignore_errors=True)
 
 
+AGENT_MARKER = "hpc_kernels.agent"
+
+
+def send_interrupt(state_dir: Path) -> int:
+    """SIGINT to this kernel's agent, run on its node (``python -m hpc_kernels.agent interrupt
+    STATE_DIR`` as a step of the job): the agent passes it to the kernel. Only the agent is
+    signalled, whichever way the kernel runs; Slurm's own signalling of a step would reach every
+    process in it (bubblewrap dies of SIGINT)."""
+    agent = read_json(KernelFiles(state_dir).agent) or {}
+    if agent.get("state") != "ready" or not is_running(agent, f"{AGENT_MARKER} {state_dir}"):
+        print(f"no running agent of {state_dir} on {socket.gethostname()} (agent.json: {agent.get('state')})",
+              file=sys.stderr)
+        return 1
+    os.kill(int(agent["pid"]), signal.SIGINT)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if len(args) == 2 and args[0] == "interrupt":
+        return send_interrupt(Path(args[1]))
     if len(args) != 1:
-        print("usage: python -m hpc_kernels.agent STATE_DIR", file=sys.stderr)
+        print("usage: python -m hpc_kernels.agent STATE_DIR | interrupt STATE_DIR", file=sys.stderr)
         return 2
     return Agent(Path(args[0])).run()
 

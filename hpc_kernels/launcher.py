@@ -23,7 +23,16 @@ from .profiles import KernelRequest, Profile, apply_request, check_kernel_name, 
 from .processes import cmdline, identity, is_running, terminate
 from .relay import SRUN_STOP_SECONDS, login_dirs_of, relay_marker
 from .render import render_kernel_script
-from .slurm import JobInfo, cancel, job_info, job_infos, job_steps, submit_batch
+from .slurm import (
+    NODE_STEP_ENVIRONMENT,
+    JobInfo,
+    cancel,
+    job_info,
+    job_infos,
+    job_steps,
+    srun_into_job,
+    submit_batch,
+)
 from .state import (
     KernelFiles,
     KernelRecord,
@@ -41,6 +50,7 @@ LOG_TAIL_LINES = 25
 POLL_SECONDS = 0.1
 STEP_STOP_SECONDS = 15.0
 MAX_POLL_SECONDS = 5.0
+INTERRUPT_TIMEOUT = 30.0
 # Longer than the relay's own wait for its srun, so that its cleanup can finish.
 RELAY_STOP_SECONDS = SRUN_STOP_SECONDS + 10
 
@@ -477,19 +487,23 @@ def stop_relay(files: KernelFiles) -> None:
 
 
 def interrupt(name: str) -> str:
-    """A signal-mode interrupt: SIGINT to the node agent through Slurm (no relay needed), which
-    passes it to the kernel process inside the sandbox. Returns what was done, for people."""
+    """A signal-mode interrupt: SIGINT to the node agent (a short step on the kernel's node, no
+    relay needed), which passes it to the kernel process inside the sandbox. Returns what was
+    done, for people."""
     current = view(name)
     if not current.job_alive or current.agent_state != "ready":
         raise HpcKernelsError(f"kernel {name} is {current.state}: there is nothing to interrupt")
     record = current.record
-    if record.step is not None:
-        for step in _our_steps(record):
-            cancel(step, signal="INT")
-        return f"sent SIGINT to kernel {name} (step of job {record.job_id})"
-    assert record.job_id is not None
-    cancel(record.job_id, signal="INT")
-    return f"sent SIGINT to kernel {name} (job {record.job_id})"
+    files = kernel_files(name)
+    launch = read_json(files.launch) or {}
+    argv = srun_into_job(str(record.job_id), [launch.get("python", sys.executable), "-m", "hpc_kernels.agent",
+                                              "interrupt", str(files.dir)],
+                         export=NODE_STEP_ENVIRONMENT, node=current.node)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=INTERRUPT_TIMEOUT, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        said = (proc.stderr or proc.stdout).strip()
+        raise HpcKernelsError(f"could not interrupt kernel {name} on {current.node}: {said or f'exit code {proc.returncode}'}")
+    return f"sent SIGINT to kernel {name} on {current.node} (job {record.job_id})"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,12 +33,10 @@ from . import protocol as p
 from .multiplexer import LocalEnd, Multiplexer, StreamEnd
 from .paths import check_socket_path, ensure_private_dir, read_json, runtime_root, write_json
 from .processes import identity
-from .slurm import srun_into_job
+from .slurm import NODE_STEP_ENVIRONMENT, srun_into_job
 from .state import KernelFiles
 
 HELLO_TIMEOUT = 60.0
-# What the node side of the relay gets of the login side's environment (LD_PRELOAD stays here).
-NODE_RELAY_ENVIRONMENT = ("PATH", "HOME", "LANG")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,7 +179,7 @@ async def _serve_login(files: KernelFiles, ready: Callable[[str], None]) -> int:
 
     argv = srun_into_job(
         record["job_id"], [launch["python"], "-m", "hpc_kernels.relay", "node", agent["node_dir"]],
-        export=NODE_RELAY_ENVIRONMENT,
+        export=NODE_STEP_ENVIRONMENT, node=agent.get("node"),
     )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

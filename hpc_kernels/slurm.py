@@ -187,22 +187,29 @@ def job_steps(job_id: str) -> dict[str, str]:
     return steps
 
 
-def cancel(job_id: str, signal: str | None = None) -> None:
-    """Cancel the job or step ``JOB.STEP`` (or send it ``signal``: for a job, to its batch
-    step's script only, not to its other steps). A job that already ended is not an error."""
-    options = ["--signal", signal, *([] if "." in str(job_id) else ["--batch"])] if signal else []
-    argv = ["scancel", *options, str(job_id)]
+def cancel(job_id: str) -> None:
+    """Cancel the job, or the step ``JOB.STEP``. A job that already ended is not an error."""
+    argv = ["scancel", str(job_id)]
     proc = _run(argv)
     if proc.returncode != 0 and "already completed" not in proc.stderr and "Invalid job id" not in proc.stderr:
         raise SlurmError(f"scancel {job_id} failed: {_slurm_message(proc)}")
 
 
-def srun_into_job(job_id: str, argv: Sequence[str], export: Sequence[str] | None = None) -> list[str]:
-    """The command line that runs ``argv`` as an extra step inside a running job.
+# What our own steps in a kernel's job (the relay's node side, an interrupt) get of the login
+# side's environment; LD_PRELOAD, for one, stays here.
+NODE_STEP_ENVIRONMENT = ("PATH", "HOME", "LANG")
+
+
+def srun_into_job(job_id: str, argv: Sequence[str], export: Sequence[str] | None = None,
+                  node: str | None = None) -> list[str]:
+    """The command line that runs ``argv`` as an extra step inside a running job, on ``node``
+    (the kernel's: an allocation of the user's may span several nodes).
 
     ``--overlap`` lets the step share the resources the batch step holds; ``-u`` makes stdout
     unbuffered (a pty on the task side, which the task must put in raw mode). ``export`` names
     the only variables of ours the step gets (Slurm adds its own SLURM_* ones).
     """
     options = [f"--export={','.join(export)}"] if export is not None else []
+    if node:
+        options.append(f"--nodelist={node}")
     return ["srun", f"--jobid={job_id}", "--overlap", "-u", "--nodes=1", "--ntasks=1", "--quiet", *options, *argv]

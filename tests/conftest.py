@@ -112,6 +112,31 @@ def start_kernel(workspace: Path | None, *extra: str, prefix: str = "t", profile
                   profile)
 
 
+COUNT_SIGINTS = """
+import signal, time
+caught = []
+signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+print("counting", flush=True)
+started = time.monotonic()
+while time.monotonic() - started < 5:
+    pass
+print("SIGINTs:", len(caught))
+"""
+
+
+def sigints_from_one_interrupt(name: str) -> int:
+    """How many SIGINTs the kernel's process receives from one `hpc-kernel interrupt` (a cell
+    that counts them while it spins for 5 s)."""
+    proc = subprocess.Popen(["hpc-kernel", "exec", name, COUNT_SIGINTS], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "counting"
+    hk("interrupt", name)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    return int(out.split("SIGINTs:")[1])
+
+
 @pytest.fixture(params=sorted(RUNTIME_PROFILES))
 def runtime_profile(request: pytest.FixtureRequest) -> str:
     """A test that starts its own kernels runs once per sandbox runtime, with this profile."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from jupyter_client import BlockingKernelClient
 
-from conftest import Kernel, default_sigint, hk, run, start_kernel
+from conftest import Kernel, default_sigint, hk, run, sigints_from_one_interrupt, start_kernel
 
 LOGIN_ADDRESS = "10.77.7.1"
 
@@ -272,6 +272,7 @@ def test_signal_interrupt_reaches_the_kernel_in_the_sandbox(kernel: Kernel) -> N
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1 and "KeyboardInterrupt" in err, err
     assert kernel.exec("print(kept_across_the_signal)").stdout.strip() == "7"
+    assert sigints_from_one_interrupt(kernel.name) == 1, "one interrupt, one SIGINT (no second one via Slurm)"
 
 
 def test_the_kernel_runs_in_its_runtime(kernel: Kernel) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import default_sigint, hk, run, start_kernel
+from conftest import default_sigint, hk, run, sigints_from_one_interrupt, start_kernel
 
 from hpc_kernels.profiles import load_profile
 
@@ -311,6 +311,9 @@ def test_inside_an_allocation_the_kernel_is_a_step_of_it(cluster: None, workspac
         assert status["job_id"] == allocation and status["mode"] == "step of your allocation"
         node = run(["squeue", "-h", "-j", allocation, "-o", "%N"]).stdout.strip()
         assert hk("exec", name, "import socket; print(socket.gethostname())").stdout.strip() == node
+        # Slurm's own signalling of a step would reach every process in it (and kill bubblewrap).
+        assert sigints_from_one_interrupt(name) == 1
+        assert hk("exec", name, "print('alive')").stdout.strip() == "alive"
         hk("shutdown", name)
         assert run(["squeue", "-h", "-j", allocation, "-o", "%T"]).stdout.strip() == "RUNNING", \
             "the allocation is the user's: shutdown leaves it running"
