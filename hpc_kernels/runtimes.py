@@ -187,5 +187,7 @@ def sandbox_environment(job_env: Mapping[str, str], extra: Mapping[str, str]) ->
     env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
     env["HOME"] = SANDBOX_HOME
     env["PYTHONUNBUFFERED"] = "1"
+    # debugpy's warning about frozen modules (Python 3.11+) fills every job log otherwise.
+    env["PYDEVD_DISABLE_FILE_VALIDATION"] = "1"
     env.update(extra)
     return env
