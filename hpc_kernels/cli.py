@@ -233,31 +233,18 @@ def cmd_profiles_show(args: argparse.Namespace) -> int:
 
 
 def cmd_profiles_validate(args: argparse.Namespace) -> int:
-    search = os.environ.get("HPC_KERNELS_PROFILE_PATH")
-    try:
-        failed = _validate_files(args.files, search or "")
-    finally:
-        if search is None:
-            os.environ.pop("HPC_KERNELS_PROFILE_PATH", None)
-        else:
-            os.environ["HPC_KERNELS_PROFILE_PATH"] = search
-    return 1 if failed else 0
-
-
-def _validate_files(files: list[str], search: str) -> int:
     failed = 0
-    for file in files:
+    for file in args.files:
         path = Path(file).resolve()
-        # A profile may extend its neighbours: look beside it first (this file's, not the previous one's).
-        os.environ["HPC_KERNELS_PROFILE_PATH"] = ":".join(filter(None, [str(path.parent), search]))
         try:
-            profile = parse_profile(path)
+            # A profile may extend its neighbours: look beside it first.
+            profile = parse_profile(path, first=[path.parent])
             print(f"ok: {file} (runtime {profile.get('runtime', 'kind')}, "
                   f"partition {profile.get('slurm', 'partition') or '(default)'})")
         except ProfileError as e:
             print(f"error: {e}", file=sys.stderr)
             failed += 1
-    return failed
+    return 1 if failed else 0
 
 
 def cmd_interrupt(args: argparse.Namespace) -> int:

@@ -2,8 +2,8 @@
 
 Two places matter:
 
-* the *state root* on the shared file system (``$XDG_DATA_HOME/hpc-kernels``, usually under the
-  home directory), which both the login node and the compute nodes can read: one directory per
+* the *state root* on the shared file system (the site's or user's ``paths.state``, else
+  ``$XDG_DATA_HOME/hpc-kernels``, usually under the home directory), which both the login node and the compute nodes can read: one directory per
   kernel with its record, key, job script and log;
 * the *runtime root* on the login node (``$XDG_RUNTIME_DIR/hpc-kernels``, else
   ``/tmp/hpc-kernels-<uid>``), which holds the login-side relay sockets.
@@ -19,12 +19,18 @@ from pathlib import Path
 from typing import Any
 
 from .errors import HpcKernelsError
+from .profiles import state_setting
 
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 MAX_UNIX_SOCKET_PATH = 107
 
 
 def state_root() -> Path:
+    """``paths.state`` of the site or the user (:func:`hpc_kernels.profiles.state_setting`),
+    else ``$XDG_DATA_HOME/hpc-kernels``."""
+    configured = state_setting()
+    if configured is not None:
+        return Path(configured[0])
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
     return Path(base) / "hpc-kernels"
 

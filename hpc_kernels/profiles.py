@@ -16,7 +16,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,8 @@ from .resources import data_dir
 from .runtimes import RUNTIME_KINDS
 
 SYSTEM_PROFILE_DIR = Path("/etc/hpc-kernels/profiles")
+# The site's settings that belong to no profile (where state lives): paths.state only.
+SITE_CONFIG = Path("/etc/hpc-kernels/config.yaml")
 
 _SLURM_TIME = re.compile(r"^(\d+-\d{1,2}(:\d{1,2}(:\d{1,2})?)?|\d+(:\d{1,2}(:\d{1,2})?)?)$")
 _SLURM_MEM = re.compile(r"^\d+[KMGT]?$")
@@ -177,6 +179,13 @@ def _gres(value: Any) -> str:
     return text
 
 
+def _state_path(value: Any) -> str:
+    text = _str(value)
+    if not (text.startswith("/") or text.startswith("$") or text.startswith("~")):
+        raise ValueError("expected an absolute path, which may use $USER or $HOME (e.g. /scratch/$USER/hpc-kernels)")
+    return text
+
+
 def _image(value: Any) -> str:
     text = _abs_path(value)
     if any(c.isspace() for c in text) or ":" in text:
@@ -253,6 +262,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "node_tmp": (_opt(_node_tmp), None),
         "python": (_opt(_abs_path), None),
         "templates": (_opt(_abs_path), None),
+        "state": (_opt(_state_path), None),
     },
     "relay": {
         "transport": (_one_of("srun"), "srun"),
@@ -311,18 +321,19 @@ def config_dir() -> Path:
     return Path(config) / "hpc-kernels"
 
 
-def search_path() -> list[Path]:
-    dirs = [Path(p) for p in os.environ.get("HPC_KERNELS_PROFILE_PATH", "").split(":") if p]
+def search_path(first: Sequence[Path] = ()) -> list[Path]:
+    """Where profiles are looked for, in order; ``first``: directories searched before all others."""
+    dirs = [*first, *(Path(p) for p in os.environ.get("HPC_KERNELS_PROFILE_PATH", "").split(":") if p)]
     dirs.append(config_dir() / "profiles")
     dirs.append(SYSTEM_PROFILE_DIR)
     dirs.append(data_dir("site-configs"))
     return dirs
 
 
-def available_profiles() -> dict[str, Path]:
+def available_profiles(first: Sequence[Path] = ()) -> dict[str, Path]:
     """Profile name -> the file that defines it (first on the search path wins)."""
     found: dict[str, Path] = {}
-    for d in search_path():
+    for d in search_path(first):
         if not d.is_dir():
             continue
         for f in sorted(d.glob("*.yaml")) + sorted(d.glob("*.yml")):
@@ -330,8 +341,8 @@ def available_profiles() -> dict[str, Path]:
     return found
 
 
-def find_profile(name: str) -> Path:
-    profiles = available_profiles()
+def find_profile(name: str, first: Sequence[Path] = ()) -> Path:
+    profiles = available_profiles(first)
     if name in profiles:
         return profiles[name]
     known = ", ".join(sorted(profiles)) or "(none)"
@@ -339,27 +350,19 @@ def find_profile(name: str) -> Path:
     did_you_mean = f" Did you mean {hint[0]!r}?" if hint else ""
     raise ProfileError(
         f"unknown profile {name!r}.{did_you_mean} Known profiles: {known}. "
-        f"Searched: {', '.join(str(d) for d in search_path())}"
+        f"Searched: {', '.join(str(d) for d in search_path(first))}"
     )
 
 
 def load_profile(name: str, environ: Mapping[str, str] | None = None) -> Profile:
-    """Profile ``name`` as a user gets it: the profile (with what it extends), then the user's
-    config file, then ``HPC_KERNELS_<SECTION>_<KEY>`` variables. Command-line flags come last
-    (:func:`apply_request`)."""
+    """Profile ``name`` as a user gets it: the profile (with what it extends), then the config
+    files (the site's, which holds only ``paths.state``, then the user's), then
+    ``HPC_KERNELS_<SECTION>_<KEY>`` variables. Command-line flags come last (:func:`apply_request`)."""
     path = find_profile(name)
     data, origins = _resolve(path)
-    config = user_config_path()
-    if config.is_file():
-        user, user_origins = _read_yaml(config)
-        if user is not None:
-            if not isinstance(user, dict):
-                raise ProfileError(f"{config}:1: expected a mapping of sections, as in a profile")
-            for key in ("extends", "description"):
-                if key in user:
-                    raise ProfileError(f"{user_origins[(key,)]}: {key}: not allowed in the user config file")
-            data = _deep_merge(data, user)
-            origins.update(user_origins)
+    for config, config_data, config_origins in _config_files():
+        data = _deep_merge(data, config_data)
+        origins.update(config_origins)
     for (section, key), (variable, value) in environment_overrides(os.environ if environ is None else environ).items():
         if data.get(section) is None:
             data[section] = {}
@@ -371,6 +374,61 @@ def load_profile(name: str, environ: Mapping[str, str] | None = None) -> Profile
 
 def user_config_path() -> Path:
     return config_dir() / "config.yaml"
+
+
+def _config_files() -> list[tuple[Path, dict[str, Any], Origins]]:
+    """The site's config file (only ``paths.state``), then the user's (any profile key, and
+    ``paths.state``): each file's data and origins, for the files that exist."""
+    out = []
+    for config, site in ((SITE_CONFIG, True), (user_config_path(), False)):
+        if not config.is_file():
+            continue
+        data, origins = _read_yaml(config)
+        if data is None:
+            continue
+        if not isinstance(data, dict):
+            raise ProfileError(f"{config}:1: expected a mapping of sections, as in a profile")
+        for key in ("extends", "description"):
+            if key in data:
+                raise ProfileError(f"{origins[(key,)]}: {key}: not allowed in a config file")
+        if site:
+            for section, values in data.items():
+                for key in values if isinstance(values, dict) else [None]:
+                    if (section, key) != ("paths", "state"):
+                        where = origins.get((section, str(key)), origins.get((section,), str(config)))
+                        raise ProfileError(f"{where}: {section}{'.' + str(key) if key else ''}: the site config holds "
+                                           "only paths.state; profile settings go in a profile")
+        out.append((config, data, origins))
+    return out
+
+
+def state_setting(environ: Mapping[str, str] | None = None) -> tuple[str, str] | None:
+    """Where kernels' state lives, if the site or the user says (``paths.state``): the path with
+    ``$USER``, ``$HOME`` and ``~`` expanded, and where it was set. None: the default
+    (``$XDG_DATA_HOME/hpc-kernels``). One setting for all profiles, since ``list`` must find
+    every kernel whatever profile started it: ``$HPC_KERNELS_PATHS_STATE``, else the user's
+    config file, else the site's (``/etc/hpc-kernels/config.yaml``)."""
+    environ = os.environ if environ is None else environ
+    found: tuple[Any, str] | None = None
+    if environ.get(ENVIRONMENT_PREFIX + "PATHS_STATE"):
+        found = (environ[ENVIRONMENT_PREFIX + "PATHS_STATE"], f"environment ({ENVIRONMENT_PREFIX}PATHS_STATE)")
+    else:
+        for config, data, origins in reversed(_config_files()):
+            paths = data.get("paths")
+            if isinstance(paths, dict) and paths.get("state") is not None:
+                found = (paths["state"], origins[("paths", "state")])
+                break
+    if found is None:
+        return None
+    value, where = found
+    try:
+        text = _state_path(value)
+    except ValueError as e:
+        raise ProfileError(f"{where}: paths.state: {value!r} is not valid: {e}") from None
+    expanded = os.path.expanduser(os.path.expandvars(text))
+    if "$" in expanded or not expanded.startswith("/"):
+        raise ProfileError(f"{where}: paths.state: {text!r} is {expanded!r} here: a variable in it is not set")
+    return os.path.normpath(expanded), where
 
 
 ENVIRONMENT_PREFIX = "HPC_KERNELS_"
@@ -457,14 +515,14 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _find_base(name: str, extender: Path) -> Path:
+def _find_base(name: str, extender: Path, first: Sequence[Path] = ()) -> Path:
     """The profile ``name`` that ``extender`` builds on. A profile that extends its own name
     shadows it: its base is the next one of that name on the search path (a user's ``gpu`` on
     top of the site's ``gpu``)."""
     if name != extender.stem:
-        return find_profile(name)
+        return find_profile(name, first)
     later = False
-    for directory in search_path():
+    for directory in search_path(first):
         for candidate in (directory / f"{name}.yaml", directory / f"{name}.yml"):
             if candidate.is_file():
                 if later:
@@ -475,7 +533,7 @@ def _find_base(name: str, extender: Path) -> Path:
                        "own name builds on the next profile of that name)")
 
 
-def _resolve(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], Origins]:
+def _resolve(path: Path, chain: tuple[Path, ...] = (), first: Sequence[Path] = ()) -> tuple[dict[str, Any], Origins]:
     """The profile at ``path`` with everything it ``extends`` merged under it."""
     if path in chain:
         cycle = " -> ".join(p.stem for p in (*chain, path))
@@ -485,6 +543,11 @@ def _resolve(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], 
         data = {}
     if not isinstance(data, dict):
         raise ProfileError(f"{path}:1: expected a mapping of sections ({', '.join(sorted(_TOP_LEVEL))})")
+    paths = data.get("paths")
+    if isinstance(paths, dict) and "state" in paths:
+        raise ProfileError(f"{origins[('paths', 'state')]}: paths.state: not a profile setting: every kernel's "
+                           f"state must be found whatever profile started it; set it in {SITE_CONFIG} "
+                           "(the site) or ~/.config/hpc-kernels/config.yaml (a user)")
     base_name = data.pop("extends", None)
     if base_name is None:
         return data, origins
@@ -492,18 +555,20 @@ def _resolve(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], 
     if not isinstance(base_name, str) or not base_name:
         raise ProfileError(f"{where}: extends: {base_name!r} is not valid: expected the name of another profile")
     try:
-        base_path = _find_base(base_name, path)
+        base_path = _find_base(base_name, path, first)
     except ProfileError as e:
         raise ProfileError(f"{where}: extends: {e}") from None
-    base, base_origins = _resolve(base_path, (*chain, path))
+    base, base_origins = _resolve(base_path, (*chain, path), first)
     base.pop("description", None)  # a description is the profile's own, never inherited
     merged_origins = {k: v for k, v in base_origins.items() if k[:1] != ("description",)}
     merged_origins.update({k: v for k, v in origins.items() if k != ("extends",)})
     return _deep_merge(base, data), merged_origins
 
 
-def parse_profile(path: Path) -> Profile:
-    data, origins = _resolve(path)
+def parse_profile(path: Path, first: Sequence[Path] = ()) -> Profile:
+    """The profile in file ``path`` alone (no config files, no environment); the profiles it
+    extends are looked for in ``first``, then on the search path."""
+    data, origins = _resolve(path, first=first)
     return validate_profile(data, path, origins)
 
 

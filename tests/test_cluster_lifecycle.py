@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -354,3 +355,25 @@ def test_a_failing_kernel_in_an_allocation_stops_its_step_not_the_allocation(
         assert f"hk-{name}" not in run(["squeue", "-h", "-s", "-j", allocation, "-o", "%j"]).stdout.split()
     finally:
         run(["scancel", allocation], check=False)
+
+
+def test_state_lives_where_paths_state_says(cluster: None, workspace: Path) -> None:
+    """`paths.state` (here from the environment; a site sets it in /etc/hpc-kernels/config.yaml):
+    every command finds the kernel there, and the default root holds nothing of it."""
+    root = Path.home() / f"hk-alt-state-{uuid.uuid4().hex[:6]}"
+    env = {"HPC_KERNELS_PATHS_STATE": str(root)}
+    name = f"alt-{uuid.uuid4().hex[:6]}"
+    try:
+        hk("submit", "-p", "local", "-n", name, "--workspace", str(workspace), env=env)
+        assert (root / "kernels" / name / "record.json").is_file()
+        assert not (STATE_ROOT / name).exists()
+        assert f"--chdir={root}/kernels/{name}" in (root / "kernels" / name / "job.sh").read_text()
+        assert hk("exec", name, "print(6 * 7)", env=env).stdout.strip() == "42"
+        assert name in hk("list", env=env).stdout and name not in hk("list").stdout
+        refused = hk("submit", "-p", "local", "-n", "x", "--workspace", str(root), env=env, check=False)
+        assert refused.returncode == 1 and f"would show the kernel {root}" in refused.stderr
+        hk("shutdown", name, env=env)
+        assert not (root / "kernels" / name).exists()
+    finally:
+        hk("shutdown", name, env=env, check=False)
+        shutil.rmtree(root, ignore_errors=True)

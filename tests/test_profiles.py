@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from hpc_kernels import profiles
 from hpc_kernels.errors import ProfileError
+from hpc_kernels.paths import state_root
 from hpc_kernels.profiles import (
     KernelRequest,
     apply_request,
@@ -236,7 +238,7 @@ def test_user_config_may_not_extend(profile_dir: Path) -> None:
     config = profile_dir / "no-user-config" / "hpc-kernels" / "config.yaml"
     config.parent.mkdir(parents=True)
     config.write_text("slurm: {cpus: 2}\nextends: local\n")
-    with pytest.raises(ProfileError, match=f"^{config}:2: extends: not allowed in the user config file"):
+    with pytest.raises(ProfileError, match=f"^{config}:2: extends: not allowed in a config file"):
         load_profile("local", {})
 
 
@@ -381,3 +383,63 @@ def test_gpus_and_image_flags_override_the_profile() -> None:
         apply_request(load_profile("local"), KernelRequest(name="k", gpus="lots"))
     with pytest.raises(ProfileError, match=r"runtime.image: only used with runtime.kind apptainer"):
         apply_request(load_profile("local"), KernelRequest(name="k", image="/other.sif"))
+
+
+# --- where state lives: paths.state, one setting for all profiles ---------------------------------
+
+
+@pytest.fixture
+def site_config(profile_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = profile_dir / "etc-hpc-kernels-config.yaml"
+    monkeypatch.setattr(profiles, "SITE_CONFIG", path)
+    monkeypatch.delenv("HPC_KERNELS_PATHS_STATE", raising=False)
+    return path
+
+
+def user_config(profile_dir: Path, text: str) -> Path:
+    config = profile_dir / "no-user-config" / "hpc-kernels" / "config.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(text)
+    return config
+
+
+def test_state_defaults_to_xdg_data_home(site_config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_DATA_HOME", "/data/u")
+    assert profiles.state_setting() is None
+    assert state_root() == Path("/data/u/hpc-kernels")
+
+
+def test_state_from_site_then_user_then_environment(site_config: Path, profile_dir: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("USER", "alice")
+    site_config.write_text("paths:\n  state: /scratch/$USER/hpc-kernels\n")
+    assert profiles.state_setting() == ("/scratch/alice/hpc-kernels", f"{site_config}:2")
+    assert state_root() == Path("/scratch/alice/hpc-kernels")
+    config = user_config(profile_dir, "slurm: {cpus: 2}\npaths: {state: /work/alice/hk}\n")
+    assert profiles.state_setting() == ("/work/alice/hk", f"{config}:2")
+    monkeypatch.setenv("HPC_KERNELS_PATHS_STATE", "/elsewhere")
+    assert profiles.state_setting() == ("/elsewhere", "environment (HPC_KERNELS_PATHS_STATE)")
+    shown = load_profile("local")
+    assert shown.get("paths", "state") == "/elsewhere", "profiles show tells the same story"
+
+
+def test_state_is_not_a_profile_setting(site_config: Path, profile_dir: Path) -> None:
+    path = write(profile_dir, "mine", "slurm: {cpus: 2}\npaths:\n  state: /scratch/x\n")
+    with pytest.raises(ProfileError, match=rf"^{path}:3: paths.state: not a profile setting"):
+        parse_profile(path)
+
+
+def test_the_site_config_holds_only_the_state(site_config: Path) -> None:
+    site_config.write_text("paths:\n  state: /scratch/x\nslurm:\n  partition: gpu\n")
+    with pytest.raises(ProfileError, match=rf"^{site_config}:4: slurm.partition: the site config holds only paths.state"):
+        load_profile("local")
+
+
+@pytest.mark.parametrize("value, message", [
+    ("relative/dir", "expected an absolute path"),
+    ("/scratch/$NO_SUCH_VARIABLE_HK/x", "a variable in it is not set"),
+])
+def test_a_bad_state_setting_names_the_file_and_line(site_config: Path, value: str, message: str) -> None:
+    site_config.write_text(f"# site\npaths:\n  state: {value}\n")
+    with pytest.raises(ProfileError, match=rf"^{site_config}:3: paths.state: .*{message}"):
+        profiles.state_setting()
