@@ -39,11 +39,11 @@ from .processes import cmdline, descendants, identity, is_running, start_time
 from .relay import connection_info, socket_paths
 from .runtimes import (
     SandboxSpec,
-    apptainer_argv,
     apptainer_process_environment,
-    bwrap_argv,
     gpu_device_paths,
     has_gpus,
+    kernel_argv,
+    sandbox_argv,
     sandbox_environment,
 )
 from .state import KernelFiles
@@ -178,10 +178,8 @@ class Agent:
             gpus=gpus,
             gpu_devices=gpu_device_paths(os.environ, glob.glob("/dev/nvidia*")) if gpus else (),
         )
-        kernel_argv = [
-            arg.format(python=launch["kernel_python"], connection_file=str(connection_file))
-            for arg in launch["kernel_command"]
-        ]
+        command = kernel_argv(launch["kernel_command"], python=launch["kernel_python"],
+                              connection_file=str(connection_file))
         kind = launch["runtime"]
         executable = launch.get("runtime_executable") or kind
         found = shutil.which(executable)
@@ -191,14 +189,14 @@ class Agent:
                              "with slurm.modules")
         env = sandbox_environment(os.environ, launch.get("kernel_env", {}))
         if kind == "bwrap":
-            return bwrap_argv(spec, kernel_argv, bwrap=found), env
+            return sandbox_argv(kind, spec, command, executable=found), env
         image = launch["image"]
         if not os.path.exists(image):
             raise AgentError(f"runtime.image {image} does not exist on {self.node}: kernel images must be on a "
                              "file system the compute nodes share")
         empty = self.node_dir / "empty"
         empty.mkdir(mode=0o500)
-        argv = apptainer_argv(spec, kernel_argv, image, apptainer=found, empty_dir=str(empty))
+        argv = sandbox_argv(kind, spec, command, executable=found, image=image, empty_dir=str(empty))
         return argv, apptainer_process_environment(os.environ, env)
 
     def _forward_stderr(self, stream: Any) -> None:

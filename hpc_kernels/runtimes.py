@@ -148,6 +148,23 @@ def apptainer_argv(spec: SandboxSpec, kernel_argv: Sequence[str], image: str, ap
     return argv
 
 
+def kernel_argv(command: Sequence[str], *, python: str, connection_file: str) -> list[str]:
+    """The profile's ``kernel.command`` with ``{python}`` and ``{connection_file}`` filled in."""
+    return [arg.format(python=python, connection_file=connection_file) for arg in command]
+
+
+def sandbox_argv(kind: str, spec: SandboxSpec, kernel_argv: Sequence[str], *, executable: str,
+                 image: str | None = None, empty_dir: str | None = None) -> list[str]:
+    """The command line of runtime ``kind`` (``bwrap`` or ``apptainer``) for ``kernel_argv``."""
+    if kind == "bwrap":
+        return bwrap_argv(spec, kernel_argv, bwrap=executable)
+    if kind == "apptainer":
+        if not image:
+            raise ValueError("the apptainer runtime needs an image")
+        return apptainer_argv(spec, kernel_argv, image, apptainer=executable, empty_dir=empty_dir)
+    raise ValueError(f"unknown runtime {kind!r}")
+
+
 def gpu_device_paths(job_env: Mapping[str, str], existing: Sequence[str]) -> list[str]:
     """The device nodes of the GPUs Slurm allocated to this step (``SLURM_STEP_GPUS``, in a batch
     step ``SLURM_JOB_GPUS``: indices into gres.conf's ``File=/dev/nvidia[...]``), with the control

@@ -1,44 +1,118 @@
-"""Golden files: the exact batch script of every shipped profile.
+"""Golden files: the exact batch script of every shipped profile, and what every profile would run
+on a node with either runtime, with and without a GPU.
 
-A change to a template or to a shipped profile shows up here as a diff to review. After a
-deliberate change, regenerate with ``UPDATE_GOLDEN=1 pytest tests/test_golden_scripts.py`` and
-commit the new files with the change. The runtime (bubblewrap or Apptainer) does not show in the
-script (the node agent reads it from launch.json); GPU requests do, in one --gres line.
+A change to a template, a shipped profile or a runtime's command line shows up here as a diff to
+review. After a deliberate change, regenerate with ``UPDATE_GOLDEN=1 pytest tests/test_golden_scripts.py``
+and commit the new files with the change.
+
+- ``golden/<profile>.sbatch`` and ``.step``: the profile as shipped, as a new job and as a step of
+  the user's allocation (job 4242 here).
+- ``golden/matrix/<profile>.<bwrap|apptainer>.<cpu|gpu>``: the profile turned to that runtime (an
+  example image where it has none) and to one GPU or none: the batch script, the agent's
+  launch.json, and the runtime command line the agent builds from them on a node where Slurm
+  allocated GPU 0.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import shlex
 from pathlib import Path
 
 import pytest
 
-from hpc_kernels.profiles import parse_profile
+from hpc_kernels import profiles
+from hpc_kernels.launcher import launch_spec
+from hpc_kernels.profiles import KernelRequest, Profile, parse_profile
 from hpc_kernels.render import render_kernel_script
 from hpc_kernels.resources import data_dir
+from hpc_kernels.runtimes import SandboxSpec, gpu_device_paths, kernel_argv, sandbox_argv
 
 GOLDEN = Path(__file__).parent / "golden"
+MATRIX = GOLDEN / "matrix"
 SHIPPED = sorted(p.stem for p in data_dir("site-configs").glob("*.yaml"))
-STATE = Path("/home/user/.local/share/hpc-kernels/kernels/golden")
+HOME = "/home/user"
+STATE = Path(f"{HOME}/.local/share/hpc-kernels/kernels/golden")
+PYTHON = "/opt/hpc-kernels/venv/bin/python3"
+EXAMPLE_IMAGE = "/shared/images/kernel.sif"
+NODE_DIR = "/tmp/hk-4242-golden"
+
+
+@pytest.fixture(autouse=True)
+def fixed_user(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The same home, state root and no config files, whoever runs the tests."""
+    monkeypatch.setenv("HOME", HOME)
+    monkeypatch.setenv("XDG_DATA_HOME", f"{HOME}/.local/share")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "no-config"))
+    monkeypatch.delenv("HPC_KERNELS_PATHS_STATE", raising=False)
+    monkeypatch.setattr(profiles, "SITE_CONFIG", tmp_path / "no-site-config.yaml")
+
+
+def shipped(name: str) -> Profile:
+    profile = parse_profile(data_dir("site-configs") / f"{name}.yaml")
+    return dataclasses.replace(profile, source=Path("site-configs") / f"{name}.yaml")
+
+
+def script(profile: Profile, allocation: str | None = None) -> str:
+    return render_kernel_script(profile, kernel_name="golden", state_dir=STATE, log_path=STATE / "job.log",
+                                python=PYTHON, allocation=allocation)
+
+
+def check(golden: Path, text: str) -> None:
+    if os.environ.get("UPDATE_GOLDEN"):
+        golden.parent.mkdir(exist_ok=True)
+        golden.write_text(text)
+    assert text == golden.read_text()
 
 
 def test_every_shipped_profile_has_golden_files() -> None:
     assert SHIPPED, "no shipped profiles found"
     for suffix in ("sbatch", "step"):
         assert sorted(p.name.removesuffix(f".{suffix}") for p in GOLDEN.glob(f"*.{suffix}")) == SHIPPED
+    expected = sorted(f"{n}.{r}.{d}" for n in SHIPPED for r in ("bwrap", "apptainer") for d in ("cpu", "gpu"))
+    assert sorted(p.name for p in MATRIX.iterdir()) == expected
 
 
 @pytest.mark.parametrize("mode", ["sbatch", "step"])
 @pytest.mark.parametrize("name", SHIPPED)
 def test_script_matches_golden_file(name: str, mode: str) -> None:
-    """``sbatch``: a new job; ``step``: a step of the user's allocation (job 4242 here)."""
-    profile = parse_profile(data_dir("site-configs") / f"{name}.yaml")
-    profile = dataclasses.replace(profile, source=Path("site-configs") / f"{name}.yaml")
-    script = render_kernel_script(profile, kernel_name="golden", state_dir=STATE, log_path=STATE / "job.log",
-                                  python="/opt/hpc-kernels/venv/bin/python3",
-                                  allocation="4242" if mode == "step" else None)
-    golden = GOLDEN / f"{name}.{mode}"
-    if os.environ.get("UPDATE_GOLDEN"):
-        golden.write_text(script)
-    assert script == golden.read_text()
+    check(GOLDEN / f"{name}.{mode}", script(shipped(name), "4242" if mode == "step" else None))
+
+
+def variant(profile: Profile, runtime: str, device: str) -> Profile:
+    settings = {section: dict(values) for section, values in profile.settings.items()}
+    settings["runtime"]["kind"] = runtime
+    settings["runtime"]["image"] = (profile.get("runtime", "image") or EXAMPLE_IMAGE) if runtime == "apptainer" else None
+    settings["slurm"]["gpus"] = (profile.get("slurm", "gpus") or "1") if device == "gpu" else None
+    return dataclasses.replace(profile, settings=settings)
+
+
+def one_per_line(argv: list[str]) -> str:
+    """The command line, a new line before each option, as a person would write it."""
+    out = shlex.quote(argv[0])
+    for arg in argv[1:]:
+        out += (" \\\n    " if arg.startswith("--") else " ") + shlex.quote(arg)
+    return out
+
+
+@pytest.mark.parametrize("device", ["cpu", "gpu"])
+@pytest.mark.parametrize("runtime", ["bwrap", "apptainer"])
+@pytest.mark.parametrize("name", SHIPPED)
+def test_launch_matrix_matches_golden_file(name: str, runtime: str, device: str) -> None:
+    profile = variant(shipped(name), runtime, device)
+    launch = launch_spec(profile, KernelRequest(name="golden", workspace=f"{HOME}/project"), PYTHON)
+    gpus = device == "gpu"
+    spec = SandboxSpec(node_dir=NODE_DIR, hide=launch["hide"], workspace=launch["workspace"],
+                       workspace_rw=launch["workspace_rw"], binds=launch["binds"], gpus=gpus,
+                       gpu_devices=gpu_device_paths({"SLURM_JOB_GPUS": "0"}, ["/dev/nvidia0", "/dev/nvidiactl"])
+                       if gpus else ())
+    command = kernel_argv(launch["kernel_command"], python=launch["kernel_python"],
+                          connection_file=f"{NODE_DIR}/kernel.json")
+    argv = sandbox_argv(runtime, spec, command, executable=launch["runtime_executable"] or runtime,
+                        image=launch["image"], empty_dir=f"{NODE_DIR}/empty")
+    text = (script(profile) + "\n# ---- launch.json (the agent's instructions; no secret in it)\n"
+            + json.dumps(launch, indent=2, sort_keys=True) + "\n\n# ---- the runtime command line on the node\n"
+            + one_per_line(argv) + "\n")
+    check(MATRIX / f"{name}.{runtime}.{device}", text)
