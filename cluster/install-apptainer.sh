@@ -46,8 +46,9 @@ EOF
 }
 
 unpack() {
-    local tmp deb
+    local deb
     tmp=$(mktemp -d "$(dirname "$PREFIX")/.apptainer.XXXXXX")
+    trap 'rm -rf "$tmp"' EXIT      # a failed unpack leaves nothing behind
     for deb in "$DEBS"/*.deb; do dpkg-deb -x "$deb" "$tmp"; done
     local loader=$PREFIX/$LIB/ld-linux-x86-64.so.2
     for exe in usr/bin/apptainer "$LIB/apptainer/bin/starter"; do
@@ -63,6 +64,7 @@ unpack() {
     chmod -R a+rX "$tmp"
     rm -rf "$PREFIX"
     mv "$tmp" "$PREFIX"
+    trap - EXIT
 }
 
 main() {

@@ -32,6 +32,7 @@ checks_out() {
 build() {
     local out=$1 work
     work=$(mktemp -d "$HK_CACHE/images/build.XXXXXX")
+    trap 'rm -rf "$work"' EXIT      # a failed or interrupted build leaves nothing behind
     chown "$BUILDER" "$work"
     hk_log "building the kernel image as $BUILDER (about 2 minutes; cached afterwards)"
     if ! (cd "$work" && runuser -u "$BUILDER" -- env "PATH=$PATH" HOME="$(getent passwd "$BUILDER" | cut -d: -f6)" \
@@ -42,6 +43,7 @@ build() {
     fi
     install -m 0644 -o root -g root "$work/kernel.sif" "$out"
     rm -rf "$work"
+    trap - EXIT
 }
 
 main() {
@@ -67,6 +69,7 @@ main() {
     # runs those as they are), made from the real one with ipykernel taken out.
     local work
     work=$(mktemp -d "$HK_CACHE/images/sandbox.XXXXXX")
+    trap 'rm -rf "$work"' EXIT
     chown "$BUILDER" "$work"
     runuser -u "$BUILDER" -- "$APPTAINER" -s build --sandbox "$work/no-ipykernel" "$HK_IMAGES/kernel.sif" ||
         hk_die "could not unpack $HK_IMAGES/kernel.sif"
@@ -76,6 +79,7 @@ main() {
     rm -rf "$HK_IMAGES/no-ipykernel"
     mv "$work/no-ipykernel" "$HK_IMAGES/no-ipykernel"
     rm -rf "$work"
+    trap - EXIT
     echo "$key" >"$HK_IMAGES/kernel.sif.key"
 }
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import glob
 import os
 import re
@@ -35,7 +36,7 @@ from types import FrameType
 from typing import Any
 
 from .paths import check_socket_path, exposes_private_files, read_json, write_json
-from .processes import cmdline, descendants, identity, is_running, start_time
+from .processes import cmdline, descendants, identity, is_running
 from .relay import connection_info, socket_paths
 from .runtimes import (
     SandboxSpec,
@@ -49,6 +50,7 @@ from .runtimes import (
 from .state import KernelFiles
 
 STDERR_TAIL_LINES = 40
+PR_SET_CHILD_SUBREAPER = 36
 KERNEL_STOP_SECONDS = 5.0
 # What the runtime says of itself on every start: not a reason for a failure.
 _NOISE = ("INFO:", "INFO :")
@@ -104,6 +106,8 @@ class Agent:
             write_json(
                 self.files.agent,
                 {"state": state, "node": self.node, "job_id": self.job_id, **identity(),
+                 # Slurm's name for the node (srun --nodelist); the host name may differ (a FQDN)
+                 "slurm_node": os.environ.get("SLURMD_NODENAME"),
                  "node_dir": str(self.node_dir) if self.node_dir else None, "time": time.time(), **extra},
             )
         except OSError as e:
@@ -169,6 +173,10 @@ class Agent:
             if why:
                 raise AgentError(f"refused on {self.node}: {why}")
         gpus = has_gpus(os.environ)
+        devices = gpu_device_paths(os.environ, glob.glob("/dev/nvidia*")) if gpus else []
+        if gpus and not any(d.removeprefix("/dev/nvidia").isdigit() for d in devices):
+            _say(f"Slurm allocated GPUs ({os.environ.get('SLURM_STEP_GPUS') or os.environ.get('SLURM_JOB_GPUS')}) "
+                 "but no /dev/nvidiaN matches them: bubblewrap binds no GPU (only NVIDIA GPUs are known)")
         spec = SandboxSpec(
             node_dir=str(self.node_dir),
             hide=hide,
@@ -176,9 +184,9 @@ class Agent:
             workspace_rw=bool(launch.get("workspace_rw")),
             binds=binds,
             gpus=gpus,
-            gpu_devices=gpu_device_paths(os.environ, glob.glob("/dev/nvidia*")) if gpus else (),
+            gpu_devices=devices,
         )
-        command = kernel_argv(launch["kernel_command"], python=launch["kernel_python"],
+        command = kernel_argv(launch["kernel_command"], python=launch.get("kernel_python", launch["python"]),
                               connection_file=str(connection_file))
         kind = launch["runtime"]
         executable = launch.get("runtime_executable") or kind
@@ -204,8 +212,11 @@ class Agent:
         the failure message (Apptainer's FATAL lines, a Python traceback)."""
         try:
             for raw in iter(stream.readline, b""):
-                sys.stderr.buffer.write(raw)
-                sys.stderr.flush()
+                try:
+                    sys.stderr.buffer.write(raw)
+                    sys.stderr.flush()
+                except OSError:
+                    pass  # a full disk must not stop the reading: the kernel would block on stderr
                 line = _ANSI_COLOUR.sub("", raw.decode(errors="replace")).rstrip()
                 if line:
                     self.stderr_tail.append(line)
@@ -234,6 +245,7 @@ class Agent:
             time.sleep(0.02)
 
     def run(self) -> int:
+        _become_subreaper()
         for sig in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, self.on_signal)
         signal.signal(signal.SIGINT, self.on_interrupt)
@@ -273,19 +285,21 @@ class Agent:
     def cleanup(self) -> None:
         if self.kernel is not None and self.kernel.poll() is None:
             # SIGTERM first: Apptainer's starter passes it on to the container, which then ends
-            # whole. Its processes live in their own PID namespace and would outlive a SIGKILLed
-            # starter, so whatever is left after the grace period is killed one by one.
-            below = [(pid, start_time(pid)) for pid in descendants(self.kernel.pid)]
+            # whole; bwrap's sandbox dies with bwrap.
             self.kernel.terminate()
             try:
                 self.kernel.wait(KERNEL_STOP_SECONDS)
             except subprocess.TimeoutExpired:
                 self.kernel.kill()
                 self.kernel.wait()
-            for pid, started in below:
-                if start_time(pid) == started:  # still that process, not a reused pid
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
+        # The agent is a child subreaper (see run): whatever the runtime left behind (a container's
+        # init in its own PID namespace outlives a killed starter) is below us. End it all.
+        for pid in descendants(os.getpid()):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                pass
         if self.node_dir is not None:
             shutil.rmtree(self.node_dir, ignore_errors=True)
 
@@ -305,6 +319,15 @@ def send_interrupt(state_dir: Path) -> int:
         return 1
     os.kill(int(agent["pid"]), signal.SIGINT)
     return 0
+
+
+def _become_subreaper() -> None:
+    """Orphans below the agent are re-parented to it, not to the node's init (Linux >= 3.4)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -258,7 +258,10 @@ def cmd_image_build(args: argparse.Namespace) -> int:
     if args.definition:
         if args.source or args.packages:
             raise HpcKernelsError("--definition FILE is the whole recipe: it goes without --from and --package")
-        definition = Path(args.definition).read_text()
+        try:
+            definition = Path(args.definition).read_text()
+        except OSError as e:
+            raise HpcKernelsError(f"--definition {args.definition}: {e.strerror}") from None
     else:
         definition = image_definition(args.source, mirror=args.mirror, packages=args.packages or ())
     if args.print_definition:

@@ -25,14 +25,16 @@ from pathlib import Path
 from . import __version__
 from .errors import HpcKernelsError
 from .render import template_environment
+from .runtimes import SANDBOX_HOME, apptainer_process_environment
 
 DEFINITION_TEMPLATE = "kernel-image.def.j2"
 DEFAULT_SUITE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 # Sources Apptainer can bootstrap from, by URI scheme.
 _URI_BOOTSTRAPS = {"docker": "docker", "oras": "oras", "library": "library", "docker-archive": "docker-archive"}
-_WORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+\-]*$")
-_SAFE = re.compile(r"^[A-Za-z0-9_.,:/@%+=~\-]+$")
+# Matched whole (fullmatch): nothing may end a line of the definition and start another.
+_WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+\-]*")
+_SAFE = re.compile(r"[A-Za-z0-9_.,:/@%+=~\-]+")
 MIN_IPYKERNEL = (6, 0)
 
 # Run inside the image: what a kernel needs, as JSON on stdout.
@@ -63,25 +65,25 @@ def image_definition(source: str | None = None, *, mirror: str = DEFAULT_MIRROR,
     source = source or DEFAULT_SUITE
     scheme, sep, rest = source.partition("://")
     if sep:
-        if scheme not in _URI_BOOTSTRAPS or not rest or not _SAFE.match(rest):
+        if scheme not in _URI_BOOTSTRAPS or not rest or not _SAFE.fullmatch(rest):
             raise HpcKernelsError(f"--from {source!r}: expected a Debian suite, an absolute path, or a URI "
                                   f"({', '.join(s + '://' for s in _URI_BOOTSTRAPS)})")
         bootstrap, source = _URI_BOOTSTRAPS[scheme], rest
     elif source.startswith("/"):
-        if not _SAFE.match(source):
+        if not _SAFE.fullmatch(source):
             raise HpcKernelsError(f"--from {source!r}: the path may not contain spaces or quotes")
         if not os.path.exists(source):
             raise HpcKernelsError(f"--from {source}: no such image or directory")
         bootstrap = "localimage"
-    elif _WORD.match(source):
+    elif _WORD.fullmatch(source):
         bootstrap = "debootstrap"
     else:
         raise HpcKernelsError(f"--from {source!r}: expected a Debian suite (e.g. bookworm), an absolute path "
                               "to an image, or a URI such as docker://python:3.12-slim")
-    if not _SAFE.match(mirror):
+    if not _SAFE.fullmatch(mirror):
         raise HpcKernelsError(f"--mirror {mirror!r}: expected a URL")
     for package in packages:
-        if not _WORD.match(package):
+        if not _WORD.fullmatch(package):
             raise HpcKernelsError(f"--package {package!r}: expected a Debian package name")
     if packages and bootstrap != "debootstrap":
         raise HpcKernelsError("--package adds Debian packages to a debootstrap build; with --from an image, "
@@ -103,7 +105,10 @@ def build_image(output: Path, definition: str, *, apptainer: str = "apptainer") 
     output = output.resolve()
     if output.suffix != ".sif":
         raise HpcKernelsError(f"{output}: an image file name ends in .sif")
-    output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise HpcKernelsError(f"cannot create {output.parent}: {e.strerror}") from None
     with tempfile.TemporaryDirectory(prefix="hk-image-") as work:
         definition_path = Path(work) / "kernel.def"
         definition_path.write_text(definition)
@@ -134,8 +139,9 @@ class ImageReport:
 
 
 def check_argv(apptainer: str, image: str, python: str = "python3") -> list[str]:
-    """Start the image as the agent will (contained, no home, clean environment, no network)."""
-    return [apptainer, "exec", "--containall", "--no-home", "--cleanenv", "--net", "--network", "none",
+    """Start the image as the agent does (runtimes.apptainer_argv, without the binds)."""
+    return [apptainer, "exec", "--containall", "--no-home", "--home", SANDBOX_HOME, "--cleanenv",
+            "--net", "--network", "none", "--no-mount", "bind-paths", "--pwd", SANDBOX_HOME,
             image, python, "-c", PROBE]
 
 
@@ -160,8 +166,12 @@ def check_image(image: str, *, apptainer: str = "apptainer", python: str = "pyth
     if not os.path.exists(image):
         return ImageReport(image, problems=[f"{image} does not exist"])
     executable = _find(apptainer)
-    proc = subprocess.run(check_argv(executable, image, python), capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+    try:
+        proc = subprocess.run(check_argv(executable, image, python), capture_output=True, text=True,
+                              timeout=timeout, stdin=subprocess.DEVNULL,
+                              env=apptainer_process_environment(os.environ, {}))
+    except subprocess.TimeoutExpired:
+        return ImageReport(image, problems=[f"{python} in the image did not answer within {timeout:.0f} s"])
     lines = proc.stdout.strip().splitlines()
     try:
         info = json.loads(lines[-1]) if lines else None

@@ -232,6 +232,9 @@ def resolve_request(profile_name: str, request: KernelRequest) -> Profile:
                 "and has what the allocation has; use --new-job to submit a job with these")
     profile = apply_request(load_profile(profile_name), request)
     private = private_paths()
+    if request.workspace and profile.get("runtime", "kind") == "apptainer" and any(c in request.workspace for c in ",:"):
+        raise HpcKernelsError(f"workspace {request.workspace}: Apptainer cannot bind a path with ',' or ':' in it "
+                              "(they separate its --bind fields); choose or link another directory")
     if request.workspace:
         why = exposes_private_files(request.workspace, *private)
         if why:
@@ -498,8 +501,13 @@ def interrupt(name: str) -> str:
     launch = read_json(files.launch) or {}
     argv = srun_into_job(str(record.job_id), [launch.get("python", sys.executable), "-m", "hpc_kernels.agent",
                                               "interrupt", str(files.dir)],
-                         export=NODE_STEP_ENVIRONMENT, node=current.node)
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=INTERRUPT_TIMEOUT, stdin=subprocess.DEVNULL)
+                         export=NODE_STEP_ENVIRONMENT, node=current.agent.get("slurm_node"))
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=INTERRUPT_TIMEOUT,
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise HpcKernelsError(f"could not interrupt kernel {name}: the step on {current.node} did not run within "
+                              f"{INTERRUPT_TIMEOUT:.0f} s") from None
     if proc.returncode != 0:
         said = (proc.stderr or proc.stdout).strip()
         raise HpcKernelsError(f"could not interrupt kernel {name} on {current.node}: {said or f'exit code {proc.returncode}'}")

@@ -46,6 +46,33 @@ def runtime_root() -> Path:
     return Path(tempfile.gettempdir()) / f"hpc-kernels-{os.getuid()}"
 
 
+def ensure_kernels_root() -> Path:
+    """The state root and its ``kernels/`` directory, both private to us, under parents that no
+    one else can write to (else another user could swap a directory of ours for theirs and
+    read the keys or change the job scripts)."""
+    root = state_root()
+    check_parents_private(root)
+    ensure_private_dir(root)
+    return ensure_private_dir(root / "kernels")
+
+
+def check_parents_private(path: Path) -> None:
+    """Refuse ``path`` if a directory above it (symlinks resolved) belongs to another user (root
+    aside), or is writable by others without the sticky bit (as /tmp and /scratch have)."""
+    parent = Path(os.path.realpath(path)).parent
+    for directory in [parent, *parent.parents]:
+        try:
+            st = os.stat(directory)
+        except FileNotFoundError:
+            continue
+        if st.st_uid not in (0, os.getuid()):
+            raise HpcKernelsError(f"state directory {path}: {directory} belongs to uid {st.st_uid}, not to you or root; "
+                                  "choose a place of your own for paths.state (e.g. /scratch/$USER/hpc-kernels)")
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX and st.st_uid != os.getuid():
+            raise HpcKernelsError(f"state directory {path}: {directory} is writable by other users "
+                                  f"(mode {stat.S_IMODE(st.st_mode):o}, no sticky bit); choose a place of your own")
+
+
 def ensure_private_dir(path: Path) -> Path:
     """Create ``path`` (and parents) and make sure it is a directory owned by us with mode 0700.
 

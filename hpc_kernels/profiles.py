@@ -38,7 +38,7 @@ _SBATCH_OPTION = re.compile(r"^--[A-Za-z][A-Za-z0-9\-]*(=[A-Za-z0-9_.,:=/@%+\-\[
 _MODULE_NAME = re.compile(r"^[A-Za-z0-9_.+/\-]+$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _CONSTRAINT = re.compile(r"^[A-Za-z0-9_.&|\[\]*:!(),\-]+$")
-_BIND = re.compile(r"^(/[^:\s]*)(:(ro|rw))?$")
+_BIND = re.compile(r"(/[^:,\s]*)(:(ro|rw))?")  # fullmatch; ',' and ':' would split Apptainer's --bind
 _GRES = re.compile(r"^[A-Za-z0-9_.\-]+(:[A-Za-z0-9_.\-]+)*$")
 _GPUS = re.compile(r"^([A-Za-z0-9_.\-]+:)?[1-9][0-9]*$")
 _KERNEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,39}$")
@@ -157,8 +157,9 @@ def _node_tmp(value: Any) -> str:
 
 def _bind(value: Any) -> str:
     text = _str(value)
-    if not _BIND.match(text) or ".." in text.split("/"):
-        raise ValueError("expected an absolute path, optionally followed by :ro or :rw (e.g. /datasets:ro)")
+    if not _BIND.fullmatch(text) or ".." in text.split("/"):
+        raise ValueError("expected an absolute path without ',' or ':', optionally followed by :ro or :rw "
+                         "(e.g. /datasets:ro)")
     return text
 
 

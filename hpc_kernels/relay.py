@@ -179,7 +179,7 @@ async def _serve_login(files: KernelFiles, ready: Callable[[str], None]) -> int:
 
     argv = srun_into_job(
         record["job_id"], [launch["python"], "-m", "hpc_kernels.relay", "node", agent["node_dir"]],
-        export=NODE_STEP_ENVIRONMENT, node=agent.get("node"),
+        export=NODE_STEP_ENVIRONMENT, node=agent.get("slurm_node"),
     )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import KernelNotFound
-from .paths import ensure_private_dir, kernels_root, read_json, write_json
+from .paths import ensure_kernels_root, kernels_root, read_json, write_json
 
 
 @dataclass
@@ -79,7 +79,7 @@ def kernel_files(name: str) -> KernelFiles:
 @contextmanager
 def locked(name: str) -> Iterator[None]:
     """Hold the per-kernel lock (blocking) for the duration of the block."""
-    root = ensure_private_dir(kernels_root())
+    root = ensure_kernels_root()
     fd = os.open(root / f".{name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -89,7 +89,7 @@ def locked(name: str) -> Iterator[None]:
 
 
 def create_kernel_dir(name: str) -> KernelFiles:
-    ensure_private_dir(kernels_root())
+    ensure_kernels_root()
     files = kernel_files(name)
     files.dir.mkdir(mode=0o700)
     return files

@@ -202,3 +202,19 @@ def test_login_side_sockets_refuse_another_uid_even_if_reachable(tmp_path: Path)
     assert bob_saw == "closed"
     assert frames_after_bob == [], "nothing of hk-bob's connection reached the stream"
     assert b"mine".hex() in ours, "our own connection is carried"
+
+
+def test_a_state_directory_under_another_users_directory_is_refused() -> None:
+    """paths.state (here from the environment) inside a directory hk-bob made and may change:
+    refused before anything is written or submitted."""
+    theirs = f"/tmp/hk-bob-{os.urandom(3).hex()}"
+    made = as_second_user(["mkdir", "-m", "0777", theirs])
+    assert made.returncode == 0, made.stderr
+    try:
+        proc = run(["hpc-kernel", "submit", "-p", "local", "-n", "stolen", "--no-workspace"], check=False,
+                   env={"HPC_KERNELS_PATHS_STATE": f"{theirs}/state"})
+        assert proc.returncode == 1
+        assert f"{theirs} belongs to uid" in proc.stderr and "not to you or root" in proc.stderr, proc.stderr
+        assert not os.path.exists(f"{theirs}/state")
+    finally:
+        as_second_user(["rm", "-rf", theirs])

@@ -79,3 +79,13 @@ def test_judge() -> None:
     assert missing.problems == ["ipykernel cannot be imported (ModuleNotFoundError: no ipykernel)"]
     assert "too old" in judge("/i", {**good, "ipykernel": "5.5.6"}).problems[0]
     assert "pyzmq cannot be imported" in judge("/i", {**good, "zmq": None}).problems[0]
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"packages": ["vim\n", "reboot"]},
+    {"mirror": "http://deb.debian.org/debian\n%post"},
+    {"source": "bookworm\n"},
+])
+def test_nothing_can_start_a_new_line_of_the_definition(kwargs: dict) -> None:  # type: ignore[type-arg]
+    with pytest.raises(HpcKernelsError):
+        image_definition(**kwargs)

@@ -242,7 +242,7 @@ def test_user_config_may_not_extend(profile_dir: Path) -> None:
         load_profile("local", {})
 
 
-@pytest.mark.parametrize("bind", ["relative", "/a/../etc", "/a:rx", "/a b"])
+@pytest.mark.parametrize("bind", ["relative", "/a/../etc", "/a:rx", "/a b", "/a,b", "/a:ro\\n"])
 def test_bad_binds(profile_dir: Path, bind: str) -> None:
     path = write(profile_dir, "b", f"runtime:\n  binds: [{bind!r}]\n")
     with pytest.raises(ProfileError, match=f"^{path}:2: runtime.binds: "):
