@@ -99,13 +99,16 @@ class Agent:
         self.stop_signal: int | None = None
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self.stderr_done = threading.Event()
+        self.generation = 0  # kernels restarted in this job so far
+        self.restart_now = False
 
     def report(self, state: str, **extra: Any) -> None:
         """Write agent.json; a failure to write (quota, a removed state dir) is said, not raised."""
         try:
             write_json(
                 self.files.agent,
-                {"state": state, "node": self.node, "job_id": self.job_id, **identity(),
+                {"state": state, "node": self.node, "job_id": self.job_id, "generation": self.generation,
+                 **identity(),
                  # Slurm's name for the node (srun --nodelist); the host name may differ (a FQDN)
                  "slurm_node": os.environ.get("SLURMD_NODENAME"),
                  "node_dir": str(self.node_dir) if self.node_dir else None, "time": time.time(), **extra},
@@ -119,7 +122,7 @@ class Agent:
             self.kernel.terminate()  # bwrap forwards nothing; its sandbox dies with it
 
     def on_interrupt(self, signum: int, frame: FrameType | None) -> None:
-        """SIGINT (from ``hpc-kernel interrupt``, see :func:`send_interrupt`) interrupts the kernel, as a
+        """SIGINT (from ``hpc-kernel interrupt``, see :func:`signal_agent`) interrupts the kernel, as a
         local Jupyter kernel is interrupted: the signal goes to the kernel process inside the
         sandbox (bubblewrap forwards no signal), and to its process group if it leads one."""
         pid = self.kernel_pid()
@@ -249,38 +252,80 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, self.on_signal)
         signal.signal(signal.SIGINT, self.on_interrupt)
-        started = time.monotonic()
+        signal.signal(signal.SIGUSR1, self.on_restart)
         try:
             try:
                 argv, env = self.prepare()
-                self.report("starting")
-                _say(f"starting the kernel on {self.node} in {self.node_dir} ({self.launch['runtime']})")
-                _say(f"runtime command: {shlex.join(argv)}")  # no secret in it: the key is in a 0600 file
-                # The kernel's stdout carries only ipykernel's banner for terminal users (a node-side
-                # --existing path, "Ctrl-C will not work"): misleading in the job log. Its errors go
-                # to stderr, the log; what user code prints travels over IOPub.
-                self.kernel = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                               stderr=subprocess.PIPE)
-                threading.Thread(target=self._forward_stderr, args=(self.kernel.stderr,), daemon=True).start()
-                self.wait_for_sockets(float(self.launch.get("start_timeout", 60)))
-            except Exception as e:  # every failure before readiness is reported the same way
-                message = f"launch.json lacks {e}" if isinstance(e, KeyError) else str(e)
-                if isinstance(e, OSError) and self.kernel is None:
-                    message = f"could not start the runtime: {e}"
-                _say(f"failed: {message}")
+            except Exception as e:
+                return self.fail(e)
+            _say(f"starting the kernel on {self.node} in {self.node_dir} ({self.launch['runtime']})")
+            _say(f"runtime command: {shlex.join(argv)}")  # no secret in it: the key is in a 0600 file
+            while True:
+                code = self.run_kernel(argv, env)
+                if code is None:
+                    return 1  # it failed to start: reported
+                if self.stop_signal is None and self.take_restart_request():
+                    end_leftovers()
+                    self.generation += 1
+                    _say(f"kernel ended (exit code {code}); restarting it in this job (restart {self.generation})")
+                    continue
+                why = f"signal {signal.Signals(self.stop_signal).name}" if self.stop_signal else f"exit code {code}"
+                _say(f"kernel ended ({why}); cleaning up")
                 self.cleanup()
-                self.report("failed", message=message)
-                return 1
-            self.report("ready", startup_seconds=round(time.monotonic() - started, 3))
-            _say(f"kernel ready after {time.monotonic() - started:.2f} s")
-            code = self.kernel.wait()
-            why = f"signal {signal.Signals(self.stop_signal).name}" if self.stop_signal else f"exit code {code}"
-            _say(f"kernel ended ({why}); cleaning up")
-            self.cleanup()
-            self.report("ended", exit_code=code, message=f"kernel ended ({why})")
-            return 0 if code == 0 or self.stop_signal else 1
+                self.report("ended", exit_code=code, message=f"kernel ended ({why})")
+                return 0 if code == 0 or self.stop_signal else 1
         finally:
             self.cleanup()  # the node-side directory holds the key: it goes on every path
+
+    def run_kernel(self, argv: list[str], env: dict[str, str]) -> int | None:
+        """Start one kernel process and wait until it ends: its exit code, or None if it failed to
+        become ready (reported as failed)."""
+        started = time.monotonic()
+        try:
+            assert self.node_dir is not None
+            for path in socket_paths(str(self.node_dir / "kernel")):  # a kernel leaves its sockets behind
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            self.report("starting")
+            # The kernel's stdout carries only ipykernel's banner for terminal users (a node-side
+            # --existing path, "Ctrl-C will not work"): misleading in the job log. Its errors go
+            # to stderr, the log; what user code prints travels over IOPub.
+            self.kernel = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                           stderr=subprocess.PIPE)
+            self.stderr_done.clear()
+            threading.Thread(target=self._forward_stderr, args=(self.kernel.stderr,), daemon=True).start()
+            self.wait_for_sockets(float(self.launch.get("start_timeout", 60)))
+        except Exception as e:
+            self.fail(e)
+            return None
+        self.report("ready", startup_seconds=round(time.monotonic() - started, 3))
+        _say(f"kernel ready after {time.monotonic() - started:.2f} s")
+        return self.kernel.wait()
+
+    def fail(self, e: Exception) -> int:
+        """Every failure before readiness is reported the same way."""
+        message = f"launch.json lacks {e}" if isinstance(e, KeyError) else str(e)
+        if isinstance(e, OSError) and self.kernel is None:
+            message = f"could not start the runtime: {e}"
+        _say(f"failed: {message}")
+        self.cleanup()
+        self.report("failed", message=message)
+        return 1
+
+    def on_restart(self, signum: int, frame: FrameType | None) -> None:
+        """SIGUSR1: end the kernel process now and start a new one in this job (a forced restart)."""
+        self.restart_now = True
+        if self.kernel is not None and self.kernel.poll() is None:
+            self.kernel.terminate()
+
+    def take_restart_request(self) -> bool:
+        """A restart was asked for: a graceful one (the restart file, written before the client
+        sent shutdown_request with restart=True) or a forced one (SIGUSR1)."""
+        requested = self.restart_now or self.files.restart_request.exists()
+        self.restart_now = False
+        with contextlib.suppress(FileNotFoundError):
+            self.files.restart_request.unlink()
+        return requested
 
     def cleanup(self) -> None:
         if self.kernel is not None and self.kernel.poll() is None:
@@ -292,14 +337,7 @@ class Agent:
             except subprocess.TimeoutExpired:
                 self.kernel.kill()
                 self.kernel.wait()
-        # The agent is a child subreaper (see run): whatever the runtime left behind (a container's
-        # init in its own PID namespace outlives a killed starter) is below us. End it all.
-        for pid in descendants(os.getpid()):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
-            while os.waitpid(-1, os.WNOHANG)[0] > 0:
-                pass
+        end_leftovers()
         if self.node_dir is not None:
             shutil.rmtree(self.node_dir, ignore_errors=True)
 
@@ -307,18 +345,15 @@ class Agent:
 AGENT_MARKER = "hpc_kernels.agent"
 
 
-def send_interrupt(state_dir: Path) -> int:
-    """SIGINT to this kernel's agent, run on its node (``python -m hpc_kernels.agent interrupt
-    STATE_DIR`` as a step of the job): the agent passes it to the kernel. Only the agent is
-    signalled, whichever way the kernel runs; Slurm's own signalling of a step would reach every
-    process in it (bubblewrap dies of SIGINT)."""
-    agent = read_json(KernelFiles(state_dir).agent) or {}
-    if agent.get("state") != "ready" or not is_running(agent, f"{AGENT_MARKER} {state_dir}"):
-        print(f"no running agent of {state_dir} on {socket.gethostname()} (agent.json: {agent.get('state')})",
-              file=sys.stderr)
-        return 1
-    os.kill(int(agent["pid"]), signal.SIGINT)
-    return 0
+def end_leftovers() -> None:
+    """The agent is a child subreaper (see run): whatever a runtime left behind (a container's
+    init in its own PID namespace outlives a killed starter) is below us. End it all."""
+    for pid in descendants(os.getpid()):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
 
 
 def _become_subreaper() -> None:
@@ -330,12 +365,30 @@ def _become_subreaper() -> None:
         pass
 
 
+AGENT_SIGNALS = {"interrupt": signal.SIGINT, "restart": signal.SIGUSR1}
+
+
+def signal_agent(state_dir: Path, action: str) -> int:
+    """Signal this kernel's agent, run on its node (``python -m hpc_kernels.agent interrupt|restart
+    STATE_DIR`` as a step of the job): SIGINT, which the agent passes to the kernel, or SIGUSR1,
+    which restarts the kernel in the job. Only the agent is signalled, whichever way the kernel
+    runs; Slurm's own signalling of a step would reach every process in it (bubblewrap dies of
+    SIGINT)."""
+    agent = read_json(KernelFiles(state_dir).agent) or {}
+    if agent.get("state") not in ("ready", "starting") or not is_running(agent, f"{AGENT_MARKER} {state_dir}"):
+        print(f"no running agent of {state_dir} on {socket.gethostname()} (agent.json: {agent.get('state')})",
+              file=sys.stderr)
+        return 1
+    os.kill(int(agent["pid"]), AGENT_SIGNALS[action])
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) == 2 and args[0] == "interrupt":
-        return send_interrupt(Path(args[1]))
+    if len(args) == 2 and args[0] in AGENT_SIGNALS:
+        return signal_agent(Path(args[1]), args[0])
     if len(args) != 1:
-        print("usage: python -m hpc_kernels.agent STATE_DIR | interrupt STATE_DIR", file=sys.stderr)
+        print("usage: python -m hpc_kernels.agent STATE_DIR | {interrupt,restart} STATE_DIR", file=sys.stderr)
         return 2
     return Agent(Path(args[0])).run()
 

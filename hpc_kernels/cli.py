@@ -301,6 +301,39 @@ def cmd_image_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_kernelspec_install(args: argparse.Namespace) -> int:
+    from .kernelspecs import install, kernelspec
+
+    profile_name = _profile_name(args)
+    profile = load_profile(profile_name)
+    spec = kernelspec(profile, display_name=args.display_name, interrupt_mode=args.interrupt_mode,
+                      launch_timeout=args.launch_timeout)
+    prefix = sys.prefix if args.sys_prefix else args.prefix
+    where = install(args.name or profile_name, spec, user=args.user, prefix=prefix)
+    _progress(f"installed kernelspec {args.name or profile_name} ({spec['display_name']}) in {where}")
+    return 0
+
+
+def cmd_kernelspec_list(args: argparse.Namespace) -> int:
+    from .kernelspecs import ours
+
+    found = ours()
+    if not found:
+        print("no hpc-kernels kernelspecs installed")
+        return 0
+    rows = [[name, str(data["metadata"]["kernel_provisioner"]["config"].get("profile", "?")),
+             str(data.get("display_name", "")), directory] for name, (directory, data) in sorted(found.items())]
+    _table(["name", "profile", "display_name", "directory"], rows)
+    return 0
+
+
+def cmd_kernelspec_remove(args: argparse.Namespace) -> int:
+    from .kernelspecs import remove
+
+    _progress(f"removed kernelspec {args.name} from {remove(args.name)}")
+    return 0
+
+
 def cmd_shutdown(args: argparse.Namespace) -> int:
     names = [r.name for r in list_records()] if args.all else args.names
     if not names:
@@ -408,6 +441,26 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--apptainer", default="apptainer", help="the apptainer binary (default: on PATH)")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_image_check)
+
+    p = sub.add_parser("kernelspec", help="Jupyter kernelspecs that start these kernels: install, list, remove")
+    specs = p.add_subparsers(dest="kernelspec_command", required=True, metavar="SUBCOMMAND")
+    q = specs.add_parser("install", help="install a kernelspec for a profile (what JupyterLab & co. list)")
+    q.add_argument("--profile", "-p", help="site profile (default: $HPC_KERNELS_PROFILE, or 'default')")
+    q.add_argument("--name", "-n", help="the kernelspec's name (default: the profile's)")
+    q.add_argument("--display-name", help="what frontends show (default: the profile's kernel.display_name)")
+    q.add_argument("--interrupt-mode", default="signal", choices=["signal", "message"],
+                   help="signal: SIGINT through Slurm; message: interrupt_request over the relay")
+    q.add_argument("--launch-timeout", type=float, help="give up a start (and cancel the job) after S seconds")
+    where = q.add_mutually_exclusive_group()
+    where.add_argument("--user", action="store_true", help="for you only (the default without root)")
+    where.add_argument("--sys-prefix", action="store_true", help="into this Python environment")
+    where.add_argument("--prefix", help="under this prefix (share/jupyter/kernels)")
+    q.set_defaults(func=cmd_kernelspec_install)
+    q = specs.add_parser("list", help="the installed kernelspecs that use hpc-kernels")
+    q.set_defaults(func=cmd_kernelspec_list)
+    q = specs.add_parser("remove", help="remove one")
+    q.add_argument("name")
+    q.set_defaults(func=cmd_kernelspec_remove)
 
     p = sub.add_parser("shutdown", help="shut a kernel down: job ended, relay stopped, state removed")
     p.add_argument("names", nargs="*", metavar="name")

@@ -6,6 +6,7 @@ lock while it changes the kernel's state, so two commands at once do not interle
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -21,7 +22,7 @@ from .errors import HpcKernelsError, KernelStartError, RelayError
 from .paths import exposes_private_files, private_paths, read_json, write_json, write_private_file
 from .profiles import KernelRequest, Profile, apply_request, check_kernel_name, load_profile
 from .processes import cmdline, identity, is_running, terminate
-from .relay import SRUN_STOP_SECONDS, login_dirs_of, relay_marker
+from .relay import SRUN_STOP_SECONDS, login_dirs_of, relay_marker, socket_paths
 from .render import render_kernel_script
 from .slurm import (
     NODE_STEP_ENVIRONMENT,
@@ -50,7 +51,7 @@ LOG_TAIL_LINES = 25
 POLL_SECONDS = 0.1
 STEP_STOP_SECONDS = 15.0
 MAX_POLL_SECONDS = 5.0
-INTERRUPT_TIMEOUT = 30.0
+AGENT_SIGNAL_TIMEOUT = 30.0
 # Longer than the relay's own wait for its srun, so that its cleanup can finish.
 RELAY_STOP_SECONDS = SRUN_STOP_SECONDS + 10
 
@@ -478,6 +479,32 @@ def _start_relay(files: KernelFiles) -> Path:
                      + (f"\nlast lines of {files.relay_log}:\n{tail}" if tail else ""))
 
 
+def keep_relay_sockets(name: str) -> None:
+    """A second name (a hard link) for each login-side socket of the kernel's relay.
+
+    jupyter_client removes a kernel's IPC socket files when it restarts the kernel; for us
+    those are the relay's listening sockets, which outlive the restart. Restored by
+    :func:`restore_relay_sockets` at the same paths, so clients reconnect where they were."""
+    for path, kept in _relay_socket_names(name):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(kept)
+        with contextlib.suppress(FileNotFoundError):
+            os.link(path, kept)
+
+
+def restore_relay_sockets(name: str) -> None:
+    for path, kept in _relay_socket_names(name):
+        if not os.path.exists(path) and os.path.exists(kept):
+            os.link(kept, path)
+
+
+def _relay_socket_names(name: str) -> list[tuple[str, str]]:
+    login_dir = (read_json(kernel_files(name).relay) or {}).get("login_dir")
+    if not login_dir:
+        return []
+    return [(path, str(Path(login_dir) / f".kept{Path(path).name}")) for path in socket_paths(f"{login_dir}/kernel")]
+
+
 def stop_relay(files: KernelFiles) -> None:
     """Stop this kernel's relay (if it runs here) and remove any login-side directory it left."""
     terminate(read_json(files.relay) or {}, relay_marker(files.dir), RELAY_STOP_SECONDS)
@@ -493,25 +520,71 @@ def interrupt(name: str) -> str:
     """A signal-mode interrupt: SIGINT to the node agent (a short step on the kernel's node, no
     relay needed), which passes it to the kernel process inside the sandbox. Returns what was
     done, for people."""
+    current = _signal_agent(name, "interrupt")
+    return f"sent SIGINT to kernel {name} on {current.node} (job {current.record.job_id})"
+
+
+def restart_now(name: str) -> None:
+    """End the kernel process at once and start a new one in the same job (SIGUSR1 to the agent)."""
+    _signal_agent(name, "restart")
+
+
+def request_restart(name: str) -> int:
+    """Ask the agent to start a new kernel in the same job when the current one ends (before a
+    shutdown_request with restart=True). Returns the current kernel's generation."""
+    files = kernel_files(name)
+    write_private_file(files.restart_request, "")
+    return int((read_json(files.agent) or {}).get("generation", 0))
+
+
+def _signal_agent(name: str, action: str) -> KernelView:
     current = view(name)
     if not current.job_alive or current.agent_state != "ready":
-        raise HpcKernelsError(f"kernel {name} is {current.state}: there is nothing to interrupt")
-    record = current.record
+        raise HpcKernelsError(f"kernel {name} is {current.state}: there is nothing to {action}")
     files = kernel_files(name)
     launch = read_json(files.launch) or {}
-    argv = srun_into_job(str(record.job_id), [launch.get("python", sys.executable), "-m", "hpc_kernels.agent",
-                                              "interrupt", str(files.dir)],
+    argv = srun_into_job(str(current.record.job_id), [launch.get("python", sys.executable), "-m",
+                                                      "hpc_kernels.agent", action, str(files.dir)],
                          export=NODE_STEP_ENVIRONMENT, node=current.agent.get("slurm_node"))
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=INTERRUPT_TIMEOUT,
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=AGENT_SIGNAL_TIMEOUT,
                               stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
-        raise HpcKernelsError(f"could not interrupt kernel {name}: the step on {current.node} did not run within "
-                              f"{INTERRUPT_TIMEOUT:.0f} s") from None
+        raise HpcKernelsError(f"could not {action} kernel {name}: the step on {current.node} did not run within "
+                              f"{AGENT_SIGNAL_TIMEOUT:.0f} s") from None
     if proc.returncode != 0:
         said = (proc.stderr or proc.stdout).strip()
-        raise HpcKernelsError(f"could not interrupt kernel {name} on {current.node}: {said or f'exit code {proc.returncode}'}")
-    return f"sent SIGINT to kernel {name} on {current.node} (job {record.job_id})"
+        raise HpcKernelsError(f"could not {action} kernel {name} on {current.node}: "
+                              f"{said or f'exit code {proc.returncode}'}")
+    return current
+
+
+def kernel_generation(name: str) -> int:
+    """How many times the kernel was restarted in its job (agent.json)."""
+    return int((read_json(kernel_files(name).agent) or {}).get("generation", 0))
+
+
+def wait_for_generation(name: str, generation: int, *, timeout: float | None = None) -> None:
+    """Wait until the agent reports kernel ``generation`` (a restart in the job) ready."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        current = view(name)
+        if current.agent.get("generation", 0) >= generation and current.agent_state == "ready":
+            return
+        if not current.job_alive or current.agent_state in ("failed", "ended"):
+            raise _start_failure(current, kernel_files(name), "did not come back from the restart")
+        if deadline is not None and time.monotonic() > deadline:
+            raise KernelStartError(f"kernel {name} was not ready again within {timeout:.0f} s of the restart")
+        time.sleep(POLL_SECONDS)
+
+
+def end_kernel(name: str) -> None:
+    """End the kernel's job (or step) at once, without a shutdown_request; the state stays."""
+    with locked(name):
+        record = load_record(name)
+        if view(name).job_alive:
+            _end_kernel_job(record)
+            _wait_kernel_gone(record, 60)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # Variables of the job's environment that the kernel may see; everything else (the login
 # node's environment, which sbatch exports into the job) stays outside the sandbox.

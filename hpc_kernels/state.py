@@ -70,6 +70,7 @@ class KernelFiles:
     agent = property(lambda self: self.dir / "agent.json")
     relay = property(lambda self: self.dir / "relay.json")
     relay_log = property(lambda self: self.dir / "relay.log")
+    restart_request = property(lambda self: self.dir / "restart")  # the provisioner asks for a restart in the job
 
 
 def kernel_files(name: str) -> KernelFiles:

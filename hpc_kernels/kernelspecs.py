@@ -1,0 +1,83 @@
+"""Kernelspecs that start hpc-kernels through the provisioner: what Jupyter frontends list.
+
+``kernelspec(...)`` is pure (the kernel.json data); ``install`` writes it with jupyter_client's
+own KernelSpecManager, so it lands where every frontend looks (``--user``, ``--sys-prefix`` or a
+``--prefix``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import HpcKernelsError
+from .profiles import Profile, check_kernel_name
+
+PROVISIONER_NAME = "hpc-kernels"
+INTERRUPT_MODES = ("signal", "message")
+
+
+def kernelspec(profile: Profile, *, display_name: str | None = None, interrupt_mode: str = "signal",
+               launch_timeout: float | None = None, python: str = sys.executable) -> dict[str, Any]:
+    """The kernel.json of a kernelspec that runs ``profile``'s kernels through the provisioner."""
+    if interrupt_mode not in INTERRUPT_MODES:
+        raise HpcKernelsError(f"--interrupt-mode {interrupt_mode!r}: expected one of {', '.join(INTERRUPT_MODES)}")
+    config: dict[str, Any] = {"profile": profile.name}
+    if launch_timeout:
+        config["launch_timeout"] = launch_timeout
+    return {
+        # Never run: the provisioner starts the kernel. A frontend without provisioners gets a clear error.
+        "argv": [python, "-m", "hpc_kernels.provisioner", "-f", "{connection_file}"],
+        "display_name": display_name or profile.get("kernel", "display_name") or f"Python 3 ({profile.name})",
+        "language": profile.get("kernel", "language"),
+        "interrupt_mode": interrupt_mode,
+        "metadata": {
+            "kernel_provisioner": {"provisioner_name": PROVISIONER_NAME, "config": config},
+            "debugger": False,
+        },
+    }
+
+
+def install(name: str, spec: dict[str, Any], *, user: bool = False, prefix: str | None = None) -> str:
+    """Install the kernelspec ``name``; returns the directory it went to."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    check_kernel_name(name)
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / name
+        source.mkdir()
+        (source / "kernel.json").write_text(json.dumps(spec, indent=2) + "\n")
+        try:
+            return str(KernelSpecManager().install_kernel_spec(str(source), name, user=user, prefix=prefix))
+        except OSError as e:
+            raise HpcKernelsError(f"cannot install kernelspec {name}: {e}; try --user") from None
+
+
+def ours() -> dict[str, tuple[str, dict[str, Any]]]:
+    """The installed kernelspecs that use this provisioner: name -> (directory, kernel.json)."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    found = {}
+    for name, directory in KernelSpecManager().find_kernel_specs().items():
+        try:
+            data = json.loads((Path(directory) / "kernel.json").read_text())
+        except (OSError, ValueError):
+            continue
+        provisioner = (data.get("metadata") or {}).get("kernel_provisioner") or {}
+        if provisioner.get("provisioner_name") == PROVISIONER_NAME:
+            found[name] = (directory, data)
+    return found
+
+
+def remove(name: str) -> str:
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    if name not in ours():
+        raise HpcKernelsError(f"no hpc-kernels kernelspec named {name!r} (see `hpc-kernel kernelspec list`)")
+    try:
+        return str(KernelSpecManager().remove_kernel_spec(name))
+    except OSError as e:
+        raise HpcKernelsError(f"cannot remove kernelspec {name}: {e}") from None

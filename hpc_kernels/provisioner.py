@@ -1,0 +1,183 @@
+"""A ``jupyter_client`` kernel provisioner: any Jupyter frontend starts these kernels.
+
+A kernelspec made by ``hpc-kernel kernelspec install`` names this provisioner (entry point
+``hpc-kernels`` in ``jupyter_client.kernel_provisioners``) and a profile. Starting the kernel
+submits the kernel job and waits for it, however long it waits in the queue (a pending job is
+not a slow start), then starts the relay and hands jupyter_client the login-side connection
+info. Restart starts a new kernel process in the same job; shutdown ends the job.
+
+Slurm and the file system are reached through :mod:`hpc_kernels.launcher`, in a worker thread,
+so that the frontend's event loop never blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import uuid
+from typing import Any
+
+from jupyter_client.connect import KernelConnectionInfo
+from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
+from traitlets import Float, Unicode
+
+from . import launcher
+from .errors import HpcKernelsError
+from .profiles import KernelRequest
+
+POLL_SECONDS = 1.0
+
+
+class HpcKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
+    """Runs the kernel in a Slurm job, in the profile's sandbox, reached through the relay."""
+
+    profile = Unicode(help="the hpc-kernels profile (set in the kernelspec)").tag(config=True)
+    workspace = Unicode("", help="directory bound into the sandbox (default: the kernel's cwd)").tag(config=True)
+    launch_timeout = Float(0.0, help="seconds to wait for the job (0: as long as it takes)").tag(config=True)
+
+    name: str | None = None
+    generation: int = 0
+    restarting: bool = False
+    ended: int | None = None  # the exit code once the job is gone
+
+    @property
+    def has_process(self) -> bool:
+        return self.name is not None and self.ended is None
+
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        kwargs = await super().pre_launch(**kwargs)
+        kwargs.pop("transport_encryption", None)  # the relay's unix sockets, not CurveZMQ (not yet)
+        kwargs["cmd"] = list(self.kernel_spec.argv)  # never run: jupyter_client wants one
+        if self.name is None:
+            kernel_id = getattr(self.parent, "kernel_id", None) or uuid.uuid4().hex
+            self.name = f"jupyter-{str(kernel_id).replace('-', '')[:12]}"
+        return kwargs
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
+        assert self.name is not None
+        if self.restarting:
+            await asyncio.to_thread(launcher.wait_for_generation, self.name, self.generation + 1,
+                                    timeout=self.launch_timeout or None)
+            await asyncio.to_thread(launcher.restore_relay_sockets, self.name)
+            self.restarting = False
+        else:
+            request = KernelRequest(name=self.name, workspace=self.workspace or kwargs.get("cwd") or None)
+            await asyncio.to_thread(launcher.submit, self.profile, request)
+            self.log.info("hpc-kernels: submitted kernel %s (profile %s)", self.name, self.profile)
+            try:
+                await asyncio.to_thread(launcher.wait_until_ready, self.name,
+                                        timeout=self.launch_timeout or None, progress=self._progress)
+            except BaseException:
+                await asyncio.to_thread(self._forget)
+                raise
+        connection_file = await asyncio.to_thread(launcher.ensure_relay, self.name)
+        self.generation = await asyncio.to_thread(launcher.kernel_generation, self.name)
+        self.ended = None
+        info = json.loads(connection_file.read_text())
+        info["key"] = info["key"].encode()  # jupyter_client compares it with its own, as bytes
+        self.connection_info = info
+        return info  # type: ignore[no-any-return]
+
+    def _progress(self, line: str) -> None:
+        self.log.info("hpc-kernels %s: %s", self.name, line)
+
+    def _forget(self) -> None:
+        """A start that failed or was given up: the job is gone (launcher made sure); drop the state."""
+        if self.name is not None:
+            try:
+                launcher.shutdown(self.name)
+            except HpcKernelsError as e:
+                self.log.warning("hpc-kernels: cleaning up %s: %s", self.name, e)
+        self.ended = 1
+
+    async def poll(self) -> int | None:
+        """None while this kernel process runs; else an exit code. A kernel whose job ended says
+        so once in the log; it is not resubmitted behind the user's back (the restarter may call
+        launch_kernel, which then fails with the reason)."""
+        if self.name is None or self.ended is not None:
+            return self.ended if self.ended is not None else 0
+        current = await asyncio.to_thread(launcher.view, self.name)
+        if not current.job_alive:
+            self.ended = 1
+            self.log.warning("hpc-kernels: the job of kernel %s has ended (%s)", self.name,
+                             current.job.state if current.job else "gone")
+            return 1
+        if current.agent.get("generation", 0) != self.generation or current.agent_state != "ready":
+            return 0  # this kernel process ended; the job may start the next one (restart)
+        return None
+
+    async def wait(self) -> int | None:
+        while (code := await self.poll()) is None:
+            await asyncio.sleep(POLL_SECONDS)
+        return code
+
+    async def send_signal(self, signum: int) -> None:
+        if self.name is None:
+            return
+        if signum == signal.SIGINT:
+            await asyncio.to_thread(launcher.interrupt, self.name)
+        elif signum in (signal.SIGTERM, signal.SIGKILL):
+            await self.kill()
+        else:
+            self.log.warning("hpc-kernels: signal %s is not passed to a remote kernel", signum)
+
+    async def kill(self, restart: bool = False) -> None:
+        if self.name is None:
+            return
+        if restart:
+            await self._prepare_restart()
+            try:
+                await asyncio.to_thread(launcher.restart_now, self.name)
+            except HpcKernelsError as e:  # the job is gone: launch_kernel will say why
+                self.log.warning("hpc-kernels: cannot restart %s in its job: %s", self.name, e)
+        else:
+            await asyncio.to_thread(launcher.end_kernel, self.name)
+            self.ended = 1
+
+    async def terminate(self, restart: bool = False) -> None:
+        await self.kill(restart=restart)
+
+    async def shutdown_requested(self, restart: bool = False) -> None:
+        if restart and self.name is not None:
+            await self._prepare_restart()
+            await asyncio.to_thread(launcher.request_restart, self.name)
+
+    async def _prepare_restart(self) -> None:
+        """jupyter_client is about to remove the kernel's IPC files, which are the relay's
+        sockets here: keep a second name for each, to put them back after the restart."""
+        if not self.restarting and self.name is not None:
+            await asyncio.to_thread(launcher.keep_relay_sockets, self.name)
+            self.restarting = True
+
+    async def cleanup(self, restart: bool = False) -> None:
+        if restart or self.name is None:
+            return
+        await asyncio.to_thread(launcher.shutdown, self.name)
+        self.name = None
+
+    def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:
+        # A graceful shutdown crosses the relay and ends a job: give it more than a local kernel.
+        return max(recommended, 20.0)
+
+    async def get_provisioner_info(self) -> dict[str, Any]:
+        info = await super().get_provisioner_info()
+        info.update(name=self.name, generation=self.generation, profile=self.profile)
+        return info  # type: ignore[no-any-return]
+
+    async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
+        await super().load_provisioner_info(provisioner_info)
+        self.name = provisioner_info.get("name")
+        self.generation = int(provisioner_info.get("generation") or 0)
+        self.profile = provisioner_info.get("profile") or self.profile
+
+
+def main() -> int:
+    print("this kernelspec is started by the hpc-kernels kernel provisioner (jupyter_client >= 7); "
+          "the argv is not run", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Jupyter frontends start these kernels through a kernelspec and the provisioner (real
+jupyter_client, real nbclient, real cluster), for both sandbox runtimes."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import nbformat
+import pytest
+from jupyter_client import KernelManager
+from nbclient import NotebookClient
+
+from conftest import hk, run
+from test_cluster_lifecycle import STATE_ROOT, squeue_ids
+
+
+@pytest.fixture
+def jupyter_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Kernelspecs of this test only: JUPYTER_DATA_DIR for `--user`, here and in hpc-kernel."""
+    monkeypatch.setenv("JUPYTER_DATA_DIR", str(tmp_path / "jupyter-data"))
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "jupyter-runtime"))
+    monkeypatch.setenv("JUPYTER_PATH", "")
+    return tmp_path
+
+
+@pytest.fixture
+def kernelspec(jupyter_dirs: Path, runtime_profile: str) -> Iterator[str]:
+    name = f"hk-{runtime_profile}"
+    proc = hk("kernelspec", "install", "--profile", runtime_profile, "--name", name, "--user")
+    assert f"installed kernelspec {name}" in proc.stderr
+    yield name
+    hk("kernelspec", "remove", name, check=False)
+
+
+def execute(km: KernelManager, code: str, timeout: float = 60) -> str:
+    client = km.client()
+    client.start_channels()
+    try:
+        client.wait_for_ready(timeout=60)
+        out: list[str] = []
+        reply = client.execute_interactive(code, timeout=timeout, output_hook=lambda m: out.append(
+            m["content"].get("text", "")) if m["msg_type"] == "stream" else None)
+        assert reply["content"]["status"] in ("ok", "error")
+        return "".join(out)
+    finally:
+        client.stop_channels()
+
+
+def test_kernelspec_install_list_remove(jupyter_dirs: Path) -> None:
+    hk("kernelspec", "install", "-p", "local-gpu", "--name", "gpu-test", "--display-name", "Python (GPU test)",
+       "--user")
+    spec = json.loads((jupyter_dirs / "jupyter-data" / "kernels" / "gpu-test" / "kernel.json").read_text())
+    assert spec["metadata"]["kernel_provisioner"] == {"provisioner_name": "hpc-kernels",
+                                                      "config": {"profile": "local-gpu"}}
+    assert spec["display_name"] == "Python (GPU test)" and spec["interrupt_mode"] == "signal"
+    listing = hk("kernelspec", "list").stdout
+    assert "gpu-test" in listing and "local-gpu" in listing
+    assert "gpu-test" in run(["jupyter", "kernelspec", "list"]).stdout, "jupyter itself sees it"
+    hk("kernelspec", "remove", "gpu-test")
+    assert "gpu-test" not in hk("kernelspec", "list").stdout
+    missing = hk("kernelspec", "remove", "gpu-test", check=False)
+    assert missing.returncode == 1 and "no hpc-kernels kernelspec named 'gpu-test'" in missing.stderr
+
+
+def test_a_kernel_manager_runs_interrupts_restarts_and_shuts_down(kernelspec: str, workspace: Path) -> None:
+    """What every frontend does, through jupyter_client's own KernelManager and our provisioner."""
+    km = KernelManager(kernel_name=kernelspec)
+    km.start_kernel(cwd=str(workspace))
+    try:
+        name = km.provisioner.name
+        job_id = json.loads(hk("status", name, "--json").stdout)["job_id"]
+        assert execute(km, "import socket, os; print(socket.gethostname(), os.getcwd())").split() == [
+            json.loads(hk("status", name, "--json").stdout)["node"], str(workspace)]
+        assert km.is_alive()
+
+        # Interrupt (signal mode, as the kernelspec says): a busy loop stops, the kernel lives on.
+        execute(km, "kept = 1")
+        client = km.client()
+        client.start_channels()
+        msg_id = client.execute("while True: pass")
+        time.sleep(2)
+        km.interrupt_kernel()
+        reply = client.get_shell_msg(timeout=60)
+        assert reply["parent_header"]["msg_id"] == msg_id and reply["content"]["ename"] == "KeyboardInterrupt"
+        client.stop_channels()
+        assert execute(km, "print(kept)").strip() == "1"
+
+        # Restart: a new kernel process in the same job, with a fresh namespace.
+        km.restart_kernel()
+        assert json.loads(hk("status", name, "--json").stdout)["job_id"] == job_id, "no new job"
+        assert "NameError" in execute(km, "try:\n    kept\nexcept NameError as e:\n    print('NameError')")
+        assert km.is_alive()
+    finally:
+        km.shutdown_kernel()
+    assert job_id not in squeue_ids()
+    assert not (STATE_ROOT / name).exists()
+
+
+def test_nbclient_executes_a_notebook_on_the_cluster(kernelspec: str, workspace: Path) -> None:
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("import socket; host = socket.gethostname(); print(host)"),
+                nbformat.v4.new_code_cell("try:\n    socket.create_connection(('10.77.7.1', 22), timeout=3)\n"
+                                          "except OSError as e:\n    print(e)")]
+    before = squeue_ids()
+    NotebookClient(nb, kernel_name=kernelspec, timeout=120, resources={"metadata": {"path": str(workspace)}}).execute()
+    outputs = [cell.outputs[0]["text"].strip() for cell in nb.cells]
+    assert outputs[0] in ("c1", "c2") and "Network is unreachable" in outputs[1]
+    assert squeue_ids() <= before, "the job ended with the notebook"
+
+
+def test_a_start_that_times_out_cancels_the_job(jupyter_dirs: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job that cannot start in time: the frontend gets the pending reason, and no job is left."""
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    (profiles / "later.yaml").write_text('slurm: {partition: debug, extra_options: ["--begin=now+1hour"]}\n')
+    monkeypatch.setenv("HPC_KERNELS_PROFILE_PATH", str(profiles))
+    hk("kernelspec", "install", "-p", "later", "--name", "later", "--launch-timeout", "4", "--user")
+    before = squeue_ids()
+    km = KernelManager(kernel_name="later")
+    started = time.monotonic()
+    with pytest.raises(Exception, match=r"was not ready within 4 s; it was cancelled") as caught:
+        km.start_kernel()
+    assert "reason BeginTime" in str(caught.value), str(caught.value)
+    assert time.monotonic() - started < 60
+    assert squeue_ids() <= before
+    assert not km.provisioner or not km.provisioner.has_process
