@@ -3,8 +3,14 @@ jupyter_client, real nbclient, real cluster), for both sandbox runtimes."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
+import subprocess
+import sys
 import time
+import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -128,3 +134,117 @@ def test_a_start_that_times_out_cancels_the_job(jupyter_dirs: Path, tmp_path: Pa
     assert time.monotonic() - started < 60
     assert squeue_ids() <= before
     assert not km.provisioner or not km.provisioner.has_process
+
+
+# --- jupyter_server: what JupyterLab talks to ----------------------------------------------------
+
+
+@pytest.fixture
+def jupyter_server(kernelspec: str, workspace: Path, tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """A real jupyter_server on loopback, with our kernelspec; yields (base URL, token)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    token = uuid.uuid4().hex
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(
+        ["jupyter", "server", "--no-browser", f"--port={port}", "--ServerApp.ip=127.0.0.1",
+         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={workspace}"],
+        stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                api(base, token, "GET", "/api/status")
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+                time.sleep(0.3)
+        yield base, token
+    finally:
+        server.terminate()
+        server.wait(30)
+        log.close()
+
+
+def api(base: str, token: str, method: str, path: str, body: dict | None = None, timeout: float = 300) -> dict:  # type: ignore[type-arg]
+    request = urllib.request.Request(base + path, method=method, data=json.dumps(body).encode() if body else None,
+                                     headers={"Authorization": f"token {token}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        text = response.read()
+    return json.loads(text) if text else {}
+
+
+async def run_cell(base: str, token: str, kernel_id: str, code: str, *, interrupt_after: float | None = None) -> dict:  # type: ignore[type-arg]
+    """Execute ``code`` over the kernel's websocket, as JupyterLab does: its stdout and reply."""
+    from tornado.websocket import websocket_connect
+
+    ws_url = base.replace("http", "ws") + f"/api/kernels/{kernel_id}/channels?token={token}"
+    conn = await websocket_connect(ws_url)
+    msg_id = uuid.uuid4().hex
+    conn.write_message(json.dumps({
+        "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": "test", "session": uuid.uuid4().hex,
+                   "version": "5.3", "date": ""},
+        "parent_header": {}, "metadata": {}, "channel": "shell",
+        "content": {"code": code, "silent": False, "store_history": True, "user_expressions": {},
+                    "allow_stdin": False, "stop_on_error": True}}))
+    if interrupt_after is not None:
+        await asyncio.sleep(interrupt_after)
+        await asyncio.to_thread(api, base, token, "POST", f"/api/kernels/{kernel_id}/interrupt")
+    out, reply, idle = "", None, False
+    while reply is None or not idle:  # shell and iopub are not ordered with each other
+        raw = await asyncio.wait_for(conn.read_message(), 120)
+        assert raw is not None, "the websocket closed"
+        msg = json.loads(raw)
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        if msg["msg_type"] == "stream":
+            out += msg["content"]["text"]
+        elif msg["msg_type"] == "execute_reply":
+            reply = msg["content"]
+        elif msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            idle = True
+    conn.close()
+    return {"stdout": out, **reply}
+
+
+def test_jupyter_server_starts_runs_interrupts_restarts_and_shuts_down(jupyter_server: tuple[str, str],
+                                                                       kernelspec: str) -> None:
+    base, token = jupyter_server
+    before = squeue_ids()
+    kernel = api(base, token, "POST", "/api/kernels", {"name": kernelspec})
+    kernel_id = kernel["id"]
+    try:
+        assert kernel["execution_state"] in ("starting", "idle")
+        ours = [r for r in json.loads(hk("list", "--json").stdout) if r["name"].startswith("jupyter-")]
+        assert len(ours) == 1 and ours[0]["state"] == "ready"
+        job_id = ours[0]["job_id"]
+
+        first = asyncio.run(run_cell(base, token, kernel_id, "import socket; x = 1; print(socket.gethostname())"))
+        assert first["status"] == "ok" and first["stdout"].strip() == ours[0]["node"]
+        looped = asyncio.run(run_cell(base, token, kernel_id, "while True: pass", interrupt_after=2))
+        assert looped["status"] == "error" and looped["ename"] == "KeyboardInterrupt"
+        assert asyncio.run(run_cell(base, token, kernel_id, "print(x)"))["stdout"].strip() == "1"
+
+        api(base, token, "POST", f"/api/kernels/{kernel_id}/restart")
+        assert json.loads(hk("status", ours[0]["name"], "--json").stdout)["job_id"] == job_id, "same job"
+        fresh = asyncio.run(run_cell(base, token, kernel_id, "print('x' in globals())"))
+        assert fresh["stdout"].strip() == "False", f"a restart clears the namespace: {fresh}"
+    finally:
+        api(base, token, "DELETE", f"/api/kernels/{kernel_id}")
+    assert squeue_ids() <= before, "DELETE ends the job"
+    assert not [r for r in json.loads(hk("list", "--json").stdout) if r["name"].startswith("jupyter-")]
+
+
+def test_papermill_runs_a_parametrised_notebook(kernelspec: str, workspace: Path) -> None:
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("n = 1", metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("import socket; print(socket.gethostname(), n * 7)")]
+    nb.metadata["kernelspec"] = {"name": kernelspec, "display_name": kernelspec, "language": "python"}
+    source, result = workspace / "in.ipynb", workspace / "out.ipynb"
+    nbformat.write(nb, source)
+    run([sys.executable, "-m", "papermill", str(source), str(result), "-p", "n", "6", "-k", kernelspec, "--cwd", str(workspace)],
+        timeout=300)
+    out = nbformat.read(result, as_version=4).cells[-1].outputs[0]["text"].split()
+    assert out[0] in ("c1", "c2") and out[1] == "42"
