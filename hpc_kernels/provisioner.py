@@ -25,6 +25,7 @@ from traitlets import Float, Unicode
 
 from . import launcher
 from .errors import HpcKernelsError
+from .paths import exposes_private_files, private_paths
 from .profiles import KernelRequest
 
 POLL_SECONDS = 1.0
@@ -63,7 +64,7 @@ class HpcKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             await asyncio.to_thread(launcher.restore_relay_sockets, self.name)
             self.restarting = False
         else:
-            request = KernelRequest(name=self.name, workspace=self.workspace or kwargs.get("cwd") or None)
+            request = KernelRequest(name=self.name, workspace=self._workspace(kwargs.get("cwd")))
             await asyncio.to_thread(launcher.submit, self.profile, request)
             self.log.info("hpc-kernels: submitted kernel %s (profile %s)", self.name, self.profile)
             try:
@@ -79,6 +80,19 @@ class HpcKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         info["key"] = info["key"].encode()  # jupyter_client compares it with its own, as bytes
         self.connection_info = info
         return info  # type: ignore[no-any-return]
+
+    def _workspace(self, cwd: str | None) -> str | None:
+        """The configured workspace, else the kernel's working directory, unless that would show
+        the kernel the user's home (a frontend started in ~): then none, as `hpc-kernel submit` does."""
+        if self.workspace:
+            return self.workspace
+        if not cwd:
+            return None
+        why = exposes_private_files(cwd, *private_paths())
+        if why:
+            self.log.warning("hpc-kernels: no workspace bound: %s", why)
+            return None
+        return str(cwd)
 
     def _progress(self, line: str) -> None:
         self.log.info("hpc-kernels %s: %s", self.name, line)
