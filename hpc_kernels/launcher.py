@@ -559,6 +559,14 @@ def _signal_agent(name: str, action: str) -> KernelView:
     return current
 
 
+def ended_report(name: str) -> str:
+    """Why kernel ``name`` cannot be restarted in its job: Slurm's state and reason, the agent's
+    last word and the log's tail."""
+    return str(_start_failure(view(name), kernel_files(name),
+                              "has ended and did not come back from the restart; it is not submitted again "
+                              "(start a new kernel)"))
+
+
 def kernel_generation(name: str) -> int:
     """How many times the kernel was restarted in its job (agent.json)."""
     return int((read_json(kernel_files(name).agent) or {}).get("generation", 0))

@@ -24,7 +24,7 @@ from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import Float, Unicode
 
 from . import launcher
-from .errors import HpcKernelsError
+from .errors import HpcKernelsError, KernelStartError
 from .paths import exposes_private_files, private_paths
 from .profiles import KernelRequest
 
@@ -58,6 +58,10 @@ class HpcKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         assert self.name is not None
+        if self.ended is not None and not self.restarting:
+            # A restart of a kernel whose job has ended (jupyter_client's restarter, or the user):
+            # no new job behind the user's back; say what happened to the old one.
+            raise KernelStartError(await asyncio.to_thread(launcher.ended_report, self.name))
         if self.restarting:
             await asyncio.to_thread(launcher.wait_for_generation, self.name, self.generation + 1,
                                     timeout=self.launch_timeout or None)
@@ -131,7 +135,10 @@ class HpcKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         if self.name is None:
             return
         if signum == signal.SIGINT:
-            await asyncio.to_thread(launcher.interrupt, self.name)
+            try:
+                await asyncio.to_thread(launcher.interrupt, self.name)
+            except HpcKernelsError as e:  # a kernel that is not running has nothing to interrupt
+                self.log.warning("hpc-kernels: %s", e)
         elif signum in (signal.SIGTERM, signal.SIGKILL):
             await self.kill()
         else:

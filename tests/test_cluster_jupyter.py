@@ -248,3 +248,27 @@ def test_papermill_runs_a_parametrised_notebook(kernelspec: str, workspace: Path
         timeout=300)
     out = nbformat.read(result, as_version=4).cells[-1].outputs[0]["text"].split()
     assert out[0] in ("c1", "c2") and out[1] == "42"
+
+
+def test_a_kernel_whose_job_ended_is_not_resubmitted(kernelspec: str) -> None:
+    """The job is cancelled under the frontend (as a time limit or a node failure would end it):
+    the kernel is reported dead, and a restart (what jupyter_client's restarter does next) fails
+    with Slurm's account of the job instead of submitting a new one."""
+    km = KernelManager(kernel_name=kernelspec)
+    km.start_kernel()
+    name = km.provisioner.name
+    job_id = json.loads(hk("status", name, "--json").stdout)["job_id"]
+    try:
+        run(["scancel", job_id])
+        deadline = time.monotonic() + 60
+        while km.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not km.is_alive()
+        before = squeue_ids()
+        with pytest.raises(Exception, match="did not come back from the restart") as caught:
+            km.restart_kernel(now=True)
+        assert "CANCELLED" in str(caught.value), str(caught.value)
+        assert squeue_ids() <= before, "no new job behind the user's back"
+    finally:
+        km.shutdown_kernel(now=True)
+    assert not (STATE_ROOT / name).exists()
