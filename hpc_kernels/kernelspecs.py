@@ -20,12 +20,20 @@ PROVISIONER_NAME = "hpc-kernels"
 INTERRUPT_MODES = ("signal", "message")
 
 
+MODES = ("auto", "job", "node")
+
+
 def kernelspec(profile: Profile, *, display_name: str | None = None, interrupt_mode: str = "signal",
-               launch_timeout: float | None = None, python: str = sys.executable) -> dict[str, Any]:
+               launch_timeout: float | None = None, mode: str = "auto",
+               python: str = sys.executable) -> dict[str, Any]:
     """The kernel.json of a kernelspec that runs ``profile``'s kernels through the provisioner."""
     if interrupt_mode not in INTERRUPT_MODES:
         raise HpcKernelsError(f"--interrupt-mode {interrupt_mode!r}: expected one of {', '.join(INTERRUPT_MODES)}")
+    if mode not in MODES:
+        raise HpcKernelsError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
     config: dict[str, Any] = {"profile": profile.name}
+    if mode != "auto":
+        config["mode"] = mode
     if launch_timeout:
         config["launch_timeout"] = launch_timeout
     return {

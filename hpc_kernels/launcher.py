@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +127,8 @@ def _step_alive(record: KernelRecord) -> bool:
     """Asked of Slurm, so any login node gets the same answer; while the step is still being
     launched (not yet listed), the srun we started counts, where we started it."""
     assert record.step is not None
+    if record.on_node:
+        return is_running(record.step, _step_marker(kernel_files(record.name)))
     return bool(_our_steps(record)) or is_running(record.step, _step_marker(kernel_files(record.name)))
 
 
@@ -138,10 +140,10 @@ def _end_kernel_job(record: KernelRecord) -> str:
     """End what runs the kernel: our own job is cancelled; in the user's allocation only our
     step is stopped (the allocation is theirs). Returns what was done, for people."""
     if record.step is not None:
-        for step in _our_steps(record):
+        for step in [] if record.on_node else _our_steps(record):
             cancel(step)  # JOB.STEP: only the step, never the allocation
         terminate(record.step, _step_marker(kernel_files(record.name)), STEP_STOP_SECONDS)
-        return f"stopped the kernel's step in job {record.job_id}"
+        return f"stopped the kernel's {'agent on this node' if record.on_node else 'step'} in job {record.job_id}"
     if record.job_id:
         cancel(record.job_id)
     return f"cancelled job {record.job_id}"
@@ -343,6 +345,51 @@ def submit(profile_name: str, request: KernelRequest) -> KernelRecord:
     return record
 
 
+def on_a_node_of_a_job(environ: dict[str, str] | None = None) -> bool:
+    """This process runs inside a Slurm job on a compute node (a job step's environment), not
+    merely with SLURM_JOB_ID set (as in an salloc shell on the login node)."""
+    env = os.environ if environ is None else environ
+    return bool(env.get("SLURM_JOB_ID") and env.get("SLURMD_NODENAME"))
+
+
+def start_on_node(profile_name: str, request: KernelRequest) -> KernelRecord:
+    """Start the kernel in the profile's sandbox on this node, for a frontend that already runs
+    in a job here: no job, no step, no relay. The agent runs as our child, in its own session."""
+    request = replace(request, allocation=None)
+    profile = resolve_request(profile_name, request)
+    name = request.name
+    python = node_python(profile)
+    with locked(name):
+        _forget_if_dead(name)
+        try:
+            files = create_kernel_dir(name)
+        except FileExistsError:
+            raise HpcKernelsError(f"a kernel named {name!r} already exists") from None
+        record = KernelRecord(name=name, profile=profile.name, status="submitting", workspace=request.workspace,
+                              workspace_rw=profile.get("workspace", "mode") == "rw", on_node=True,
+                              job_id=os.environ.get("SLURM_JOB_ID"))
+        try:
+            save_record(record)
+            write_private_file(files.key, secrets.token_hex(32) + "\n")
+            write_json(files.launch, launch_spec(profile, request, python))
+            write_private_file(files.log, "")
+            fd = os.open(files.log, os.O_WRONLY | os.O_APPEND)
+            try:
+                agent = subprocess.Popen([python, "-m", "hpc_kernels.agent", str(files.dir)], stdin=subprocess.DEVNULL,
+                                         stdout=fd, stderr=fd, start_new_session=True, close_fds=True)
+            finally:
+                os.close(fd)
+            record.step = identity(agent.pid)
+            record.status = "submitted"
+            save_record(record)
+        except BaseException:
+            if record.step is not None:
+                terminate(record.step, _step_marker(files), STEP_STOP_SECONDS)
+            remove_kernel_dir(name)
+            raise
+    return record
+
+
 def _forget_if_dead(name: str) -> None:
     """A record whose job is gone (failed or ended) does not block its name; anything else does."""
     files = kernel_files(name)
@@ -447,8 +494,11 @@ def relay_connection_file(files: KernelFiles) -> Path | None:
 
 def ensure_relay(name: str, *, timeout: float | None = None, progress: Progress = _quiet) -> Path:
     """The login-side connection file of a ready kernel, starting (or restarting) its relay."""
-    wait_until_ready(name, timeout=timeout, progress=progress)
+    record = wait_until_ready(name, timeout=timeout, progress=progress)
     files = kernel_files(name)
+    if record.on_node:  # the client is on the kernel's node: its own sockets, no relay
+        node_dir = (read_json(files.agent) or {}).get("node_dir")
+        return Path(node_dir) / "kernel.json"
     with locked(name):
         load_record(name)  # a shutdown that ran while we waited for the lock removed it
         existing = relay_connection_file(files)
@@ -542,6 +592,14 @@ def _signal_agent(name: str, action: str) -> KernelView:
     if not current.job_alive or current.agent_state != "ready":
         raise HpcKernelsError(f"kernel {name} is {current.state}: there is nothing to {action}")
     files = kernel_files(name)
+    if current.record.on_node:
+        from .agent import AGENT_SIGNALS  # the agent module is light; imported only here
+
+        assert current.record.step is not None
+        if not is_running(current.record.step, _step_marker(files)):
+            raise HpcKernelsError(f"kernel {name} runs on {current.node}, not here: {action} it from there")
+        os.kill(int(current.record.step["pid"]), AGENT_SIGNALS[action])
+        return current
     launch = read_json(files.launch) or {}
     argv = srun_into_job(str(current.record.job_id), [launch.get("python", sys.executable), "-m",
                                                       "hpc_kernels.agent", action, str(files.dir)],

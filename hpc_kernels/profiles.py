@@ -258,6 +258,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "language": (_str, "python"),
         "env": (_env, {}),
         "start_timeout": (_positive_number, 60.0),
+        "on_node": (_bool, True),
     },
     "paths": {
         "node_tmp": (_opt(_node_tmp), None),

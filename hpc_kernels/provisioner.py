@@ -21,12 +21,12 @@ from typing import Any
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
-from traitlets import Float, Unicode
+from traitlets import Enum, Float, Unicode
 
 from . import launcher
 from .errors import HpcKernelsError, KernelStartError
 from .paths import exposes_private_files, private_paths
-from .profiles import KernelRequest
+from .profiles import KernelRequest, load_profile
 
 POLL_SECONDS = 1.0
 
@@ -37,6 +37,10 @@ class HpcKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     profile = Unicode(help="the hpc-kernels profile (set in the kernelspec)").tag(config=True)
     workspace = Unicode("", help="directory bound into the sandbox (default: the kernel's cwd)").tag(config=True)
     launch_timeout = Float(0.0, help="seconds to wait for the job (0: as long as it takes)").tag(config=True)
+    mode = Enum(["auto", "job", "node"], "auto", help=(
+        "job: a Slurm job (or a step of the allocation) reached through the relay; node: the sandbox on "
+        "this node, for a frontend that runs in a job here (no job, no relay); auto: node when this runs "
+        "inside a job on a compute node and the profile's kernel.on_node allows it")).tag(config=True)
 
     name: str | None = None
     generation: int = 0
@@ -69,8 +73,12 @@ class HpcKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             self.restarting = False
         else:
             request = KernelRequest(name=self.name, workspace=self._workspace(kwargs.get("cwd")))
-            await asyncio.to_thread(launcher.submit, self.profile, request)
-            self.log.info("hpc-kernels: submitted kernel %s (profile %s)", self.name, self.profile)
+            if await asyncio.to_thread(self._on_node):
+                await asyncio.to_thread(launcher.start_on_node, self.profile, request)
+                self.log.info("hpc-kernels: starting kernel %s on this node (profile %s)", self.name, self.profile)
+            else:
+                await asyncio.to_thread(launcher.submit, self.profile, request)
+                self.log.info("hpc-kernels: submitted kernel %s (profile %s)", self.name, self.profile)
             try:
                 await asyncio.to_thread(launcher.wait_until_ready, self.name,
                                         timeout=self.launch_timeout or None, progress=self._progress)
@@ -84,6 +92,11 @@ class HpcKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         info["key"] = info["key"].encode()  # jupyter_client compares it with its own, as bytes
         self.connection_info = info
         return info  # type: ignore[no-any-return]
+
+    def _on_node(self) -> bool:
+        if self.mode != "auto":
+            return bool(self.mode == "node")
+        return launcher.on_a_node_of_a_job() and bool(load_profile(self.profile).get("kernel", "on_node"))
 
     def _workspace(self, cwd: str | None) -> str | None:
         """The configured workspace, else the kernel's working directory, unless that would show

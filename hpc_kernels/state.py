@@ -39,7 +39,9 @@ class KernelRecord:
     status: str  # submitting, submitted, ready, failed
     job_id: str | None = None
     submit_time: str | None = None  # Slurm's SubmitTime: with job_id, it names the job
-    step: dict[str, Any] | None = None  # in someone's allocation: the srun that runs our step
+    step: dict[str, Any] | None = None  # in someone's allocation: the srun that runs our step,
+    # or, on the node itself (on_node), the agent we started there
+    on_node: bool = False  # started by a frontend on its own node: no step, no relay
     node: str | None = None
     workspace: str | None = None
     workspace_rw: bool = False

@@ -272,3 +272,72 @@ def test_a_kernel_whose_job_ended_is_not_resubmitted(kernelspec: str) -> None:
     finally:
         km.shutdown_kernel(now=True)
     assert not (STATE_ROOT / name).exists()
+
+
+# --- a frontend that runs in a job: the kernel starts on its node (no job, no relay) --------------
+
+IN_JOB_SCRIPT = r"""
+import json, os, subprocess, sys
+import nbformat
+from jupyter_client import KernelManager
+from nbclient import NotebookClient
+
+spec, workspace, out = sys.argv[1:4]
+result = {"job": os.environ["SLURM_JOB_ID"], "node": os.environ["SLURMD_NODENAME"]}
+km = KernelManager(kernel_name=spec)
+km.start_kernel(cwd=workspace)
+name = result["name"] = km.provisioner.name
+result["status"] = json.loads(subprocess.run(["hpc-kernel", "status", name, "--json"], capture_output=True,
+                                             text=True, check=True).stdout)
+result["connection_file"] = km.connection_file
+result["kernel_ip"] = km.ip
+client = km.client()
+client.start_channels()
+client.wait_for_ready(60)
+def run(code):
+    out = []
+    client.execute_interactive(code, timeout=60, output_hook=lambda m: out.append(m["content"].get("text", ""))
+                               if m["msg_type"] == "stream" else None)
+    return "".join(out).strip()
+result["hostname"] = run("import socket; x = 1; print(socket.gethostname())")
+result["network"] = run("try:\n    socket.create_connection(('10.77.7.1', 22), timeout=3)\nexcept OSError as e:\n    print(e)")
+client.stop_channels()
+km.restart_kernel()
+client = km.client()
+client.start_channels()
+client.wait_for_ready(60)
+result["after_restart"] = run("print('x' in globals())")
+client.stop_channels()
+km.shutdown_kernel()
+result["left_after_shutdown"] = subprocess.run(["hpc-kernel", "list"], capture_output=True, text=True).stdout
+nb = nbformat.v4.new_notebook()
+nb.cells = [nbformat.v4.new_code_cell("import socket; print(socket.gethostname())")]
+NotebookClient(nb, kernel_name=spec, timeout=60).execute()
+result["notebook"] = nb.cells[0].outputs[0]["text"].strip()
+json.dump(result, open(out, "w"))
+"""
+
+
+def test_a_frontend_inside_a_job_starts_the_kernel_on_its_own_node(runtime_profile: str, workspace: Path) -> None:
+    """As under Open OnDemand or a batch job: the frontend runs in a job on c1, and the kernel
+    starts in the sandbox right there, without a new job, a step or the relay."""
+    data = workspace / "jupyter-data"
+    env = {"JUPYTER_DATA_DIR": str(data), "JUPYTER_PATH": ""}
+    hk("kernelspec", "install", "-p", runtime_profile, "--name", "onnode", "--user", env=env)
+    script, out = workspace / "in_job.py", workspace / "result.json"
+    script.write_text(IN_JOB_SCRIPT)
+    before = squeue_ids()
+    run(["sbatch", "--wait", "--nodelist=c1", "--time=5", f"--output={workspace / 'job.out'}",
+         f"--export=ALL,JUPYTER_DATA_DIR={data},JUPYTER_PATH=",
+         "--wrap", f"{sys.executable} {script} onnode {workspace} {out}"], timeout=300)
+    assert out.exists(), (workspace / "job.out").read_text()
+    result = json.loads(out.read_text())
+    status = result["status"]
+    assert status["mode"] == "on the frontend's node" and status["job_id"] == result["job"]
+    assert result["hostname"] == result["node"] == "c1"
+    assert "Network is unreachable" in result["network"]
+    assert result["kernel_ip"].startswith("/tmp/hk-"), "the kernel's own sockets on the node, not a relay"
+    assert result["after_restart"] == "False"
+    assert result["name"] not in result["left_after_shutdown"]
+    assert result["notebook"] == "c1"
+    assert squeue_ids() <= before, "no job of ours is left (the frontend's own job has ended)"
