@@ -288,24 +288,37 @@ def _start_step(files: KernelFiles) -> dict[str, Any]:
     return identity(proc.pid)
 
 
-def submit(profile_name: str, request: KernelRequest) -> KernelRecord:
-    """Write the kernel's state, render its job script and submit it. Returns at once."""
+def _profile_to_start(profile_name: str, request: KernelRequest) -> Profile:
+    """resolve_request, and the image of an Apptainer profile must exist (checked here, where
+    submit runs, since a missing image would only fail on the node after the queue)."""
     profile = resolve_request(profile_name, request)
     image = profile.get("runtime", "image")
     if profile.get("runtime", "kind") == "apptainer" and not os.path.exists(image):
         where = profile.origins.get("runtime.image", str(profile.source))
         raise HpcKernelsError(f"runtime.image ({where}): {image} does not exist; build one with "
                               "`hpc-kernel image build`, check one with `hpc-kernel image check`")
+    return profile
+
+
+def _claim_name(name: str) -> KernelFiles:
+    """The new kernel's state directory (hold the kernel's lock): a name whose job is gone is
+    taken over; a live one is an error."""
+    _forget_if_dead(name)
+    try:
+        return create_kernel_dir(name)
+    except FileExistsError:
+        raise HpcKernelsError(
+            f"a kernel named {name!r} already exists; use another --name or `hpc-kernel shutdown {name}`"
+        ) from None
+
+
+def submit(profile_name: str, request: KernelRequest) -> KernelRecord:
+    """Write the kernel's state, render its job script and submit it. Returns at once."""
+    profile = _profile_to_start(profile_name, request)
     name = request.name
     python = node_python(profile)
     with locked(name):
-        _forget_if_dead(name)
-        try:
-            files = create_kernel_dir(name)
-        except FileExistsError:
-            raise HpcKernelsError(
-                f"a kernel named {name!r} already exists; use another --name or `hpc-kernel shutdown {name}`"
-            ) from None
+        files = _claim_name(name)
         record = KernelRecord(
             name=name,
             profile=profile.name,
@@ -356,15 +369,11 @@ def start_on_node(profile_name: str, request: KernelRequest) -> KernelRecord:
     """Start the kernel in the profile's sandbox on this node, for a frontend that already runs
     in a job here: no job, no step, no relay. The agent runs as our child, in its own session."""
     request = replace(request, allocation=None)
-    profile = resolve_request(profile_name, request)
+    profile = _profile_to_start(profile_name, request)
     name = request.name
     python = node_python(profile)
     with locked(name):
-        _forget_if_dead(name)
-        try:
-            files = create_kernel_dir(name)
-        except FileExistsError:
-            raise HpcKernelsError(f"a kernel named {name!r} already exists") from None
+        files = _claim_name(name)
         record = KernelRecord(name=name, profile=profile.name, status="submitting", workspace=request.workspace,
                               workspace_rw=profile.get("workspace", "mode") == "rw", on_node=True,
                               job_id=os.environ.get("SLURM_JOB_ID"))
