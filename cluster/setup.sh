@@ -11,7 +11,8 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=lib.sh
 source "$HERE/lib.sh"
 
-PACKAGES=(slurm-wlm munge bubblewrap python3 python3-venv python3-dev sudo iproute2 procps psmisc util-linux)
+PACKAGES=(slurm-wlm munge bubblewrap python3 python3-venv python3-dev sudo iproute2 procps psmisc util-linux
+          chromium)   # chromium: the browser test of JupyterLab (driven by Playwright, no browser download)
 
 create_users() {
     local u

@@ -341,3 +341,69 @@ def test_a_frontend_inside_a_job_starts_the_kernel_on_its_own_node(runtime_profi
     assert result["name"] not in result["left_after_shutdown"]
     assert result["notebook"] == "c1"
     assert squeue_ids() <= before, "no job of ours is left (the frontend's own job has ended)"
+
+
+# --- a real browser: JupyterLab in headless Chromium --------------------------------------------
+
+CHROMIUM_ARGS = ["--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+def test_jupyterlab_in_a_browser_runs_cells_on_the_compute_node(kernelspec: str, workspace: Path,
+                                                                 tmp_path: Path) -> None:
+    """Headless Chromium (Debian's) opens JupyterLab on a notebook that names our kernelspec:
+    JupyterLab starts the sandboxed kernel through the provisioner, the cells run (Lab's own
+    run-all command, as the toolbar button does), and the page shows the node's name and the
+    sandbox's "Network is unreachable"."""
+    from playwright.sync_api import sync_playwright
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": kernelspec, "display_name": kernelspec, "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell("import socket\nprint('host:', socket.gethostname())"),
+                nbformat.v4.new_code_cell("try:\n    socket.create_connection(('10.77.7.1', 22), timeout=3)\n"
+                                          "except OSError as e:\n    print('network:', e)")]
+    nbformat.write(nb, workspace / "browser.ipynb")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    token = uuid.uuid4().hex
+    log = open(tmp_path / "lab.log", "w")
+    lab = subprocess.Popen([sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}",
+                            "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={token}",
+                            f"--ServerApp.root_dir={workspace}", "--LabApp.expose_app_in_browser=True"],
+                           stdout=log, stderr=subprocess.STDOUT)
+    before = squeue_ids()
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                api(base, token, "GET", "/api/status")
+                break
+            except OSError:
+                assert lab.poll() is None and time.monotonic() < deadline, (tmp_path / "lab.log").read_text()
+                time.sleep(0.3)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+            page = browser.new_page()
+            page.goto(f"{base}/lab/tree/browser.ipynb?token={token}")
+            page.wait_for_function("window.jupyterapp && document.querySelector('.jp-Notebook')", timeout=90_000)
+            # The kernel is started by opening the notebook; wait until Lab reports it idle.
+            page.wait_for_selector(".jp-Notebook", timeout=60_000)
+            page.wait_for_function("""() => {
+                const w = window.jupyterapp.shell.currentWidget;
+                return w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel
+                    && w.sessionContext.session.kernel.status === 'idle';
+            }""", timeout=120_000)
+            page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+            page.wait_for_selector("text=Network is unreachable", timeout=120_000)
+            outputs = page.locator(".jp-OutputArea-output").all_inner_texts()
+            browser.close()
+        text = "\n".join(outputs)
+        assert "host: c1" in text or "host: c2" in text, text
+        assert "network: [Errno 101] Network is unreachable" in text, text
+    finally:
+        lab.terminate()
+        lab.wait(30)
+        log.close()
+    assert squeue_ids() <= before, "closing JupyterLab shut the kernel down and ended its job"
