@@ -179,6 +179,8 @@ PartitionName=short Nodes=${HK_NODES[0]} MaxTime=01:00:00 State=UP
 PartitionName=interactive Nodes=$all_nodes MaxTime=7-00:00:00 State=UP
 PartitionName=small Nodes=$all_nodes MaxTime=3-00:00:00 State=UP
 PartitionName=gpu Nodes=$HK_GPU_NODE MaxTime=1-00:00:00 State=UP
+# A partition that never schedules: jobs wait with reason PartitionDown (launch-timeout tests)
+PartitionName=down Nodes=${HK_NODES[1]} MaxTime=1:00:00 State=DOWN
 CONF
     write_if_changed "$tmp" "$HK_CONF" || changed=1
     tmp=$(mktemp)

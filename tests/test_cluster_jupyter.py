@@ -122,7 +122,7 @@ def test_a_start_that_times_out_cancels_the_job(jupyter_dirs: Path, tmp_path: Pa
     """A job that cannot start in time: the frontend gets the pending reason, and no job is left."""
     profiles = tmp_path / "profiles"
     profiles.mkdir()
-    (profiles / "later.yaml").write_text('slurm: {partition: debug, extra_options: ["--begin=now+1hour"]}\n')
+    (profiles / "later.yaml").write_text("slurm: {partition: down}\n")  # State=DOWN on the test cluster
     monkeypatch.setenv("HPC_KERNELS_PROFILE_PATH", str(profiles))
     hk("kernelspec", "install", "-p", "later", "--name", "later", "--launch-timeout", "4", "--user")
     before = squeue_ids()
@@ -130,7 +130,7 @@ def test_a_start_that_times_out_cancels_the_job(jupyter_dirs: Path, tmp_path: Pa
     started = time.monotonic()
     with pytest.raises(Exception, match=r"was not ready within 4 s; it was cancelled") as caught:
         km.start_kernel()
-    assert "reason BeginTime" in str(caught.value), str(caught.value)
+    assert "reason PartitionDown" in str(caught.value), str(caught.value)
     assert time.monotonic() - started < 60
     assert squeue_ids() <= before
     assert not km.provisioner or not km.provisioner.has_process
