@@ -156,7 +156,8 @@ class Agent:
         for path in socket_paths(base):
             check_socket_path(path, "node-side socket")
         connection_file = self.connection_file = self.node_dir / "kernel.json"
-        write_json(connection_file, connection_info(base, self.files.key.read_text().strip()))
+        write_json(connection_file, connection_info(base, self.files.key.read_text().strip(),
+                                                    read_json(self.files.curve)))
 
         workspace = launch.get("workspace")
         if workspace and not os.path.isdir(workspace):

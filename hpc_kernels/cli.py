@@ -307,7 +307,7 @@ def cmd_kernelspec_install(args: argparse.Namespace) -> int:
     profile_name = _profile_name(args)
     profile = load_profile(profile_name)
     spec = kernelspec(profile, display_name=args.display_name, interrupt_mode=args.interrupt_mode,
-                      launch_timeout=args.launch_timeout, mode=args.mode)
+                      launch_timeout=args.launch_timeout, mode=args.mode, encryption=args.encryption)
     prefix = sys.prefix if args.sys_prefix else args.prefix
     where = install(args.name or profile_name, spec, user=args.user, prefix=prefix)
     _progress(f"installed kernelspec {args.name or profile_name} ({spec['display_name']}) in {where}")
@@ -451,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--interrupt-mode", default="signal", choices=["signal", "message"],
                    help="signal: SIGINT through Slurm; message: interrupt_request over the relay")
     q.add_argument("--launch-timeout", type=float, help="give up a start (and cancel the job) after S seconds")
+    q.add_argument("--encryption", default="auto", choices=["auto", "curve", "none"],
+                   help="declare CurveZMQ support (frontends then encrypt with transport_encryption=auto); "
+                   "auto: when the kernel is known to support it (bubblewrap with ipykernel >= 7.3)")
     q.add_argument("--mode", default="auto", choices=["auto", "job", "node"],
                    help="job: a Slurm job reached through the relay; node: the sandbox on the frontend's own "
                    "node (it runs in a job); auto (default): node inside a job on a compute node, else job")

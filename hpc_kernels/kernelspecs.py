@@ -23,12 +23,19 @@ INTERRUPT_MODES = ("signal", "message")
 MODES = ("auto", "job", "node")
 
 
+ENCRYPTIONS = ("auto", "curve", "none")
+# ipykernel takes CurveZMQ keys from its connection file since 7.3 (and jupyter_client 8.9 gives them).
+CURVE_IPYKERNEL = (7, 3)
+
+
 def kernelspec(profile: Profile, *, display_name: str | None = None, interrupt_mode: str = "signal",
-               launch_timeout: float | None = None, mode: str = "auto",
+               launch_timeout: float | None = None, mode: str = "auto", encryption: str = "auto",
                python: str = sys.executable) -> dict[str, Any]:
     """The kernel.json of a kernelspec that runs ``profile``'s kernels through the provisioner."""
     if interrupt_mode not in INTERRUPT_MODES:
         raise HpcKernelsError(f"--interrupt-mode {interrupt_mode!r}: expected one of {', '.join(INTERRUPT_MODES)}")
+    if encryption not in ENCRYPTIONS:
+        raise HpcKernelsError(f"--encryption {encryption!r}: expected one of {', '.join(ENCRYPTIONS)}")
     if mode not in MODES:
         raise HpcKernelsError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
     config: dict[str, Any] = {"profile": profile.name}
@@ -36,17 +43,34 @@ def kernelspec(profile: Profile, *, display_name: str | None = None, interrupt_m
         config["mode"] = mode
     if launch_timeout:
         config["launch_timeout"] = launch_timeout
+    metadata: dict[str, Any] = {
+        "kernel_provisioner": {"provisioner_name": PROVISIONER_NAME, "config": config},
+        "debugger": False,
+    }
+    if encryption == "curve" or (encryption == "auto" and kernel_supports_curve(profile, python)):
+        metadata["supported_encryption"] = ["curve"]
     return {
         # Never run: the provisioner starts the kernel. A frontend without provisioners gets a clear error.
         "argv": [python, "-m", "hpc_kernels.provisioner", "-f", "{connection_file}"],
         "display_name": display_name or profile.get("kernel", "display_name") or f"Python 3 ({profile.name})",
         "language": profile.get("kernel", "language"),
         "interrupt_mode": interrupt_mode,
-        "metadata": {
-            "kernel_provisioner": {"provisioner_name": PROVISIONER_NAME, "config": config},
-            "debugger": False,
-        },
+        "metadata": metadata,
     }
+
+
+def kernel_supports_curve(profile: Profile, python: str) -> bool:
+    """Whether the profile's kernel takes CurveZMQ keys: known only for bubblewrap running this
+    very Python (the site's hpc-kernels environment, the same on login and compute nodes). An
+    image's ipykernel is unknown here: say so with --encryption curve."""
+    if profile.get("runtime", "kind") != "bwrap" or (profile.get("kernel", "python") or python) != python:
+        return False
+    try:
+        import ipykernel
+    except ImportError:
+        return False
+    version = tuple(int(part) for part in ipykernel.__version__.split(".")[:2] if part.isdigit())
+    return version >= CURVE_IPYKERNEL
 
 
 def install(name: str, spec: dict[str, Any], *, user: bool = False, prefix: str | None = None) -> str:

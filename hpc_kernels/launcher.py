@@ -300,6 +300,17 @@ def _profile_to_start(profile_name: str, request: KernelRequest) -> Profile:
     return profile
 
 
+def _write_secrets(files: KernelFiles, *, curve: bool) -> None:
+    """The HMAC key, and with ``curve`` a CurveZMQ key pair for the kernel's sockets: 0600 files
+    on the shared file system, never on a command line or in an environment."""
+    write_private_file(files.key, secrets.token_hex(32) + "\n")
+    if curve:
+        import zmq
+
+        public, secret = zmq.curve_keypair()
+        write_json(files.curve, {"public": public.decode(), "secret": secret.decode()})
+
+
 def _claim_name(name: str) -> KernelFiles:
     """The new kernel's state directory (hold the kernel's lock): a name whose job is gone is
     taken over; a live one is an error."""
@@ -328,7 +339,7 @@ def submit(profile_name: str, request: KernelRequest) -> KernelRecord:
         )
         try:
             save_record(record)
-            write_private_file(files.key, secrets.token_hex(32) + "\n")
+            _write_secrets(files, curve=request.curve)
             write_json(files.launch, launch_spec(profile, request, python))
             script = kernel_script(profile, name, request.allocation)
             write_private_file(files.script, script)
@@ -379,7 +390,7 @@ def start_on_node(profile_name: str, request: KernelRequest) -> KernelRecord:
                               job_id=os.environ.get("SLURM_JOB_ID"))
         try:
             save_record(record)
-            write_private_file(files.key, secrets.token_hex(32) + "\n")
+            _write_secrets(files, curve=request.curve)
             write_json(files.launch, launch_spec(profile, request, python))
             write_private_file(files.log, "")
             fd = os.open(files.log, os.O_WRONLY | os.O_APPEND)

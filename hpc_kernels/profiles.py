@@ -306,6 +306,7 @@ class KernelRequest:
     workspace: str | None = None
     workspace_rw: bool = False
     allocation: str | None = None  # run as a step of this job (the user's salloc) instead of a new job
+    curve: bool = False  # CurveZMQ on the kernel's sockets (the frontend asked, the kernel supports it)
 
 
 def check_kernel_name(name: str) -> str:

@@ -43,6 +43,7 @@ class HpcKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         "inside a job on a compute node and the profile's kernel.on_node allows it")).tag(config=True)
 
     name: str | None = None
+    curve: bool = False
     generation: int = 0
     restarting: bool = False
     ended: int | None = None  # the exit code once the job is gone
@@ -53,7 +54,7 @@ class HpcKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         kwargs = await super().pre_launch(**kwargs)
-        kwargs.pop("transport_encryption", None)  # the relay's unix sockets, not CurveZMQ (not yet)
+        self.curve = self._wants_curve(kwargs.pop("transport_encryption", None))
         kwargs["cmd"] = list(self.kernel_spec.argv)  # never run: jupyter_client wants one
         if self.name is None:
             kernel_id = getattr(self.parent, "kernel_id", None) or uuid.uuid4().hex
@@ -72,7 +73,7 @@ class HpcKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             await asyncio.to_thread(launcher.restore_relay_sockets, self.name)
             self.restarting = False
         else:
-            request = KernelRequest(name=self.name, workspace=self._workspace(kwargs.get("cwd")))
+            request = KernelRequest(name=self.name, workspace=self._workspace(kwargs.get("cwd")), curve=self.curve)
             if await asyncio.to_thread(self._on_node):
                 await asyncio.to_thread(launcher.start_on_node, self.profile, request)
                 self.log.info("hpc-kernels: starting kernel %s on this node (profile %s)", self.name, self.profile)
@@ -92,6 +93,16 @@ class HpcKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         info["key"] = info["key"].encode()  # jupyter_client compares it with its own, as bytes
         self.connection_info = info
         return info  # type: ignore[no-any-return]
+
+    def _wants_curve(self, asked: str | None) -> bool:
+        """CurveZMQ on the kernel's sockets, as jupyter_client decides for a local kernel: the
+        frontend's transport_encryption policy ('auto': if the kernelspec declares support;
+        'required': always). The relay carries the encrypted ZMTP as it is."""
+        km = self.parent
+        if km is None or not hasattr(km, "_transport_encryption_policy"):
+            return False
+        policy = km._transport_encryption_policy(asked or getattr(km, "transport_encryption", "disabled"))
+        return bool(policy == "required" or (policy == "auto" and km._kernel_supports_curve_encryption()))
 
     def _on_node(self) -> bool:
         if self.mode != "auto":

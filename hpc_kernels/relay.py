@@ -43,10 +43,13 @@ HELLO_TIMEOUT = 60.0
 # Connection files
 
 
-def connection_info(socket_base: str, key: str) -> dict[str, object]:
-    """A Jupyter connection file for the five sockets ``<socket_base>-1`` .. ``-5`` over IPC."""
+def connection_info(socket_base: str, key: str, curve: Mapping[str, str] | None = None) -> dict[str, object]:
+    """A Jupyter connection file for the five sockets ``<socket_base>-1`` .. ``-5`` over IPC;
+    with ``curve`` (``{"public": ..., "secret": ...}``), the kernel's CurveZMQ keys too."""
     info: dict[str, object] = {f"{name}_port": i + 1 for i, name in enumerate(p.SOCKET_NAMES)}
     info.update(ip=socket_base, key=key, transport="ipc", signature_scheme="hmac-sha256", kernel_name="")
+    if curve:
+        info.update(curve_publickey=curve["public"], curve_secretkey=curve["secret"])
     return info
 
 
@@ -213,7 +216,7 @@ async def _serve_login(files: KernelFiles, ready: Callable[[str], None]) -> int:
         finally:
             os.umask(old_umask)
         connection_file = login_dir / "connection.json"
-        write_json(connection_file, connection_info(base, key))
+        write_json(connection_file, connection_info(base, key, read_json(files.curve)))
         write_json(files.relay, {**identity(), "connection_file": str(connection_file), "login_dir": str(login_dir)})
         ready(f"READY {connection_file}")
         await asyncio.wait([mux.ended, stopped], return_when=asyncio.FIRST_COMPLETED)

@@ -72,6 +72,7 @@ class KernelFiles:
     agent = property(lambda self: self.dir / "agent.json")
     relay = property(lambda self: self.dir / "relay.json")
     relay_log = property(lambda self: self.dir / "relay.log")
+    curve = property(lambda self: self.dir / "curve.json")  # CurveZMQ keys of the kernel's sockets (0600)
     restart_request = property(lambda self: self.dir / "restart")  # the provisioner asks for a restart in the job
 
 

@@ -407,3 +407,32 @@ def test_jupyterlab_in_a_browser_runs_cells_on_the_compute_node(kernelspec: str,
         lab.wait(30)
         log.close()
     assert squeue_ids() <= before, "closing JupyterLab shut the kernel down and ended its job"
+
+
+def test_curve_encryption_end_to_end_where_the_kernel_supports_it(jupyter_dirs: Path, workspace: Path) -> None:
+    """transport_encryption=auto: the bubblewrap kernel (ipykernel 7.4) declares CurveZMQ, gets
+    keys, and a client without them gets no answer through the relay. The Apptainer image's
+    ipykernel 6.17 does not, and its kernelspec does not claim it."""
+    from jupyter_client import BlockingKernelClient
+
+    hk("kernelspec", "install", "-p", "local", "--name", "curve", "--user")
+    hk("kernelspec", "install", "-p", "local-apptainer", "--name", "image", "--user")
+    kernels = jupyter_dirs / "jupyter-data" / "kernels"
+    assert json.loads((kernels / "curve" / "kernel.json").read_text())["metadata"]["supported_encryption"] == ["curve"]
+    assert "supported_encryption" not in json.loads((kernels / "image" / "kernel.json").read_text())["metadata"]
+    km = KernelManager(kernel_name="curve", transport_encryption="auto")
+    km.start_kernel(cwd=str(workspace))
+    try:
+        info = km.get_connection_info()
+        assert info.get("curve_publickey") and info.get("curve_secretkey")
+        assert execute(km, "print(6 * 7)").strip() == "42"
+        plain = BlockingKernelClient()
+        plain.load_connection_info({k: v for k, v in info.items() if not k.startswith("curve_")})
+        plain.start_channels()
+        try:
+            with pytest.raises(RuntimeError):
+                plain.wait_for_ready(timeout=8)
+        finally:
+            plain.stop_channels()
+    finally:
+        km.shutdown_kernel()
