@@ -436,3 +436,73 @@ def test_curve_encryption_end_to_end_where_the_kernel_supports_it(jupyter_dirs: 
             plain.stop_channels()
     finally:
         km.shutdown_kernel()
+
+
+def test_message_mode_interrupt_and_the_frontends_own_connection_file(jupyter_dirs: Path, workspace: Path) -> None:
+    """`--interrupt-mode message`: the interrupt is an interrupt_request over the relay. The
+    frontend's own connection file is written and removed by jupyter_client as for a local kernel."""
+    hk("kernelspec", "install", "-p", "local", "--name", "msg", "--interrupt-mode", "message", "--user")
+    km = KernelManager(kernel_name="msg")
+    km.start_kernel(cwd=str(workspace))
+    try:
+        assert Path(km.connection_file).is_file(), "jupyter_client writes its own connection file as usual"
+        client = km.client()
+        client.start_channels()
+        msg_id = client.execute("while True: pass")
+        time.sleep(2)
+        km.interrupt_kernel()
+        reply = client.get_shell_msg(timeout=60)
+        client.stop_channels()
+        assert reply["parent_header"]["msg_id"] == msg_id and reply["content"]["ename"] == "KeyboardInterrupt"
+    finally:
+        km.shutdown_kernel()
+    assert not Path(km.connection_file).exists()
+
+
+def test_waiting_in_the_queue_is_not_a_startup_timeout(jupyter_dirs: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job that waits ~8 s in the queue (--begin) under nbclient's startup_timeout of 2 s: the
+    notebook runs, because the provisioner returns only once the kernel is ready."""
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    (profiles / "soon.yaml").write_text('extends: local\nslurm: {extra_options: ["--begin=now+8"]}\n')
+    monkeypatch.setenv("HPC_KERNELS_PROFILE_PATH", str(profiles))
+    hk("kernelspec", "install", "-p", "soon", "--name", "soon", "--user")
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("print('ran')")]
+    started = time.monotonic()
+    NotebookClient(nb, kernel_name="soon", timeout=60, startup_timeout=2).execute()
+    assert nb.cells[0].outputs[0]["text"].strip() == "ran"
+    assert time.monotonic() - started > 5, "the job did wait in the queue"
+
+
+def test_a_start_given_up_while_pending_cancels_the_job(jupyter_dirs: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A frontend that gives up a start (its start task is cancelled while the job is queued on
+    the DOWN partition): the job is cancelled and nothing of the kernel is left."""
+    from jupyter_client import AsyncKernelManager
+
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    (profiles / "never.yaml").write_text("extends: local\nslurm: {partition: down}\n")
+    monkeypatch.setenv("HPC_KERNELS_PROFILE_PATH", str(profiles))
+    hk("kernelspec", "install", "-p", "never", "--name", "never", "--user")
+    before = squeue_ids()
+
+    async def start_then_give_up() -> str | None:
+        km = AsyncKernelManager(kernel_name="never")
+        task = asyncio.ensure_future(km.start_kernel())
+        await asyncio.sleep(4)
+        name = km.provisioner.name if km.provisioner else None
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return name
+
+    name = asyncio.run(start_then_give_up())
+    assert name
+    deadline = time.monotonic() + 30
+    while (squeue_ids() - before or (STATE_ROOT / name).exists()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not squeue_ids() - before, "the queued job was cancelled"
+    assert not (STATE_ROOT / name).exists()
