@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import subprocess
 import sys
@@ -462,7 +463,8 @@ def test_message_mode_interrupt_and_the_frontends_own_connection_file(jupyter_di
 def test_waiting_in_the_queue_is_not_a_startup_timeout(jupyter_dirs: Path, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """A job that waits ~8 s in the queue (--begin) under nbclient's startup_timeout of 2 s: the
-    notebook runs, because the provisioner returns only once the kernel is ready."""
+    notebook runs, because the provisioner returns only once the kernel is ready; meanwhile the
+    frontend's log shows the pending reason, then the node."""
     profiles = tmp_path / "profiles"
     profiles.mkdir()
     (profiles / "soon.yaml").write_text('extends: local\nslurm: {extra_options: ["--begin=now+8"]}\n')
@@ -470,10 +472,18 @@ def test_waiting_in_the_queue_is_not_a_startup_timeout(jupyter_dirs: Path, tmp_p
     hk("kernelspec", "install", "-p", "soon", "--name", "soon", "--user")
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell("print('ran')")]
+    said: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+    km = KernelManager(kernel_name="soon")
+    km.log.addHandler(handler)
+    km.log.setLevel(logging.INFO)
     started = time.monotonic()
-    NotebookClient(nb, kernel_name="soon", timeout=60, startup_timeout=2).execute()
+    NotebookClient(nb, km=km, timeout=60, startup_timeout=2).execute()
     assert nb.cells[0].outputs[0]["text"].strip() == "ran"
     assert time.monotonic() - started > 5, "the job did wait in the queue"
+    assert any("PENDING (BeginTime)" in line for line in said), said
+    assert any("kernel ready on c" in line for line in said), said
 
 
 def test_a_start_given_up_while_pending_cancels_the_job(jupyter_dirs: Path, tmp_path: Path,
