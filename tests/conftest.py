@@ -59,6 +59,19 @@ def as_second_user(argv: list[str], timeout: float = 60) -> subprocess.Completed
                           timeout=timeout, cwd="/")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_kernel_left_behind(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After a run with cluster tests, no kernel of the test user may be left: a test (or the code
+    under test) that leaks a kernel and its job fails the run here. Leftovers are shut down."""
+    yield
+    if os.getuid() == 0 or not any(item.get_closest_marker("cluster") for item in request.session.items):
+        return
+    rows = json.loads(hk("list", "--json", check=False).stdout or "[]")
+    for row in rows:
+        hk("shutdown", row["name"], check=False)
+    assert not rows, f"kernels left behind by the tests: {[(r['name'], r['profile']) for r in rows]}"
+
+
 @pytest.fixture(scope="session")
 def cluster() -> None:
     """The real cluster must be up, and we must not be root."""

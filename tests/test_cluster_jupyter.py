@@ -4,6 +4,7 @@ jupyter_client, real nbclient, real cluster), for both sandbox runtimes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import socket
@@ -56,6 +57,21 @@ def execute(km: KernelManager, code: str, timeout: float = 60) -> str:
         client.stop_channels()
 
 
+def interrupt_a_busy_loop(km: KernelManager) -> str:
+    """Start `while True: pass`, interrupt it as the frontend would, return the error's name."""
+    client = km.client()
+    client.start_channels()
+    try:
+        msg_id = client.execute("while True: pass")
+        time.sleep(2)
+        km.interrupt_kernel()
+        reply = client.get_shell_msg(timeout=60)
+        assert reply["parent_header"]["msg_id"] == msg_id
+        return str(reply["content"].get("ename"))
+    finally:
+        client.stop_channels()
+
+
 def test_kernelspec_install_list_remove(jupyter_dirs: Path) -> None:
     hk("kernelspec", "install", "-p", "local-gpu", "--name", "gpu-test", "--display-name", "Python (GPU test)",
        "--user")
@@ -85,14 +101,7 @@ def test_a_kernel_manager_runs_interrupts_restarts_and_shuts_down(kernelspec: st
 
         # Interrupt (signal mode, as the kernelspec says): a busy loop stops, the kernel lives on.
         execute(km, "kept = 1")
-        client = km.client()
-        client.start_channels()
-        msg_id = client.execute("while True: pass")
-        time.sleep(2)
-        km.interrupt_kernel()
-        reply = client.get_shell_msg(timeout=60)
-        assert reply["parent_header"]["msg_id"] == msg_id and reply["content"]["ename"] == "KeyboardInterrupt"
-        client.stop_channels()
+        assert interrupt_a_busy_loop(km) == "KeyboardInterrupt"
         assert execute(km, "print(kept)").strip() == "1"
 
         # Restart: a new kernel process in the same job, with a fresh namespace.
@@ -140,33 +149,39 @@ def test_a_start_that_times_out_cancels_the_job(jupyter_dirs: Path, tmp_path: Pa
 # --- jupyter_server: what JupyterLab talks to ----------------------------------------------------
 
 
-@pytest.fixture
-def jupyter_server(kernelspec: str, workspace: Path, tmp_path: Path) -> Iterator[tuple[str, str]]:
-    """A real jupyter_server on loopback, with our kernelspec; yields (base URL, token)."""
+@contextlib.contextmanager
+def jupyter_app(command: list[str], workspace: Path, log_path: Path) -> Iterator[tuple[str, str]]:
+    """A real Jupyter server application (``jupyter server``, JupyterLab) on loopback with a token;
+    yields (base URL, token) once it answers, and stops it afterwards."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     token = uuid.uuid4().hex
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen(
-        ["jupyter", "server", "--no-browser", f"--port={port}", "--ServerApp.ip=127.0.0.1",
-         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={workspace}"],
-        stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                api(base, token, "GET", "/api/status")
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
-                time.sleep(0.3)
-        yield base, token
-    finally:
-        server.terminate()
-        server.wait(30)
-        log.close()
+    with open(log_path, "w") as log:
+        app = subprocess.Popen([*command, "--no-browser", f"--port={port}", "--ServerApp.ip=127.0.0.1",
+                                f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={workspace}"],
+                               stdout=log, stderr=subprocess.STDOUT)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    api(base, token, "GET", "/api/status")
+                    break
+                except OSError:
+                    assert app.poll() is None and time.monotonic() < deadline, log_path.read_text()
+                    time.sleep(0.3)
+            yield base, token
+        finally:
+            app.terminate()
+            app.wait(30)
+
+
+@pytest.fixture
+def jupyter_server(kernelspec: str, workspace: Path, tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """A real jupyter_server with our kernelspec: what JupyterLab talks to."""
+    with jupyter_app(["jupyter", "server"], workspace, tmp_path / "server.log") as app:
+        yield app
 
 
 def api(base: str, token: str, method: str, path: str, body: dict | None = None, timeout: float = 300) -> dict:  # type: ignore[type-arg]
@@ -364,26 +379,9 @@ def test_jupyterlab_in_a_browser_runs_cells_on_the_compute_node(kernelspec: str,
                 nbformat.v4.new_code_cell("try:\n    socket.create_connection(('10.77.7.1', 22), timeout=3)\n"
                                           "except OSError as e:\n    print('network:', e)")]
     nbformat.write(nb, workspace / "browser.ipynb")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    token = uuid.uuid4().hex
-    log = open(tmp_path / "lab.log", "w")
-    lab = subprocess.Popen([sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}",
-                            "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={token}",
-                            f"--ServerApp.root_dir={workspace}", "--LabApp.expose_app_in_browser=True"],
-                           stdout=log, stderr=subprocess.STDOUT)
     before = squeue_ids()
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                api(base, token, "GET", "/api/status")
-                break
-            except OSError:
-                assert lab.poll() is None and time.monotonic() < deadline, (tmp_path / "lab.log").read_text()
-                time.sleep(0.3)
+    lab = [sys.executable, "-m", "jupyterlab", "--LabApp.expose_app_in_browser=True"]
+    with jupyter_app(lab, workspace, tmp_path / "lab.log") as (base, token):
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
             page = browser.new_page()
@@ -400,13 +398,9 @@ def test_jupyterlab_in_a_browser_runs_cells_on_the_compute_node(kernelspec: str,
             page.wait_for_selector("text=Network is unreachable", timeout=120_000)
             outputs = page.locator(".jp-OutputArea-output").all_inner_texts()
             browser.close()
-        text = "\n".join(outputs)
-        assert "host: c1" in text or "host: c2" in text, text
-        assert "network: [Errno 101] Network is unreachable" in text, text
-    finally:
-        lab.terminate()
-        lab.wait(30)
-        log.close()
+    text = "\n".join(outputs)
+    assert "host: c1" in text or "host: c2" in text, text
+    assert "network: [Errno 101] Network is unreachable" in text, text
     assert squeue_ids() <= before, "closing JupyterLab shut the kernel down and ended its job"
 
 
@@ -447,14 +441,7 @@ def test_message_mode_interrupt_and_the_frontends_own_connection_file(jupyter_di
     km.start_kernel(cwd=str(workspace))
     try:
         assert Path(km.connection_file).is_file(), "jupyter_client writes its own connection file as usual"
-        client = km.client()
-        client.start_channels()
-        msg_id = client.execute("while True: pass")
-        time.sleep(2)
-        km.interrupt_kernel()
-        reply = client.get_shell_msg(timeout=60)
-        client.stop_channels()
-        assert reply["parent_header"]["msg_id"] == msg_id and reply["content"]["ename"] == "KeyboardInterrupt"
+        assert interrupt_a_busy_loop(km) == "KeyboardInterrupt"
     finally:
         km.shutdown_kernel()
     assert not Path(km.connection_file).exists()
@@ -479,7 +466,10 @@ def test_waiting_in_the_queue_is_not_a_startup_timeout(jupyter_dirs: Path, tmp_p
     km.log.addHandler(handler)
     km.log.setLevel(logging.INFO)
     started = time.monotonic()
-    NotebookClient(nb, km=km, timeout=60, startup_timeout=2).execute()
+    try:
+        NotebookClient(nb, km=km, timeout=60, startup_timeout=2).execute()
+    finally:
+        km.shutdown_kernel()  # nbclient leaves a kernel manager it was given alone
     assert nb.cells[0].outputs[0]["text"].strip() == "ran"
     assert time.monotonic() - started > 5, "the job did wait in the queue"
     assert any("PENDING (BeginTime)" in line for line in said), said
