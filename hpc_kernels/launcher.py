@@ -10,6 +10,7 @@ import contextlib
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -128,8 +129,14 @@ def _step_alive(record: KernelRecord) -> bool:
     launched (not yet listed), the srun we started counts, where we started it."""
     assert record.step is not None
     if record.on_node:
+        if not _on_this_host(record):  # only the agent's own node can look at it: trust its report
+            return (read_json(kernel_files(record.name).agent) or {}).get("state") in ("starting", "ready")
         return is_running(record.step, _step_marker(kernel_files(record.name)))
     return bool(_our_steps(record)) or is_running(record.step, _step_marker(kernel_files(record.name)))
+
+
+def _on_this_host(record: KernelRecord) -> bool:
+    return bool(record.step) and (record.step or {}).get("host") == socket.gethostname()
 
 
 def _step_marker(files: KernelFiles) -> str:
@@ -682,6 +689,9 @@ def shutdown(name: str, *, graceful_timeout: float = 15, progress: Progress = _q
     current = view(name)
     files = kernel_files(name)
     record = current.record
+    if record.on_node and current.job_alive and not _on_this_host(record):
+        raise HpcKernelsError(f"kernel {name} was started by a frontend on {current.node} inside job "
+                              f"{record.job_id}; shut it down there (or end job {record.job_id})")
     if current.job_alive and current.agent_state == "ready":
         try:
             connection_file = ensure_relay(name)
