@@ -52,6 +52,7 @@ from .state import KernelFiles
 STDERR_TAIL_LINES = 40
 PR_SET_CHILD_SUBREAPER = 36
 KERNEL_STOP_SECONDS = 5.0
+RESTART_GRACE_SECONDS = 1.5
 # What the runtime says of itself on every start: not a reason for a failure.
 _NOISE = ("INFO:", "INFO :")
 _ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
@@ -101,6 +102,7 @@ class Agent:
         self.stderr_done = threading.Event()
         self.generation = 0  # kernels restarted in this job so far
         self.restart_now = False
+        self.kernel_ready = False
 
     def report(self, state: str, **extra: Any) -> None:
         """Write agent.json; a failure to write (quota, a removed state dir) is said, not raised."""
@@ -282,6 +284,8 @@ class Agent:
         """Start one kernel process and wait until it ends: its exit code, or None if it failed to
         become ready (reported as failed)."""
         started = time.monotonic()
+        self.kernel_ready = False
+        self.restart_now = False
         try:
             assert self.node_dir is not None
             for path in socket_paths(str(self.node_dir / "kernel")):  # a kernel leaves its sockets behind
@@ -301,6 +305,7 @@ class Agent:
             return None
         self.report("ready", startup_seconds=round(time.monotonic() - started, 3))
         _say(f"kernel ready after {time.monotonic() - started:.2f} s")
+        self.kernel_ready = True
         return self.kernel.wait()
 
     def fail(self, e: Exception) -> int:
@@ -314,15 +319,29 @@ class Agent:
         return 1
 
     def on_restart(self, signum: int, frame: FrameType | None) -> None:
-        """SIGUSR1: end the kernel process now and start a new one in this job (a forced restart)."""
+        """SIGUSR1: end the kernel process now and start a new one in this job (a forced restart).
+        Ignored while a kernel is starting: it is the new one already."""
+        if not self.kernel_ready:
+            return
         self.restart_now = True
         if self.kernel is not None and self.kernel.poll() is None:
             self.kernel.terminate()
 
     def take_restart_request(self) -> bool:
-        """A restart was asked for: a graceful one (the restart file, written before the client
-        sent shutdown_request with restart=True) or a forced one (SIGUSR1)."""
-        requested = self.restart_now or self.files.restart_request.exists()
+        """A restart was asked for: a forced one (SIGUSR1) or a graceful one (the restart file).
+        jupyter_client writes the latter just after it sent shutdown_request, so a kernel that
+        ended cleanly may be a moment ahead of it: wait briefly (listing the directory, which
+        also revalidates a network file system's cache)."""
+        deadline = time.monotonic() + RESTART_GRACE_SECONDS
+        requested = self.restart_now
+        while not requested:
+            try:
+                requested = self.files.restart_request.name in os.listdir(self.files.dir)
+            except FileNotFoundError:  # the state is gone (shut down): no restart
+                break
+            if requested or self.kernel is None or self.kernel.returncode != 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         self.restart_now = False
         with contextlib.suppress(FileNotFoundError):
             self.files.restart_request.unlink()

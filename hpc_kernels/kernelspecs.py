@@ -63,7 +63,8 @@ def kernel_supports_curve(profile: Profile, python: str) -> bool:
     """Whether the profile's kernel takes CurveZMQ keys: known only for bubblewrap running this
     very Python (the site's hpc-kernels environment, the same on login and compute nodes). An
     image's ipykernel is unknown here: say so with --encryption curve."""
-    if profile.get("runtime", "kind") != "bwrap" or (profile.get("kernel", "python") or python) != python:
+    kernel_python = profile.get("kernel", "python") or profile.get("paths", "python") or python
+    if profile.get("runtime", "kind") != "bwrap" or kernel_python != python:
         return False
     try:
         import ipykernel

@@ -13,10 +13,14 @@ so that the frontend's event loop never blocks.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import json
 import signal
 import sys
 import uuid
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from jupyter_client.connect import KernelConnectionInfo
@@ -24,11 +28,13 @@ from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import Enum, Float, Unicode
 
 from . import launcher
-from .errors import HpcKernelsError, KernelStartError
+from .errors import HpcKernelsError, KernelNotFound, KernelStartError
 from .paths import exposes_private_files, private_paths
 from .profiles import KernelRequest, load_profile
 
 POLL_SECONDS = 1.0
+# A restart has no queue to wait in: the new kernel is up in seconds, or something is wrong.
+RESTART_TIMEOUT = 180.0
 
 
 class HpcKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
@@ -43,6 +49,7 @@ class HpcKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         "inside a job on a compute node and the profile's kernel.on_node allows it")).tag(config=True)
 
     name: str | None = None
+    _waiter: concurrent.futures.ThreadPoolExecutor | None = None
     curve: bool = False
     generation: int = 0
     restarting: bool = False
@@ -68,31 +75,43 @@ class HpcKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             # no new job behind the user's back; say what happened to the old one.
             raise KernelStartError(await asyncio.to_thread(launcher.ended_report, self.name))
         if self.restarting:
-            await asyncio.to_thread(launcher.wait_for_generation, self.name, self.generation + 1,
-                                    timeout=self.launch_timeout or None)
+            await self._in_waiter(launcher.wait_for_generation, self.name, self.generation + 1,
+                                  timeout=self.launch_timeout or RESTART_TIMEOUT)
             await asyncio.to_thread(launcher.restore_relay_sockets, self.name)
+            connection_file = await asyncio.to_thread(launcher.ensure_relay, self.name)
             self.restarting = False
         else:
             request = KernelRequest(name=self.name, workspace=self._workspace(kwargs.get("cwd")), curve=self.curve)
-            if await asyncio.to_thread(self._on_node):
-                await asyncio.to_thread(launcher.start_on_node, self.profile, request)
-                self.log.info("hpc-kernels: starting kernel %s on this node (profile %s)", self.name, self.profile)
-            else:
-                await asyncio.to_thread(launcher.submit, self.profile, request)
-                self.log.info("hpc-kernels: submitted kernel %s (profile %s)", self.name, self.profile)
+            on_node = await asyncio.to_thread(self._on_node)
+            start = launcher.start_on_node if on_node else launcher.submit
+            # Once started, the submit finishes even if the frontend gives up meanwhile, so that
+            # whatever it made is then ended (below), never left behind.
+            started = asyncio.ensure_future(asyncio.to_thread(start, self.profile, request))
             try:
-                await asyncio.to_thread(launcher.wait_until_ready, self.name,
-                                        timeout=self.launch_timeout or None, progress=self._progress)
+                await asyncio.shield(started)
+                self.log.info("hpc-kernels: %s kernel %s (profile %s)", "starting on this node" if on_node
+                              else "submitted", self.name, self.profile)
+                await self._in_waiter(launcher.wait_until_ready, self.name, timeout=self.launch_timeout or None,
+                                      progress=self._progress)
+                connection_file = await asyncio.to_thread(launcher.ensure_relay, self.name)
             except BaseException:
+                with contextlib.suppress(BaseException):
+                    await started
                 await asyncio.to_thread(self._forget)
                 raise
-        connection_file = await asyncio.to_thread(launcher.ensure_relay, self.name)
         self.generation = await asyncio.to_thread(launcher.kernel_generation, self.name)
         self.ended = None
         info = json.loads(connection_file.read_text())
         info["key"] = info["key"].encode()  # jupyter_client compares it with its own, as bytes
         self.connection_info = info
         return info  # type: ignore[no-any-return]
+
+    async def _in_waiter(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Long waits (the queue, a restart) in a thread of this kernel's own, so that many queued
+        kernels do not fill the event loop's shared pool that every poll and interrupt needs."""
+        if self._waiter is None:
+            self._waiter = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hpc-kernels")
+        return await asyncio.get_running_loop().run_in_executor(self._waiter, partial(function, *args, **kwargs))
 
     def _wants_curve(self, asked: str | None) -> bool:
         """CurveZMQ on the kernel's sockets, as jupyter_client decides for a local kernel: the
@@ -126,13 +145,13 @@ class HpcKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self.log.info("hpc-kernels %s: %s", self.name, line)
 
     def _forget(self) -> None:
-        """A start that failed or was given up: the job is gone (launcher made sure); drop the state."""
+        """A start that failed or was given up: end whatever was started and drop the state."""
         if self.name is not None:
             try:
                 launcher.shutdown(self.name)
             except HpcKernelsError as e:
                 self.log.warning("hpc-kernels: cleaning up %s: %s", self.name, e)
-        self.ended = 1
+        self.name, self.ended = None, 1
 
     async def poll(self) -> int | None:
         """None while this kernel process runs; else an exit code. A kernel whose job ended says
@@ -140,7 +159,14 @@ class HpcKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         launch_kernel, which then fails with the reason)."""
         if self.name is None or self.ended is not None:
             return self.ended if self.ended is not None else 0
-        current = await asyncio.to_thread(launcher.view, self.name)
+        try:
+            current = await asyncio.to_thread(launcher.view, self.name)
+        except KernelNotFound:  # its state was removed (hpc-kernel shutdown)
+            self.ended = 1
+            return 1
+        except HpcKernelsError as e:  # Slurm did not answer this time: no news is not death
+            self.log.warning("hpc-kernels: cannot tell whether %s runs: %s", self.name, e)
+            return None
         if not current.job_alive:
             self.ended = 1
             self.log.warning("hpc-kernels: the job of kernel %s has ended (%s)", self.name,
@@ -169,17 +195,16 @@ class HpcKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             self.log.warning("hpc-kernels: signal %s is not passed to a remote kernel", signum)
 
     async def kill(self, restart: bool = False) -> None:
-        if self.name is None:
+        """End the kernel process, never the job: jupyter_client calls this without ``restart``
+        within a restart too (``restart_kernel(now=True)``, or a kernel slow to exit). The agent
+        starts the next kernel in the job; a real shutdown ends the job in :meth:`cleanup`."""
+        if self.name is None or self.ended is not None:
             return
-        if restart:
-            await self._prepare_restart()
-            try:
-                await asyncio.to_thread(launcher.restart_now, self.name)
-            except HpcKernelsError as e:  # the job is gone: launch_kernel will say why
-                self.log.warning("hpc-kernels: cannot restart %s in its job: %s", self.name, e)
-        else:
-            await asyncio.to_thread(launcher.end_kernel, self.name)
-            self.ended = 1
+        await self._prepare_restart()
+        try:
+            await asyncio.to_thread(launcher.restart_now, self.name)
+        except HpcKernelsError as e:  # the job is gone: launch_kernel or cleanup say so
+            self.log.warning("hpc-kernels: cannot end the kernel process of %s: %s", self.name, e)
 
     async def terminate(self, restart: bool = False) -> None:
         await self.kill(restart=restart)
@@ -199,8 +224,14 @@ class HpcKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     async def cleanup(self, restart: bool = False) -> None:
         if restart or self.name is None:
             return
-        await asyncio.to_thread(launcher.shutdown, self.name)
-        self.name = None
+        try:
+            await asyncio.to_thread(launcher.shutdown, self.name)
+        except KernelNotFound:
+            pass
+        self.name, self.ended, self.restarting, self.generation = None, None, False, 0
+        if self._waiter is not None:
+            self._waiter.shutdown(wait=False)
+            self._waiter = None
 
     def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:
         # A graceful shutdown crosses the relay and ends a job: give it more than a local kernel.

@@ -109,6 +109,12 @@ def test_a_kernel_manager_runs_interrupts_restarts_and_shuts_down(kernelspec: st
         assert json.loads(hk("status", name, "--json").stdout)["job_id"] == job_id, "no new job"
         assert "NameError" in execute(km, "try:\n    kept\nexcept NameError as e:\n    print('NameError')")
         assert km.is_alive()
+
+        # A forced restart (jupyter_client kills the process, without saying it is a restart).
+        execute(km, "kept = 2")
+        km.restart_kernel(now=True)
+        assert json.loads(hk("status", name, "--json").stdout)["job_id"] == job_id, "still no new job"
+        assert "NameError" in execute(km, "try:\n    kept\nexcept NameError as e:\n    print('NameError')")
     finally:
         km.shutdown_kernel()
     assert job_id not in squeue_ids()
