@@ -23,7 +23,7 @@ from .errors import HpcKernelsError, KernelStartError, RelayError
 from .paths import exposes_private_files, private_paths, read_json, write_json, write_private_file
 from .profiles import KernelRequest, Profile, apply_request, check_kernel_name, load_profile
 from .processes import cmdline, identity, is_running, terminate
-from .relay import SRUN_STOP_SECONDS, login_dirs_of, relay_marker, socket_paths
+from .relay import SRUN_STOP_SECONDS, connection_info, login_dirs_of, relay_marker, socket_paths
 from .render import render_kernel_script
 from .slurm import (
     NODE_STEP_ENVIRONMENT,
@@ -524,8 +524,7 @@ def ensure_relay(name: str, *, timeout: float | None = None, progress: Progress 
     record = wait_until_ready(name, timeout=timeout, progress=progress)
     files = kernel_files(name)
     if record.on_node:  # the client is on the kernel's node: its own sockets, no relay
-        node_dir = (read_json(files.agent) or {}).get("node_dir")
-        return Path(node_dir) / "kernel.json"
+        return _node_client_connection(files)
     with locked(name):
         load_record(name)  # a shutdown that ran while we waited for the lock removed it
         existing = relay_connection_file(files)
@@ -569,7 +568,35 @@ def keep_relay_sockets(name: str) -> None:
             os.link(path, kept)
 
 
+def _node_client_connection(files: KernelFiles) -> Path:
+    """For a client on the kernel's node: a connection file whose socket paths are symbolic
+    links to the kernel's own sockets, in a private ``client/`` directory of the node-side
+    directory. jupyter_client removes a kernel's IPC files when it restarts it; so it removes
+    these links, and the agent's next kernel keeps its sockets (:func:`restore_relay_sockets`
+    puts the links back)."""
+    node_dir = Path((read_json(files.agent) or {})["node_dir"])
+    client = node_dir / "client"
+    client.mkdir(mode=0o700, exist_ok=True)
+    _link_node_sockets(node_dir)
+    connection_file = client / "connection.json"
+    if not connection_file.exists():
+        write_json(connection_file, connection_info(str(client / "kernel"), files.key.read_text().strip(),
+                                                    read_json(files.curve)))
+    return connection_file
+
+
+def _link_node_sockets(node_dir: Path) -> None:
+    for real, link in zip(socket_paths(str(node_dir / "kernel")), socket_paths(str(node_dir / "client" / "kernel"))):
+        if not os.path.lexists(link):
+            os.symlink(f"../{Path(real).name}", link)
+
+
 def restore_relay_sockets(name: str) -> None:
+    """Put back the socket names jupyter_client removed in a restart (see keep_relay_sockets)."""
+    files = kernel_files(name)
+    if load_record(name).on_node:
+        _link_node_sockets(Path((read_json(files.agent) or {})["node_dir"]))
+        return
     for path, kept in _relay_socket_names(name):
         if not os.path.exists(path) and os.path.exists(kept):
             os.link(kept, path)
