@@ -388,25 +388,26 @@ def _become_subreaper() -> None:
 AGENT_SIGNALS = {"interrupt": signal.SIGINT, "restart": signal.SIGUSR1}
 
 
-def signal_agent(state_dir: Path, action: str) -> int:
+def signal_agent(state_dir: Path, action: str) -> str | None:
     """Signal this kernel's agent, run on its node (``python -m hpc_kernels.agent interrupt|restart
     STATE_DIR`` as a step of the job): SIGINT, which the agent passes to the kernel, or SIGUSR1,
     which restarts the kernel in the job. Only the agent is signalled, whichever way the kernel
     runs; Slurm's own signalling of a step would reach every process in it (bubblewrap dies of
-    SIGINT)."""
+    SIGINT). Returns why it could not, or None."""
     agent = read_json(KernelFiles(state_dir).agent) or {}
     if agent.get("state") not in ("ready", "starting") or not is_running(agent, f"{AGENT_MARKER} {state_dir}"):
-        print(f"no running agent of {state_dir} on {socket.gethostname()} (agent.json: {agent.get('state')})",
-              file=sys.stderr)
-        return 1
+        return f"no running agent of {state_dir} on {socket.gethostname()} (agent.json: {agent.get('state')})"
     os.kill(int(agent["pid"]), AGENT_SIGNALS[action])
-    return 0
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) == 2 and args[0] in AGENT_SIGNALS:
-        return signal_agent(Path(args[1]), args[0])
+        problem = signal_agent(Path(args[1]), args[0])
+        if problem:
+            print(problem, file=sys.stderr)
+        return 1 if problem else 0
     if len(args) != 1:
         print("usage: python -m hpc_kernels.agent STATE_DIR | {interrupt,restart} STATE_DIR", file=sys.stderr)
         return 2

@@ -136,7 +136,7 @@ def _step_alive(record: KernelRecord) -> bool:
 
 
 def _on_this_host(record: KernelRecord) -> bool:
-    return bool(record.step) and (record.step or {}).get("host") == socket.gethostname()
+    return record.step is not None and record.step.get("host") == socket.gethostname()
 
 
 def _step_marker(files: KernelFiles) -> str:
@@ -271,14 +271,19 @@ def kernel_script(profile: Profile, name: str, allocation: str | None = None) ->
     )
 
 
-def _start_step(files: KernelFiles) -> dict[str, Any]:
-    """Run the step script detached (it outlives this command); return the srun's identity."""
-    fd = os.open(files.log, os.O_WRONLY | os.O_APPEND)
+def _spawn_detached(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in a session of its own (it outlives this command), output to ``log``."""
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND)
     try:
-        proc = subprocess.Popen(["/bin/bash", str(files.script)], stdin=subprocess.DEVNULL, stdout=fd, stderr=fd,
-                                start_new_session=True, close_fds=True)
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, start_new_session=True,
+                                close_fds=True)
     finally:
         os.close(fd)
+
+
+def _start_step(files: KernelFiles) -> dict[str, Any]:
+    """Run the step script detached (it outlives this command); return the srun's identity."""
+    proc = _spawn_detached(["/bin/bash", str(files.script)], files.log)
     # The script execs srun: wait until the process is srun, so that its identity is srun's.
     deadline = time.monotonic() + 10
     try:
@@ -400,12 +405,7 @@ def start_on_node(profile_name: str, request: KernelRequest) -> KernelRecord:
             _write_secrets(files, curve=request.curve)
             write_json(files.launch, launch_spec(profile, request, python))
             write_private_file(files.log, "")
-            fd = os.open(files.log, os.O_WRONLY | os.O_APPEND)
-            try:
-                agent = subprocess.Popen([python, "-m", "hpc_kernels.agent", str(files.dir)], stdin=subprocess.DEVNULL,
-                                         stdout=fd, stderr=fd, start_new_session=True, close_fds=True)
-            finally:
-                os.close(fd)
+            agent = _spawn_detached([python, "-m", "hpc_kernels.agent", str(files.dir)], files.log)
             record.step = identity(agent.pid)
             record.status = "submitted"
             save_record(record)
@@ -633,12 +633,10 @@ def restart_now(name: str) -> None:
     _signal_agent(name, "restart")
 
 
-def request_restart(name: str) -> int:
-    """Ask the agent to start a new kernel in the same job when the current one ends (before a
-    shutdown_request with restart=True). Returns the current kernel's generation."""
-    files = kernel_files(name)
-    write_private_file(files.restart_request, "")
-    return int((read_json(files.agent) or {}).get("generation", 0))
+def request_restart(name: str) -> None:
+    """Ask the agent to start a new kernel in the same job when the current one ends (with a
+    shutdown_request with restart=True)."""
+    write_private_file(kernel_files(name).restart_request, "")
 
 
 def _signal_agent(name: str, action: str) -> KernelView:
@@ -646,13 +644,12 @@ def _signal_agent(name: str, action: str) -> KernelView:
     if not current.job_alive or current.agent_state != "ready":
         raise HpcKernelsError(f"kernel {name} is {current.state}: there is nothing to {action}")
     files = kernel_files(name)
-    if current.record.on_node:
-        from .agent import AGENT_SIGNALS  # the agent module is light; imported only here
+    if current.record.on_node:  # the agent runs here (or says on which node it does)
+        from .agent import signal_agent
 
-        assert current.record.step is not None
-        if not is_running(current.record.step, _step_marker(files)):
-            raise HpcKernelsError(f"kernel {name} runs on {current.node}, not here: {action} it from there")
-        os.kill(int(current.record.step["pid"]), AGENT_SIGNALS[action])
+        problem = signal_agent(files.dir, action)
+        if problem:
+            raise HpcKernelsError(f"could not {action} kernel {name}: {problem}")
         return current
     launch = read_json(files.launch) or {}
     argv = srun_into_job(str(current.record.job_id), [launch.get("python", sys.executable), "-m",
@@ -696,15 +693,6 @@ def wait_for_generation(name: str, generation: int, *, timeout: float | None = N
         if deadline is not None and time.monotonic() > deadline:
             raise KernelStartError(f"kernel {name} was not ready again within {timeout:.0f} s of the restart")
         time.sleep(POLL_SECONDS)
-
-
-def end_kernel(name: str) -> None:
-    """End the kernel's job (or step) at once, without a shutdown_request; the state stays."""
-    with locked(name):
-        record = load_record(name)
-        if view(name).job_alive:
-            _end_kernel_job(record)
-            _wait_kernel_gone(record, 60)
 
 
 # ---------------------------------------------------------------------------------------------
