@@ -343,6 +343,19 @@ def cmd_shutdown(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_resource_arguments(p: argparse.ArgumentParser) -> None:
+    """What a job gets and what its sandbox shows, over the profile's values."""
+    p.add_argument("--time", "-t", help="time limit, e.g. 2:00:00 (overrides the profile)")
+    p.add_argument("--cpus", "-c", type=int, help="CPUs (overrides the profile)")
+    p.add_argument("--mem", help="memory, e.g. 4G (overrides the profile)")
+    p.add_argument("--partition", help="Slurm partition (overrides the profile)")
+    p.add_argument("--gpus", "-g", help="GPUs: N or TYPE:N, 0 for none (overrides the profile)")
+    p.add_argument("--image", help="kernel image for the apptainer runtime (overrides the profile)")
+    p.add_argument("--workspace", "-w", help="directory bound into the sandbox (default: the current one)")
+    p.add_argument("--no-workspace", action="store_true", help="bind no workspace")
+    p.add_argument("--rw", action="store_true", help="bind the workspace read-write (default: read-only)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hpc-kernel",
@@ -355,15 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--profile", "-p", help="site profile (default: $HPC_KERNELS_PROFILE, or the site's "
                        "profile named 'default')")
         p.add_argument("--name", "-n", help="a name for the kernel (default: the profile's name)")
-        p.add_argument("--time", "-t", help="time limit, e.g. 2:00:00 (overrides the profile)")
-        p.add_argument("--cpus", "-c", type=int, help="CPUs (overrides the profile)")
-        p.add_argument("--mem", help="memory, e.g. 4G (overrides the profile)")
-        p.add_argument("--partition", help="Slurm partition (overrides the profile)")
-        p.add_argument("--gpus", "-g", help="GPUs: N or TYPE:N, 0 for none (overrides the profile)")
-        p.add_argument("--image", help="kernel image for the apptainer runtime (overrides the profile)")
-        p.add_argument("--workspace", "-w", help="directory bound into the sandbox (default: the current one)")
-        p.add_argument("--no-workspace", action="store_true", help="bind no workspace")
-        p.add_argument("--rw", action="store_true", help="bind the workspace read-write (default: read-only)")
+        add_resource_arguments(p)
         p.add_argument("--new-job", action="store_true",
                        help="submit a new job even inside an allocation (default there: a step of it)")
 
@@ -467,6 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
     q = specs.add_parser("remove", help="remove one")
     q.add_argument("name")
     q.set_defaults(func=cmd_kernelspec_remove)
+
+    from .cli_batch import add_batch_parser
+
+    add_batch_parser(sub)
 
     p = sub.add_parser("shutdown", help="shut a kernel down: job ended, relay stopped, state removed")
     p.add_argument("names", nargs="*", metavar="name")

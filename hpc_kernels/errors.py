@@ -23,3 +23,7 @@ class KernelNotFound(HpcKernelsError):
 
 class RelayError(HpcKernelsError):
     """The relay between the login node and the compute node could not be started or broke."""
+
+
+class BatchError(HpcKernelsError):
+    """A batch (notebooks, parameter files, a batch name) is wrong or cannot be submitted."""

@@ -300,7 +300,7 @@ def _start_step(files: KernelFiles) -> dict[str, Any]:
     return identity(proc.pid)
 
 
-def _profile_to_start(profile_name: str, request: KernelRequest) -> Profile:
+def profile_to_start(profile_name: str, request: KernelRequest) -> Profile:
     """resolve_request, and the image of an Apptainer profile must exist (checked here, where
     submit runs, since a missing image would only fail on the node after the queue)."""
     profile = resolve_request(profile_name, request)
@@ -337,7 +337,7 @@ def _claim_name(name: str) -> KernelFiles:
 
 def submit(profile_name: str, request: KernelRequest) -> KernelRecord:
     """Write the kernel's state, render its job script and submit it. Returns at once."""
-    profile = _profile_to_start(profile_name, request)
+    profile = profile_to_start(profile_name, request)
     name = request.name
     python = node_python(profile)
     with locked(name):
@@ -392,7 +392,7 @@ def start_on_node(profile_name: str, request: KernelRequest) -> KernelRecord:
     """Start the kernel in the profile's sandbox on this node, for a frontend that already runs
     in a job here: no job, no step, no relay. The agent runs as our child, in its own session."""
     request = replace(request, allocation=None)
-    profile = _profile_to_start(profile_name, request)
+    profile = profile_to_start(profile_name, request)
     name = request.name
     python = node_python(profile)
     with locked(name):
@@ -700,14 +700,15 @@ def wait_for_generation(name: str, generation: int, *, timeout: float | None = N
 
 
 def shutdown(name: str, *, graceful_timeout: float = 15, progress: Progress = _quiet) -> None:
-    """Ask the kernel to shut down, make sure the job is gone, stop the relay, remove all state."""
+    """Ask the kernel to shut down (``graceful_timeout`` 0: do not ask, end it), make sure the job
+    is gone, stop the relay, remove all state."""
     current = view(name)
     files = kernel_files(name)
     record = current.record
     if record.on_node and current.job_alive and not _on_this_host(record):
         raise HpcKernelsError(f"kernel {name} was started by a frontend on {current.node} inside job "
                               f"{record.job_id}; shut it down there (or end job {record.job_id})")
-    if current.job_alive and current.agent_state == "ready":
+    if graceful_timeout > 0 and current.job_alive and current.agent_state == "ready":
         try:
             connection_file = ensure_relay(name)
             _request_shutdown(connection_file, graceful_timeout)

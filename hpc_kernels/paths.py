@@ -98,10 +98,21 @@ def ensure_private_dir(path: Path) -> Path:
 
 def write_private_file(path: Path, data: str | bytes) -> None:
     """Atomically write ``data`` to ``path`` with mode 0600: readers see the old file or the new one."""
+    write_file_atomically(path, data, 0o600)
+
+
+def write_file_atomically(path: Path, data: str | bytes, mode: int | None = None) -> None:
+    """Write ``data`` to a temporary file beside ``path``, flush it to disk and rename it over
+    ``path``: readers see the old file or the new one, never half of one. ``mode`` None: as the
+    umask allows a new file (for outputs that belong to the user, not to hpc-kernels)."""
     raw = data.encode() if isinstance(data, str) else data
+    if mode is None:
+        mask = os.umask(0o022)
+        os.umask(mask)
+        mode = 0o666 & ~mask
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o600)
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(raw)
             f.flush()

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ProfileError
+from .errors import HpcKernelsError, ProfileError
 from .resources import data_dir
 from .runtimes import RUNTIME_KINDS
 
@@ -474,21 +474,28 @@ Origins = dict[tuple[str, ...], str]
 
 
 def _read_yaml(path: Path) -> tuple[Any, Origins]:
-    """The file's data, and for every key path the ``file:line`` where its value is written."""
+    return read_yaml_with_lines(path, ProfileLoader, "profile")
+
+
+def read_yaml_with_lines(path: Path, loader_class: type[yaml.SafeLoader], what: str, sequences: bool = False,
+                         error: type[HpcKernelsError] = ProfileError) -> tuple[Any, Origins]:
+    """The file's data, and for every key path the ``file:line`` where its value is written
+    (with ``sequences``, list items too, keyed by their index as text). Errors name the file,
+    the line and say it is a ``what`` (a profile, a parameter file)."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
-        raise ProfileError(f"{path}: cannot read profile: {e.strerror}") from None
+        raise error(f"{path}: cannot read {what}: {e.strerror}") from None
     except UnicodeDecodeError as e:
-        raise ProfileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    loader = ProfileLoader(text)
+        raise error(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    loader = loader_class(text)
     try:
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise ProfileError(f"{where}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
+        raise error(f"{where}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
     finally:
         loader.dispose()
     origins: Origins = {}
@@ -499,6 +506,11 @@ def _read_yaml(path: Path) -> tuple[Any, Origins]:
                 here = (*keys, str(key_node.value))
                 origins[here] = f"{path}:{key_node.start_mark.line + 1}"
                 walk(value_node, here)
+        elif sequences and isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                here = (*keys, str(index))
+                origins[here] = f"{path}:{item.start_mark.line + 1}"
+                walk(item, here)
 
     if node is not None:
         walk(node, ())

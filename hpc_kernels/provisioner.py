@@ -25,7 +25,7 @@ from typing import Any
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
-from traitlets import Enum, Float, Unicode
+from traitlets import Bool, Enum, Float, Unicode
 
 from . import launcher
 from .errors import HpcKernelsError, KernelNotFound, KernelStartError
@@ -42,6 +42,9 @@ class HpcKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     profile = Unicode(help="the hpc-kernels profile (set in the kernelspec)").tag(config=True)
     workspace = Unicode("", help="directory bound into the sandbox (default: the kernel's cwd)").tag(config=True)
+    workspace_rw = Bool(False, help="bind the workspace read-write (default: the profile's workspace.mode)").tag(config=True)
+    image = Unicode("", help="the Apptainer image, instead of the profile's runtime.image").tag(config=True)
+    kernel_name = Unicode("", help="the hpc-kernels name of the kernel (default: jupyter-<kernel id>)").tag(config=True)
     launch_timeout = Float(0.0, help="seconds to wait for the job (0: as long as it takes)").tag(config=True)
     mode = Enum(["auto", "job", "node"], "auto", help=(
         "job: a Slurm job (or a step of the allocation) reached through the relay; node: the sandbox on "
@@ -65,7 +68,7 @@ class HpcKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         kwargs["cmd"] = list(self.kernel_spec.argv)  # never run: jupyter_client wants one
         if self.name is None:
             kernel_id = getattr(self.parent, "kernel_id", None) or uuid.uuid4().hex
-            self.name = f"jupyter-{str(kernel_id).replace('-', '')[:12]}"
+            self.name = self.kernel_name or f"jupyter-{str(kernel_id).replace('-', '')[:12]}"
         return kwargs
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
@@ -81,7 +84,8 @@ class HpcKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             connection_file = await asyncio.to_thread(launcher.ensure_relay, self.name)
             self.restarting = False
         else:
-            request = KernelRequest(name=self.name, workspace=self._workspace(kwargs.get("cwd")), curve=self.curve)
+            request = KernelRequest(name=self.name, workspace=self._workspace(kwargs.get("cwd")), curve=self.curve,
+                                    workspace_rw=self.workspace_rw, image=self.image or None)
             on_node = await asyncio.to_thread(self._on_node)
             start = launcher.start_on_node if on_node else launcher.submit
             # Once started, the submit finishes even if the frontend gives up meanwhile, so that

@@ -15,6 +15,7 @@ from .resources import data_dir
 
 KERNEL_TEMPLATE = "kernel.sbatch.j2"
 STEP_TEMPLATE = "kernel.step.j2"
+BATCH_TEMPLATE = "batch.sbatch.j2"
 
 # sbatch reads #SBATCH lines itself (no shell): whitespace would split a value, and '%' starts a
 # filename pattern in --output, so paths that reach those lines must be plain.
@@ -22,8 +23,10 @@ _PLAIN_PATH = re.compile(r"^/[A-Za-z0-9_.,+@=/\-]*$")
 
 
 def template_environment(template_dir: Path | None = None) -> jinja2.Environment:
+    """Templates from the site's ``template_dir`` first; any it lacks, from the shipped ones."""
+    search = [str(template_dir)] if template_dir else []
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(template_dir or data_dir("templates"))),
+        loader=jinja2.FileSystemLoader([*search, str(data_dir("templates"))]),
         undefined=jinja2.StrictUndefined,
         autoescape=False,
         keep_trailing_newline=True,
@@ -56,9 +59,7 @@ def render_kernel_script(
     given the id of an allocation the user holds, a script that starts the agent as its step."""
     if allocation is not None and not allocation.isdigit():
         raise HpcKernelsError(f"SLURM_JOB_ID {allocation!r} is not a job id")
-    for what, text in (("profile name", profile.name), ("profile file", str(profile.source))):
-        if any(ord(c) < 32 or ord(c) == 127 for c in text):
-            raise HpcKernelsError(f"{what} {text!r} contains control characters; rename it")
+    _check_profile_names(profile)
     template = template_environment(template_dir).get_template(STEP_TEMPLATE if allocation else KERNEL_TEMPLATE)
     return template.render(
         job_id=allocation,
@@ -66,6 +67,41 @@ def render_kernel_script(
         kernel_name=kernel_name,
         state_dir=_plain_path(state_dir, "state directory"),
         log_path=_plain_path(log_path, "log file"),
+        python=python,
+        slurm=dict(profile.settings["slurm"]),
+        profile_name=profile.name,
+        profile_source=str(profile.source),
+        version=__version__,
+    )
+
+
+def _check_profile_names(profile: Profile) -> None:
+    for what, text in (("profile name", profile.name), ("profile file", str(profile.source))):
+        if any(ord(c) < 32 or ord(c) == 127 for c in text):
+            raise HpcKernelsError(f"{what} {text!r} contains control characters; rename it")
+
+
+def render_batch_script(
+    profile: Profile,
+    *,
+    batch_name: str,
+    batch_dir: Path,
+    log_dir: Path,
+    array: str,
+    python: str,
+    template_dir: Path | None = None,
+) -> str:
+    """The sbatch script of a batch: one job array (``array``: sbatch's --array value) whose
+    tasks each run ``python -m hpc_kernels.batch_task BATCH_DIR``."""
+    _check_profile_names(profile)
+    if not re.fullmatch(r"[0-9,\-]+(%[0-9]+)?", array):
+        raise HpcKernelsError(f"--array {array!r}: expected task ids such as 0-8,11%4")
+    return template_environment(template_dir).get_template(BATCH_TEMPLATE).render(
+        job_name=f"hk-batch-{batch_name}",
+        batch_name=batch_name,
+        batch_dir=_plain_path(batch_dir, "batch directory"),
+        log_dir=_plain_path(log_dir, "log directory"),
+        array=array,
         python=python,
         slurm=dict(profile.settings["slurm"]),
         profile_name=profile.name,

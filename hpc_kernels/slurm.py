@@ -213,3 +213,77 @@ def srun_into_job(job_id: str, argv: Sequence[str], export: Sequence[str] | None
     if node:
         options.append(f"--nodelist={node}")
     return ["srun", f"--jobid={job_id}", "--overlap", "-u", "--nodes=1", "--ntasks=1", "--quiet", *options, *argv]
+
+
+# ---------------------------------------------------------------------------------------------
+# Job arrays (batches)
+
+
+@dataclass(frozen=True)
+class ArrayTaskInfo:
+    """One element of a job array as squeue lists it."""
+
+    array_job_id: str
+    task_id: int
+    job_id: str  # the element's own job id (what SLURM_JOB_ID is inside it)
+    state: str
+    reason: str
+    node: str | None
+    start: str | None  # Slurm's times, UTC, e.g. 2026-11-23T10:00:00
+    end: str | None
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINISHED_STATES
+
+
+_ARRAY_FIELDS = ("%F", "%K", "%A", "%T", "%r", "%N", "%S", "%e")
+
+
+def array_tasks(array_job_ids: Sequence[str]) -> dict[tuple[str, int], ArrayTaskInfo]:
+    """Every element Slurm still knows of the given job arrays, one query for all of them:
+    (array job id, task id) -> element. Elements that finished longer ago than the controller's
+    MinJobAge are no longer listed."""
+    wanted = sorted(set(array_job_ids))
+    if not wanted:
+        return {}
+    proc = _run(["squeue", "--noheader", "--array", "--states=all", f"--jobs={','.join(wanted)}",
+                 "--format=" + "|".join(_ARRAY_FIELDS)])
+    if proc.returncode != 0 and "Invalid job id" not in proc.stderr:
+        raise SlurmError(f"squeue --array --jobs failed: {_slurm_message(proc)}")
+    return parse_array_tasks(proc.stdout if proc.returncode == 0 else "")
+
+
+def parse_array_tasks(stdout: str) -> dict[tuple[str, int], ArrayTaskInfo]:
+    def when(text: str) -> str | None:
+        return None if text in ("", "N/A", "NONE", "Unknown", "(null)") else text
+
+    tasks = {}
+    for line in stdout.splitlines():
+        values = [v.strip() for v in line.split("|")]
+        if len(values) != len(_ARRAY_FIELDS) or not values[1].isdigit():
+            continue  # a non-array job, or pending elements still folded as 3-8%4
+        array_job_id, task_id, job_id, state, reason, node, start, end = values
+        info = ArrayTaskInfo(array_job_id, int(task_id), job_id, state,
+                             "" if reason in ("None", "(null)") else reason,
+                             node if node not in ("", "(null)") else None, when(start), when(end))
+        tasks[(array_job_id, info.task_id)] = info
+    return tasks
+
+
+def array_spec(indices: Sequence[int], max_parallel: int | None = None) -> str:
+    """sbatch's ``--array`` value for these task ids: ranges folded (``0-8,11,13-14``), with
+    ``%M`` to run at most M at once."""
+    ordered = sorted(set(indices))
+    if not ordered:
+        raise ValueError("a job array needs at least one task")
+    parts = []
+    start = previous = ordered[0]
+    for index in [*ordered[1:], None]:
+        if index is not None and index == previous + 1:
+            previous = index
+            continue
+        parts.append(str(start) if start == previous else f"{start}-{previous}")
+        if index is not None:
+            start = previous = index
+    return ",".join(parts) + (f"%{max_parallel}" if max_parallel else "")

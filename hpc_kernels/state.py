@@ -83,8 +83,14 @@ def kernel_files(name: str) -> KernelFiles:
 @contextmanager
 def locked(name: str) -> Iterator[None]:
     """Hold the per-kernel lock (blocking) for the duration of the block."""
-    root = ensure_kernels_root()
-    fd = os.open(root / f".{name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    with file_lock(ensure_kernels_root() / f".{name}.lock"):
+        yield
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive flock on ``path`` (created 0600) for the duration of the block."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

@@ -7,6 +7,7 @@ and commit the new files with the change.
 
 - ``golden/<profile>.sbatch`` and ``.step``: the profile as shipped, as a new job and as a step of
   the user's allocation (job 4242 here).
+- ``golden/<profile>.batch``: the job array of a batch of notebooks (tasks 0-99, 8 at once).
 - ``golden/matrix/<profile>.<bwrap|apptainer>.<cpu|gpu>``: the profile turned to that runtime (an
   example image where it has none) and to one GPU or none: the batch script, the agent's
   launch.json, and the runtime command line the agent builds from them on a node where Slurm
@@ -26,7 +27,7 @@ import pytest
 from hpc_kernels import profiles
 from hpc_kernels.launcher import launch_spec
 from hpc_kernels.profiles import KernelRequest, Profile, parse_profile
-from hpc_kernels.render import render_kernel_script
+from hpc_kernels.render import render_batch_script, render_kernel_script
 from hpc_kernels.resources import data_dir
 from hpc_kernels.runtimes import SandboxSpec, gpu_device_paths, kernel_argv, sandbox_argv
 
@@ -69,7 +70,7 @@ def check(golden: Path, text: str) -> None:
 
 def test_every_shipped_profile_has_golden_files() -> None:
     assert SHIPPED, "no shipped profiles found"
-    for suffix in ("sbatch", "step"):
+    for suffix in ("sbatch", "step", "batch"):
         assert sorted(p.name.removesuffix(f".{suffix}") for p in GOLDEN.glob(f"*.{suffix}")) == SHIPPED
     expected = sorted(f"{n}.{r}.{d}" for n in SHIPPED for r in ("bwrap", "apptainer") for d in ("cpu", "gpu"))
     assert sorted(p.name for p in MATRIX.iterdir()) == expected
@@ -79,6 +80,13 @@ def test_every_shipped_profile_has_golden_files() -> None:
 @pytest.mark.parametrize("name", SHIPPED)
 def test_script_matches_golden_file(name: str, mode: str) -> None:
     check(GOLDEN / f"{name}.{mode}", script(shipped(name), "4242" if mode == "step" else None))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_batch_script_matches_golden_file(name: str) -> None:
+    batch_dir = Path(f"{HOME}/.local/share/hpc-kernels/batches/golden-1")
+    check(GOLDEN / f"{name}.batch", render_batch_script(shipped(name), batch_name="golden-1", batch_dir=batch_dir,
+                                                         log_dir=batch_dir / "logs", array="0-99%8", python=PYTHON))
 
 
 def variant(profile: Profile, runtime: str, device: str) -> Profile:
