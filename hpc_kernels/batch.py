@@ -481,8 +481,8 @@ def retry(name: str, max_parallel: int | None = None) -> tuple[Submission | None
 
 
 def cancel_batch(name: str, wait: float = CANCEL_WAIT_SECONDS) -> list[TaskStatus]:
-    """scancel every job array of the batch; wait until Slurm has ended its tasks (their
-    results say CANCELLED) and return their states."""
+    """scancel every job array of the batch; wait until Slurm has ended every task (COMPLETING
+    is not ended) and return their states."""
     files = batch_files(name)
     batch, _ = load_batch(name)
     with file_lock(files.lock):
@@ -494,8 +494,10 @@ def cancel_batch(name: str, wait: float = CANCEL_WAIT_SECONDS) -> list[TaskStatu
     deadline = time.monotonic() + wait
     while True:
         _, statuses = view(name)
-        if all(s.state in FINAL for s in statuses) or time.monotonic() > deadline:
+        ended = all(s.state in FINAL and (s.slurm is None or s.slurm.finished) for s in statuses)
+        if ended or time.monotonic() > deadline:
             return statuses
+        time.sleep(0.5)
 
 
 def result_row(status: TaskStatus) -> dict[str, Any]:

@@ -187,10 +187,10 @@ class TaskRunner:
             _say(f"the execution did not end within {EXECUTION_STOP_SECONDS:.0f} s of its kernel")
         self.end_kernel_if_left()  # one that was still starting when it was stopped
 
-    def end_kernel_if_left(self) -> None:
+    def end_kernel_if_left(self, graceful: bool = True) -> None:
         if kernel_files(self.kernel_name).dir.exists():
             try:
-                launcher.shutdown(self.kernel_name, graceful_timeout=SHUTDOWN_SECONDS)
+                launcher.shutdown(self.kernel_name, graceful_timeout=SHUTDOWN_SECONDS if graceful else 0)
             except HpcKernelsError as e:
                 _say(f"ending kernel {self.kernel_name}: {e}")
 
@@ -253,8 +253,10 @@ class TaskRunner:
             try:  # nbclient leaves a kernel manager it was given alone
                 if client.kc is not None:
                     client.kc.stop_channels()
-                if km.has_kernel:
+                if self.outcome is not None and self.outcome.state == COMPLETED and km.has_kernel:
                     run_sync(km.shutdown_kernel)(now=False)
+                else:  # a kernel that may be busy (a cell past its timeout) or dead: end it, no request
+                    self.end_kernel_if_left(graceful=False)
             except Exception as e:
                 _say(f"shutting the kernel down: {e}")
 
