@@ -331,20 +331,24 @@ class Agent:
         """A restart was asked for: a forced one (SIGUSR1) or a graceful one (the restart file).
         jupyter_client writes the latter just after it sent shutdown_request, so a kernel that
         ended cleanly may be a moment ahead of it: wait briefly (listing the directory, which
-        also revalidates a network file system's cache)."""
+        also revalidates a network file system's cache), unless the shutdown file says no
+        restart is coming."""
         deadline = time.monotonic() + RESTART_GRACE_SECONDS
         requested = self.restart_now
         while not requested:
             try:
-                requested = self.files.restart_request.name in os.listdir(self.files.dir)
+                listing = os.listdir(self.files.dir)
             except FileNotFoundError:  # the state is gone (shut down): no restart
                 break
-            if requested or self.kernel is None or self.kernel.returncode != 0 or time.monotonic() > deadline:
+            requested = self.files.restart_request.name in listing
+            if (requested or self.files.shutdown_request.name in listing or self.kernel is None
+                    or self.kernel.returncode != 0 or time.monotonic() > deadline):
                 break
             time.sleep(0.05)
         self.restart_now = False
-        with contextlib.suppress(FileNotFoundError):
-            self.files.restart_request.unlink()
+        for request in (self.files.restart_request, self.files.shutdown_request):
+            with contextlib.suppress(FileNotFoundError):
+                request.unlink()
         return requested
 
     def cleanup(self) -> None:

@@ -40,7 +40,7 @@ from .batch import (
 )
 from .errors import HpcKernelsError
 from .kernelspecs import kernelspec
-from .notebooks import inject_parameters
+from .notebooks import inject_parameters, skip_iri_format_checker
 from .paths import read_json, write_file_atomically
 from .profiles import load_profile
 from .state import kernel_files
@@ -318,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1 or not task_id.isdigit():
         print("usage: python -m hpc_kernels.batch_task BATCH_DIR (in a Slurm array task)", file=sys.stderr)
         return 2
+    skip_iri_format_checker()
     try:
         return TaskRunner(Path(args[0]), int(task_id), dict(os.environ)).run()
     except HpcKernelsError as e:

@@ -21,7 +21,7 @@ from .cli import (
     add_resource_arguments,
 )
 from .errors import BatchError
-from .notebooks import load_parameter_file, parse_assignment
+from .notebooks import load_parameter_file, parse_assignment, skip_iri_format_checker
 from .profiles import KernelRequest
 
 WATCH_SECONDS = 2.0
@@ -223,6 +223,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def add_batch_parser(sub: Any) -> None:
+    skip_iri_format_checker()
     p = sub.add_parser("batch", help="run notebooks over parameter sets as Slurm job arrays")
     commands = p.add_subparsers(dest="batch_command", required=True, metavar="SUBCOMMAND")
 

@@ -23,6 +23,7 @@ import json
 import keyword
 import math
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,16 @@ MAX_NAME_LENGTH = 100
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9.+\-]+")
 
 Parameters = dict[str, Any]
+
+
+def skip_iri_format_checker() -> None:
+    """Importing nbformat imports jsonschema, which with ``rfc3987-syntax`` installed (JupyterLab's
+    environments have it) builds dozens of Lark parsers for the ``iri`` formats: about a second
+    per process (python-jsonschema/jsonschema#1428). No notebook schema uses those formats, so
+    our own short-lived processes (a batch task, the CLI) leave that checker out. Call it before
+    nbformat is first imported."""
+    if "jsonschema" not in sys.modules:
+        sys.modules.setdefault("rfc3987_syntax", None)  # type: ignore[arg-type]
 
 
 class ParameterLoader(yaml.SafeLoader):

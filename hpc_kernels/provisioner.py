@@ -214,9 +214,13 @@ class HpcKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         await self.kill(restart=restart)
 
     async def shutdown_requested(self, restart: bool = False) -> None:
-        if restart and self.name is not None:
+        if self.name is None:
+            return
+        if restart:
             await self._prepare_restart()
             await asyncio.to_thread(launcher.request_restart, self.name)
+        else:
+            await asyncio.to_thread(launcher.expect_shutdown, self.name)
 
     async def _prepare_restart(self) -> None:
         """jupyter_client is about to remove the kernel's IPC files, which are the relay's

@@ -74,6 +74,7 @@ class KernelFiles:
     relay_log = property(lambda self: self.dir / "relay.log")
     curve = property(lambda self: self.dir / "curve.json")  # CurveZMQ keys of the kernel's sockets (0600)
     restart_request = property(lambda self: self.dir / "restart")  # the provisioner asks for a restart in the job
+    shutdown_request = property(lambda self: self.dir / "shutdown")  # a shutdown without restart was asked for
 
 
 def kernel_files(name: str) -> KernelFiles:
