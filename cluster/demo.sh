@@ -60,6 +60,26 @@ except OSError as e:
 '
 step hpc-kernel shutdown demo-gpu
 hpc-kernel shutdown demo-gpu
+# A batch: one notebook over a 3 x 2 grid, as one job array, each task in the sandbox on its node.
+cat >"$HOME/demo-workspace/sweep.ipynb" <<'JSON'
+{"nbformat": 4, "nbformat_minor": 5, "metadata": {},
+ "cells": [
+  {"id": "params", "cell_type": "code", "metadata": {"tags": ["parameters"]}, "execution_count": null,
+   "outputs": [], "source": "alpha = 0.0\nseed = 0"},
+  {"id": "work", "cell_type": "code", "metadata": {}, "execution_count": null, "outputs": [],
+   "source": "import socket\nprint(socket.gethostname(), alpha, seed)\nalpha * seed"}]}
+JSON
+printf 'grid:\n  alpha: [0.1, 0.2, 0.3]\n  seed: [1, 2]\n' >"$HOME/demo-workspace/grid.yaml"
+rm -rf "$HOME/demo-results"
+step hpc-kernel batch submit demo-workspace/sweep.ipynb --params demo-workspace/grid.yaml --profile local \
+    --max-parallel 4 --out demo-results --workspace demo-workspace --watch
+hpc-kernel batch submit demo-workspace/sweep.ipynb --params demo-workspace/grid.yaml --profile local \
+    --max-parallel 4 --out demo-results --workspace demo-workspace --watch
+step hpc-kernel batch results
+hpc-kernel batch results
+step ls demo-results
+ls demo-results
+
 step "squeue --me; hpc-kernel list"
 squeue --me
 hpc-kernel list
