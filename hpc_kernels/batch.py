@@ -31,7 +31,7 @@ from typing import Any
 from .errors import BatchError, HpcKernelsError
 from .launcher import log_tail, node_python, profile_to_start
 from .notebooks import Parameters, output_names
-from .paths import ensure_private_dir, read_json, state_root, write_json
+from .paths import ensure_private_dir, read_json, state_root, write_file_atomically, write_json
 from .profiles import KernelRequest, Profile, check_kernel_name
 from .render import render_batch_script
 from .slurm import ArrayTaskInfo, array_spec, array_tasks, cancel, submit_batch
@@ -77,8 +77,14 @@ class BatchTask:
 
 
 def plan_tasks(notebooks: Sequence[Path], parameter_sets: Sequence[Parameters]) -> list[BatchTask]:
-    """Every notebook with every parameter set, in that order, with distinct output names."""
-    pairs = [(Path(os.path.abspath(nb)), dict(p)) for nb in notebooks for p in parameter_sets]
+    """Every notebook with every parameter set, in that order, with distinct output names. A
+    notebook named twice runs once; a parameter set given twice is refused."""
+    unique = list(dict.fromkeys(Path(os.path.abspath(nb)) for nb in notebooks))
+    for i, parameters in enumerate(parameter_sets):
+        if parameters in parameter_sets[:i]:
+            raise BatchError(f"parameter set {i + 1} ({json.dumps(parameters)}) is the same as set "
+                             f"{parameter_sets.index(parameters) + 1}: each would write the same outputs")
+    pairs = [(nb, dict(p)) for nb in unique for p in parameter_sets]
     return [BatchTask(i, str(nb), p, name) for i, ((nb, p), name) in enumerate(zip(pairs, output_names(pairs)))]
 
 
@@ -385,6 +391,10 @@ def submit(request: BatchRequest) -> tuple[BatchRecord | None, int]:
         raise BatchError(f"--out {request.out_dir}: inside hpc-kernels' own state ({state}); choose a directory of yours")
     kernel = _kernel_request(request)
     profile = profile_to_start(request.profile, kernel)
+    language = profile.get("kernel", "language")
+    if language != "python" and any(request.parameter_sets):
+        raise BatchError(f"profile {profile.name}: kernel.language is {language!r}; parameters are injected as "
+                         "Python assignments (as papermill does for Python kernels)")
     tasks = plan_tasks(request.notebooks, request.parameter_sets)
     planned = len(tasks)
     if request.skip_done:
@@ -454,11 +464,16 @@ def view(name: str) -> tuple[BatchRecord, list[TaskStatus]]:
                             submission.cancelled)
         if status.settled is not None:
             try:
-                write_json(task.result(batch.out_dir), status.settled)
+                write_result(task.result(batch.out_dir), status.settled)
             except OSError:
                 pass  # the output directory went away: the state stays what it is, said each time
         statuses.append(status)
     return batch, statuses
+
+
+def write_result(path: Path, record: dict[str, Any]) -> None:
+    """A task's result record, atomically, with the user's umask (it is theirs, like the notebook)."""
+    write_file_atomically(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def task_log(batch: BatchRecord, status: TaskStatus, lines: int = 15) -> str:

@@ -37,6 +37,7 @@ from .batch import (
     BatchTask,
     read_notebook,
     utc_time,
+    write_result,
 )
 from .errors import HpcKernelsError
 from .kernelspecs import kernelspec
@@ -118,7 +119,7 @@ class TaskRunner:
         }
 
     def save(self, record: dict[str, Any]) -> None:
-        write_file_atomically(self.task.result(self.batch.out_dir), json.dumps(record, indent=2, sort_keys=True) + "\n")
+        write_result(self.task.result(self.batch.out_dir), record)
 
     # -- running ---------------------------------------------------------------------------
 

@@ -198,10 +198,10 @@ def cmd_list(args: argparse.Namespace) -> int:
             _, statuses = batches.view(batch.name)
             counts = batches.counts(statuses)
             progress = " ".join(f"{state}={n}" for state, n in counts.items())
+            tasks = str(len(statuses))
         except BatchError as e:
-            progress = f"({e})"
-        rows.append([batch.name, batch.created, batch.profile, str(sum(len(s.indices) for s in batch.submissions[:1])),
-                     progress, batch.out_dir])
+            progress, tasks = f"({e})", "?"
+        rows.append([batch.name, batch.created, batch.profile, tasks, progress, batch.out_dir])
     if not rows:
         print("no batches", file=sys.stderr)
         return 0

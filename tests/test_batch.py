@@ -37,6 +37,12 @@ def test_every_notebook_meets_every_parameter_set() -> None:
     assert tasks[0].result("/out") == Path("/out/a_x=1.result.json")
 
 
+def test_a_notebook_named_twice_runs_once_and_a_repeated_set_is_refused() -> None:
+    assert len(plan_tasks([Path("/w/a.ipynb"), Path("/w/./a.ipynb")], [{}])) == 1
+    with pytest.raises(BatchError, match=r'parameter set 3 \({"x": 1}\) is the same as set 1'):
+        plan_tasks([Path("/w/a.ipynb")], [{"x": 1}, {"x": 2}, {"x": 1}])
+
+
 @pytest.mark.parametrize(("text", "seconds"), [
     ("90", 90), ("90s", 90), ("10m", 600), ("1h30m", 5400), ("2d", 172800), ("1:30:00", 5400), ("10:00", 600),
     ("0.5s", 0.5),
