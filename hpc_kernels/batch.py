@@ -31,7 +31,14 @@ from typing import Any
 from .errors import BatchError, HpcKernelsError
 from .launcher import log_tail, node_python, profile_to_start
 from .notebooks import Parameters, output_names
-from .paths import ensure_private_dir, read_json, state_root, write_file_atomically, write_json
+from .paths import (
+    ensure_private_dir,
+    read_json,
+    state_root,
+    write_file_atomically,
+    write_json,
+    write_private_file,
+)
 from .profiles import KernelRequest, Profile, check_kernel_name
 from .render import render_batch_script
 from .slurm import ArrayTaskInfo, array_spec, array_tasks, cancel, submit_batch
@@ -80,10 +87,13 @@ def plan_tasks(notebooks: Sequence[Path], parameter_sets: Sequence[Parameters]) 
     """Every notebook with every parameter set, in that order, with distinct output names. A
     notebook named twice runs once; a parameter set given twice is refused."""
     unique = list(dict.fromkeys(Path(os.path.abspath(nb)) for nb in notebooks))
+    seen: dict[str, int] = {}
     for i, parameters in enumerate(parameter_sets):
-        if parameters in parameter_sets[:i]:
-            raise BatchError(f"parameter set {i + 1} ({json.dumps(parameters)}) is the same as set "
-                             f"{parameter_sets.index(parameters) + 1}: each would write the same outputs")
+        key = json.dumps(parameters, sort_keys=True)  # 1, 1.0 and true are different parameters
+        if key in seen:
+            raise BatchError(f"parameter set {i + 1} ({key}) is the same as set {seen[key] + 1}: "
+                             "each would write the same outputs")
+        seen[key] = i
     pairs = [(nb, dict(p)) for nb in unique for p in parameter_sets]
     return [BatchTask(i, str(nb), p, name) for i, ((nb, p), name) in enumerate(zip(pairs, output_names(pairs)))]
 
@@ -176,6 +186,9 @@ def task_state(task: BatchTask, array_job_id: str, attempt: int, record: dict[st
     if not slurm.finished:
         state = PENDING if slurm.state == "PENDING" else RUNNING
         return replace(status, state=state, message=slurm.reason if state == PENDING else "")
+    if slurm.state == "COMPLETED":  # the runner exits 0 only after it wrote a completed result
+        return replace(status, state=COMPLETED, message="Slurm: COMPLETED; its result record is missing (removed, "
+                                                        "or replaced by another batch's with the same name)")
     state = _FROM_SLURM.get(slurm.state, FAILED)
     message = f"Slurm: {slurm.state}" + ("" if state != FAILED else ", and the task wrote no result (see its log)")
     settled = {**(record or {}), "batch_task": task.index, "name": task.name, "notebook": task.notebook,
@@ -283,7 +296,7 @@ def list_batches() -> list[BatchRecord]:
         data = read_json(entry / "batch.json") if entry.is_dir() else None
         if data is not None:
             found.append(BatchRecord.from_json(data))
-    return sorted(found, key=lambda b: b.created)
+    return sorted(found, key=lambda b: (b.created, int(b.submissions[0].job_id) if b.submissions else 0))
 
 
 def latest_batch() -> str:
@@ -301,13 +314,15 @@ def _create_batch_dir(name: str | None, stem: str) -> BatchFiles:
     ensure_private_dir(state_root())
     root = ensure_private_dir(batches_root())
     if name is not None:
-        check_kernel_name(name)
+        if not _valid_name(name):
+            raise BatchError(f"--name {name!r}: expected 1-40 letters, digits, '_', '.' or '-', starting with a "
+                             "letter or digit")
         try:
             (root / name).mkdir(mode=0o700)
         except FileExistsError:
             raise BatchError(f"a batch named {name!r} exists; choose another --name") from None
         return BatchFiles(root / name)
-    stem = (re.sub(r"[^A-Za-z0-9_.\-]+", "-", stem).strip("-.") or "batch")[:32]
+    stem = (re.sub(r"[^A-Za-z0-9_.\-]+", "-", stem).strip("-._") or "batch")[:32]
     for number in range(1, 100000):
         try:
             (root / f"{stem}-{number}").mkdir(mode=0o700)
@@ -417,6 +432,8 @@ def submit(request: BatchRequest) -> tuple[BatchRecord | None, int]:
     except BaseException:
         import shutil
 
+        for submission in batch.submissions:  # submitted, then interrupted: no orphan array
+            cancel(submission.job_id)
         shutil.rmtree(files.dir, ignore_errors=True)  # sbatch refused: nothing is left behind
         raise
     return batch, planned - len(tasks)
@@ -429,18 +446,22 @@ def _submit_tasks(files: BatchFiles, batch: BatchRecord, profile: Profile, indic
     script = render_batch_script(profile, batch_name=batch.name, batch_dir=files.dir, log_dir=files.logs,
                                  array=array_spec(indices, max_parallel), python=node_python(profile),
                                  template_dir=Path(templates) if templates else None)
-    files.script(number).write_text(script)
-    os.chmod(files.script(number), 0o600)
+    write_private_file(files.script(number), script)
     job_id = submit_batch(script)
     submission = Submission(job_id=job_id, indices=sorted(indices), script=files.script(number).name,
                             submitted=utc_time(), max_parallel=max_parallel)
     batch.submissions.append(submission)
-    _save(files, batch)
+    try:
+        _save(files, batch)
+    except BaseException:
+        cancel(job_id)  # a job array the batch does not know of would run for nobody
+        batch.submissions.pop()
+        raise
     return submission
 
 
 def kernel_request_of(batch: BatchRecord, name: str) -> KernelRequest:
-    """What the batch's tasks were submitted with; on the node, what each task's kernel starts with."""
+    """What the batch's tasks were submitted with (for a retry to submit the same)."""
     return KernelRequest(name=name, image=batch.image, workspace=batch.workspace, workspace_rw=batch.workspace_rw,
                          **batch.resources)
 
@@ -463,12 +484,33 @@ def view(name: str) -> tuple[BatchRecord, list[TaskStatus]]:
         status = task_state(task, submission.job_id, attempt, record, slurm.get((submission.job_id, task.index)),
                             submission.cancelled)
         if status.settled is not None:
-            try:
-                write_result(task.result(batch.out_dir), status.settled)
-            except OSError:
-                pass  # the output directory went away: the state stays what it is, said each time
+            _settle(task.result(batch.out_dir), {**status.settled, "batch": batch.name},
+                    [s.job_id for s in batch.submissions])
         statuses.append(status)
     return batch, statuses
+
+
+def may_settle(existing: dict[str, Any] | None, batch_name: str, job_ids: Sequence[str]) -> bool:
+    """Whether a record made from Slurm's word may replace the one at its path: only one of this
+    batch's own (an earlier attempt's, or this one's unfinished), never another batch's that
+    shares the output directory, nor one of an attempt this caller does not know of yet (a
+    retry submitted meanwhile)."""
+    if existing is None:
+        return True
+    return existing.get("batch") == batch_name and str(existing.get("array_job_id")) in job_ids
+
+
+def _settle(path: Path, record: dict[str, Any], job_ids: Sequence[str]) -> None:
+    try:
+        existing = read_json(path)
+    except ValueError:
+        existing = None
+    if not may_settle(existing, str(record["batch"]), job_ids):
+        return
+    try:
+        write_result(path, record)
+    except OSError:
+        pass  # the output directory went away: the state stays what it is, said each time
 
 
 def write_result(path: Path, record: dict[str, Any]) -> None:
@@ -481,7 +523,10 @@ def task_log(batch: BatchRecord, status: TaskStatus, lines: int = 15) -> str:
 
 
 def retry(name: str, max_parallel: int | None = None) -> tuple[Submission | None, list[TaskStatus]]:
-    """Resubmit (one job array) the tasks that failed, timed out, were cancelled or lost."""
+    """Resubmit (one job array) the tasks that failed, timed out, were cancelled or lost, with the
+    command line's resources of the first submission and the profile as it is now."""
+    if max_parallel is not None and max_parallel < 1:
+        raise BatchError(f"--max-parallel {max_parallel}: expected 1 or more")
     files = batch_files(name)
     batch, _ = load_batch(name)
     with file_lock(files.lock):
@@ -495,9 +540,9 @@ def retry(name: str, max_parallel: int | None = None) -> tuple[Submission | None
         return submission, again
 
 
-def cancel_batch(name: str, wait: float = CANCEL_WAIT_SECONDS) -> list[TaskStatus]:
-    """scancel every job array of the batch; wait until Slurm has ended every task (COMPLETING
-    is not ended) and return their states."""
+def cancel_batch(name: str, wait: float = CANCEL_WAIT_SECONDS) -> tuple[list[TaskStatus], bool]:
+    """scancel every job array of the batch; wait (up to ``wait`` seconds) until Slurm has ended
+    every task (COMPLETING is not ended). Returns the tasks' states, and whether all ended."""
     files = batch_files(name)
     batch, _ = load_batch(name)
     with file_lock(files.lock):
@@ -511,7 +556,7 @@ def cancel_batch(name: str, wait: float = CANCEL_WAIT_SECONDS) -> list[TaskStatu
         _, statuses = view(name)
         ended = all(s.state in FINAL and (s.slurm is None or s.slurm.finished) for s in statuses)
         if ended or time.monotonic() > deadline:
-            return statuses
+            return statuses, ended
         time.sleep(0.5)
 
 

@@ -13,6 +13,7 @@ the task.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -42,13 +43,15 @@ from .batch import (
 from .errors import HpcKernelsError
 from .kernelspecs import kernelspec
 from .notebooks import inject_parameters, skip_iri_format_checker
-from .paths import read_json, write_file_atomically
+from .paths import kernels_root, read_json, write_file_atomically
 from .profiles import load_profile
-from .state import kernel_files
+from .state import kernel_files, remove_kernel_dir
 
 # After a timeout or a signal, how long the execution may take to notice its kernel is gone.
 EXECUTION_STOP_SECONDS = 30.0
 SHUTDOWN_SECONDS = 5.0
+# After SIGTERM: well within Slurm's KillWait (30 s by default).
+STOP_AFTER_SIGNAL_SECONDS = 5.0
 WAIT_STEP_SECONDS = 0.2
 KERNELSPEC_NAME = "hpc-kernels-batch"
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -82,7 +85,10 @@ def _failed_cell(nb: Any) -> int | None:
 class TaskRunner:
     def __init__(self, batch_dir: Path, index: int, environ: dict[str, str]) -> None:
         files = BatchFiles(batch_dir)
-        self.batch = BatchRecord.from_json(read_json(files.batch) or {})
+        data = read_json(files.batch)
+        if data is None:
+            raise HpcKernelsError(f"{files.batch} is missing: the batch's state was removed")
+        self.batch = BatchRecord.from_json(data)
         tasks = read_json(files.tasks) or []
         if not 0 <= index < len(tasks):
             raise HpcKernelsError(f"task {index}: batch {self.batch.name} has tasks 0-{len(tasks) - 1}")
@@ -91,8 +97,13 @@ class TaskRunner:
         self.array_job_id = environ.get("SLURM_ARRAY_JOB_ID", self.job_id)
         current = self.batch.current(index)
         self.attempt = current[1] if current else 1
-        self.kernel_name = f"batch-{self.job_id or os.getpid()}"
+        # A job requeued (after a node failure) runs again under its id: a name of its own each time.
+        restarts = environ.get("SLURM_RESTART_COUNT", "0")
+        self.kernel_prefix = f"batch-{self.job_id or os.getpid()}"
+        self.kernel_name = self.kernel_prefix + (f".{restarts}" if restarts not in ("", "0") else "")
         self.started = time.time()
+        self.done = threading.Event()  # set when the execution thread has ended
+        self.log_copied = False
         self.stopped_by: int | None = None
         self.outcome: Outcome | None = None  # set by the execution thread
         self.nb: Any = None
@@ -131,11 +142,12 @@ class TaskRunner:
             _say(f"the output directory {out_dir} does not exist on {socket.gethostname()}: it must be on a "
                  "file system the compute nodes share")
             return 1
+        self.forget_earlier_runs()
         self.save(self.record(RUNNING))
         _say(f"task {self.task.index} ({self.task.name}), attempt {self.attempt}: {self.task.notebook} "
              f"with {json.dumps(self.task.parameters)}")
         outcome = self.execute()
-        if self.stopped_by is not None and outcome.state != CANCELLED:  # a signal while finishing
+        if self.stopped_by is not None and outcome.state not in (CANCELLED, COMPLETED):  # a signal while finishing
             outcome = Outcome(CANCELLED, f"stopped by {signal.Signals(self.stopped_by).name}",
                               signal=signal.Signals(self.stopped_by).name, timings=outcome.timings)
         output = self.write_notebook(outcome)
@@ -150,7 +162,7 @@ class TaskRunner:
             self.nb = inject_parameters(read_notebook(Path(self.task.notebook)), self.task.parameters)
         except HpcKernelsError as e:
             return Outcome(FAILED, str(e), {"ename": type(e).__name__, "evalue": str(e), "traceback": ""})
-        done = threading.Event()
+        done = self.done
         worker = threading.Thread(target=self._execute_in_thread, args=(done,), name="nbclient", daemon=True)
         timeout = self.batch.task_timeout
         deadline = None if timeout is None else self.started + timeout
@@ -158,18 +170,19 @@ class TaskRunner:
         while not done.wait(WAIT_STEP_SECONDS):
             if self.stopped_by is not None:
                 name = signal.Signals(self.stopped_by).name
-                self.stop_kernel(done)
+                # Slurm kills what is left after its KillWait: end the kernel and be brief.
+                self.stop_kernel(done, STOP_AFTER_SIGNAL_SECONDS)
                 return Outcome(CANCELLED, f"stopped by {name} (scancel, or Slurm's time limit)", signal=name,
                                timings=self.timings())
             if deadline is not None and time.time() > deadline:
-                self.stop_kernel(done)
+                self.stop_kernel(done, EXECUTION_STOP_SECONDS)
                 return Outcome(TIMEOUT, f"the task ran longer than its timeout ({timeout:.0f} s)",
                                {"ename": "TaskTimeout", "evalue": f"the task ran longer than {timeout:.0f} s "
                                 "(--timeout)", "traceback": ""}, timings=self.timings())
         self.end_kernel_if_left()
-        assert self.outcome is not None
-        self.outcome.timings.update(self.timings())
-        return self.outcome
+        outcome = self.outcome or Outcome(FAILED, "the execution ended without an outcome (see the log)")
+        outcome.timings.update(self.timings())
+        return outcome
 
     def timings(self) -> dict[str, float]:
         if self.kernel_ready_at is None:
@@ -177,16 +190,19 @@ class TaskRunner:
         return {"kernel_start": round(self.kernel_ready_at - self.started, 3),
                 "execute": round(time.time() - self.kernel_ready_at, 3)}
 
-    def stop_kernel(self, done: threading.Event) -> None:
-        """End the task's kernel (its agent on this node) at once, and let the execution see it gone."""
+    def stop_kernel(self, done: threading.Event, wait: float) -> None:
+        """End the task's kernel (its agent on this node) at once, without a shutdown request, and
+        give the execution up to ``wait`` seconds to see it gone. A kernel still starting (its
+        state not written yet) is ended as soon as it appears."""
         self._copy_kernel_log()
-        try:
-            launcher.shutdown(self.kernel_name, graceful_timeout=0)
-        except HpcKernelsError as e:
-            _say(f"ending kernel {self.kernel_name}: {e}")
-        if not done.wait(EXECUTION_STOP_SECONDS):
-            _say(f"the execution did not end within {EXECUTION_STOP_SECONDS:.0f} s of its kernel")
-        self.end_kernel_if_left()  # one that was still starting when it was stopped
+        deadline = time.monotonic() + wait
+        while True:
+            self.end_kernel_if_left(graceful=False)
+            if done.wait(WAIT_STEP_SECONDS) or time.monotonic() > deadline:
+                break
+        self.end_kernel_if_left(graceful=False)
+        if not done.is_set():
+            _say(f"the execution did not end within {wait:.0f} s of its kernel")
 
     def end_kernel_if_left(self, graceful: bool = True) -> None:
         if kernel_files(self.kernel_name).dir.exists():
@@ -195,9 +211,19 @@ class TaskRunner:
             except HpcKernelsError as e:
                 _say(f"ending kernel {self.kernel_name}: {e}")
 
+    def forget_earlier_runs(self) -> None:
+        """The kernel state of an earlier run of this very job (requeued, its node lost): gone."""
+        for entry in kernels_root().glob(f"{self.kernel_prefix}*"):
+            if entry.name != self.kernel_name and entry.name.partition(".")[0] == self.kernel_prefix:
+                remove_kernel_dir(entry.name)
+
     def _execute_in_thread(self, done: threading.Event) -> None:
         try:
             self._execute_notebook()
+        except Exception as e:  # before nbclient ran: the profile, the kernelspec
+            if self.outcome is None:
+                self.outcome = Outcome(FAILED, f"{type(e).__name__}: {e}",
+                                       {"ename": type(e).__name__, "evalue": str(e), "traceback": ""})
         finally:
             done.set()
 
@@ -224,7 +250,7 @@ class TaskRunner:
         km = AsyncKernelManager(kernel_name=KERNELSPEC_NAME, kernel_spec_manager=BatchKernelSpecs())
         client = NotebookClient(
             self.nb, km=km, kernel_name=KERNELSPEC_NAME,
-            timeout=int(batch.cell_timeout) if batch.cell_timeout else None,
+            timeout=math.ceil(batch.cell_timeout) if batch.cell_timeout else None,
             resources={"metadata": {"path": batch.workspace}} if batch.workspace else {},
             on_notebook_start=self._kernel_ready,
         )
@@ -263,7 +289,10 @@ class TaskRunner:
 
     def _copy_kernel_log(self) -> None:
         """The kernel's own log (its agent's messages, the kernel's stderr) goes with the kernel's
-        state: keep it in the task's log."""
+        state: keep it in the task's log (once)."""
+        if self.log_copied:
+            return
+        self.log_copied = True
         try:
             text = kernel_files(self.kernel_name).log.read_text(errors="replace")
         except OSError:
@@ -291,6 +320,9 @@ class TaskRunner:
         """The executed notebook: under its final name only when every cell ran; as far as it ran
         under ``.failed.ipynb`` for a failure or a timeout; nothing for a cancelled task."""
         if self.nb is None or outcome.state == CANCELLED:
+            return None
+        if not self.done.is_set():  # the execution still changes it
+            outcome.message += "; the execution did not stop, so its notebook was not written"
             return None
         import nbformat
 
@@ -321,10 +353,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     skip_iri_format_checker()
     try:
-        return TaskRunner(Path(args[0]), int(task_id), dict(os.environ)).run()
+        runner = TaskRunner(Path(args[0]), int(task_id), dict(os.environ))
+        code = runner.run()
     except HpcKernelsError as e:
         _say(f"failed: {e}")
         return 1
+    if not runner.done.is_set():
+        # An execution thread that would not stop: its result is recorded and its kernel ended;
+        # leave without the exit handlers that would wait on it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -11,7 +11,16 @@ from pathlib import Path
 from typing import Any
 
 from . import batch as batches
-from .batch import COMPLETED, FINAL, STATES, BatchRecord, BatchRequest, TaskStatus
+from .batch import (
+    COMPLETED,
+    FINAL,
+    PENDING,
+    RUNNING,
+    STATES,
+    BatchRecord,
+    BatchRequest,
+    TaskStatus,
+)
 from .cli import (
     _profile_name,
     _progress,
@@ -153,7 +162,7 @@ def cmd_results(args: argparse.Namespace) -> int:
     for s in statuses:
         error = s.error
         said = f"{error.get('ename')}: {error.get('evalue', '')}" if error else s.message if s.state not in (
-            "PENDING", "RUNNING", COMPLETED) else ""
+            PENDING, RUNNING, COMPLETED) else ""
         said = said.splitlines()[0] if said else ""
         rows.append([str(s.task.index), Path(s.task.notebook).name, _short(s.task.parameters), s.state,
                      _duration(s.duration), s.node or "-", said[:70] + ("..." if len(said) > 70 else "")])
@@ -186,7 +195,11 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     name = args.batch or batches.latest_batch()
-    statuses = batches.cancel_batch(name)
+    statuses, ended = batches.cancel_batch(name)
+    if not ended:
+        _progress(f"batch {name}: cancelled, but Slurm has not ended every task after "
+                  f"{batches.CANCEL_WAIT_SECONDS:.0f} s: {_progress_line(statuses)}; see `batch status {name}`")
+        return 1
     _progress(f"batch {name} cancelled: {_progress_line(statuses)}")
     return 0
 
@@ -213,7 +226,8 @@ def cmd_logs(args: argparse.Namespace) -> int:
     batch, statuses = batches.view(args.batch)
     found = [s for s in statuses if s.task.index == args.task]
     if not found:
-        raise BatchError(f"batch {args.batch} has no task {args.task} (tasks 0-{len(statuses) - 1})")
+        raise BatchError(f"batch {args.batch} has no task {args.task}"
+                         + (f" (tasks 0-{len(statuses) - 1})" if statuses else ""))
     path = batches.batch_files(batch.name).log(found[0].array_job_id, args.task)
     try:
         sys.stdout.write(path.read_text(errors="replace"))

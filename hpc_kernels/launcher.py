@@ -174,7 +174,19 @@ def _wait_kernel_gone(record: KernelRecord, timeout: float) -> bool:
 def view(name: str) -> KernelView:
     """What is known of kernel ``name`` right now."""
     record = load_record(name)
+    if record.on_node and _on_this_host(record):
+        return _view(record, _job_we_run_in(record))
     return _view(record, job_info(record.job_id) if record.job_id else None)
+
+
+def _job_we_run_in(record: KernelRecord) -> JobInfo | None:
+    """An on-node kernel seen from its own node: its job is the one we run in, alive as long as
+    its agent is (Slurm ends the agent with the job). Asking slurmctld instead would cost a query
+    per look, and frontends and batch tasks look every second."""
+    if not record.job_id or not is_running(record.step, _step_marker(kernel_files(record.name))):
+        return None
+    return JobInfo(job_id=record.job_id, state="RUNNING", reason="", node=socket.gethostname(), exit_code="",
+                   fields={})
 
 
 def view_all() -> list[KernelView]:

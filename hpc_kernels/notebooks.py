@@ -157,16 +157,16 @@ def _check_value(value: Any, where: str, what: str) -> None:
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:
-    """``-p NAME=VALUE`` from the command line; VALUE is read as YAML (``-p n=3`` is 3, ``-p s=abc`` text)."""
+    """``--param NAME=VALUE`` from the command line; VALUE is read as YAML (``n=3`` is 3, ``s=abc`` text)."""
     name, sep, raw = text.partition("=")
     if not sep:
-        raise BatchError(f"-p {text!r}: expected NAME=VALUE")
-    _check_name(name, "-p", f"-p {name}")
+        raise BatchError(f"--param {text!r}: expected NAME=VALUE")
+    _check_name(name, "--param", name)
     try:
         value = yaml.load(raw, Loader=ParameterLoader) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    _check_value(value, "-p", f"-p {name}")
+    _check_value(value, "--param", name)
     return name, value
 
 
@@ -243,5 +243,5 @@ def output_names(tasks: Sequence[tuple[Path, Mapping[str, Any]]]) -> list[str]:
     counts: dict[str, int] = {}
     for name in names:
         counts[name] = counts.get(name, 0) + 1
-    return [name if counts[name] == 1 else f"{name}-{_short_hash(str(notebook.resolve()), parameters)}"
+    return [name if counts[name] == 1 else f"{name[:MAX_NAME_LENGTH - 9]}-{_short_hash(str(notebook.resolve()), parameters)}"
             for name, (notebook, parameters) in zip(names, tasks)]

@@ -107,9 +107,7 @@ def write_file_atomically(path: Path, data: str | bytes, mode: int | None = None
     umask allows a new file (for outputs that belong to the user, not to hpc-kernels)."""
     raw = data.encode() if isinstance(data, str) else data
     if mode is None:
-        mask = os.umask(0o022)
-        os.umask(mask)
-        mode = 0o666 & ~mask
+        mode = 0o666 & ~current_umask()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, mode)
@@ -124,6 +122,20 @@ def write_file_atomically(path: Path, data: str | bytes, mode: int | None = None
         except FileNotFoundError:
             pass
         raise
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it (os.umask sets it, for every thread at once)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: Path, obj: Any) -> None:

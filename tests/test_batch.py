@@ -18,6 +18,8 @@ from hpc_kernels.batch import (
     TIMEOUT,
     BatchRecord,
     Submission,
+    _create_batch_dir,
+    may_settle,
     parse_duration,
     plan_tasks,
     slurm_time,
@@ -41,6 +43,23 @@ def test_a_notebook_named_twice_runs_once_and_a_repeated_set_is_refused() -> Non
     assert len(plan_tasks([Path("/w/a.ipynb"), Path("/w/./a.ipynb")], [{}])) == 1
     with pytest.raises(BatchError, match=r'parameter set 3 \({"x": 1}\) is the same as set 1'):
         plan_tasks([Path("/w/a.ipynb")], [{"x": 1}, {"x": 2}, {"x": 1}])
+    assert len(plan_tasks([Path("/w/a.ipynb")], [{"x": 1}, {"x": True}, {"x": 1.0}])) == 3  # 1 == True in Python
+
+
+def test_batch_names_are_usable_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HPC_KERNELS_PATHS_STATE", str(tmp_path / "state"))
+    assert _create_batch_dir(None, "_draft").dir.name == "draft-1"
+    assert _create_batch_dir(None, "_draft").dir.name == "draft-2"
+    assert _create_batch_dir(None, "...").dir.name == "batch-1"
+    with pytest.raises(BatchError, match="--name '-x': expected 1-40 letters"):
+        _create_batch_dir("-x", "nb")
+
+
+def test_slurms_word_never_replaces_another_batchs_record_or_a_newer_attempt() -> None:
+    assert may_settle(None, "b", ["10"])
+    assert may_settle({"batch": "b", "array_job_id": "10", "state": RUNNING}, "b", ["10", "20"])
+    assert not may_settle({"batch": "other", "array_job_id": "30", "state": COMPLETED}, "b", ["10"])
+    assert not may_settle({"batch": "b", "array_job_id": "20", "state": RUNNING}, "b", ["10"])  # a retry since
 
 
 @pytest.mark.parametrize(("text", "seconds"), [
@@ -125,7 +144,7 @@ def test_a_record_of_an_earlier_attempt_is_ignored() -> None:
 
 @pytest.mark.parametrize(("slurm_state", "expected"), [
     ("TIMEOUT", TIMEOUT), ("NODE_FAIL", NODE_FAIL), ("CANCELLED", CANCELLED), ("FAILED", FAILED),
-    ("COMPLETED", FAILED), ("OUT_OF_MEMORY", "OUT_OF_MEMORY"), ("PREEMPTED", CANCELLED),
+    ("OUT_OF_MEMORY", "OUT_OF_MEMORY"), ("PREEMPTED", CANCELLED),
 ])
 def test_a_task_that_ended_without_a_final_result_takes_slurms_word(slurm_state: str, expected: str) -> None:
     running = {"array_job_id": "20", "state": RUNNING, "start": "2026-01-01T00:00:05Z"}
@@ -135,6 +154,11 @@ def test_a_task_that_ended_without_a_final_result_takes_slurms_word(slurm_state:
     assert status.settled["start"] == "2026-01-01T00:00:05Z" and status.settled["end"] == "2026-01-01T00:01:00Z"
     assert status.settled["node"] == "c1" and status.settled["attempt"] == 2 and f"Slurm: {slurm_state}" in status.message
     assert judge(None, element(slurm_state)).state == expected  # it never started
+
+
+def test_a_completed_task_whose_record_went_missing_is_completed_and_not_written_back() -> None:
+    status = judge({"array_job_id": "20", "state": RUNNING}, element("COMPLETED"))
+    assert status.state == COMPLETED and "result record is missing" in status.message and status.settled is None
 
 
 def test_a_task_stopped_by_a_signal_learns_why_from_slurm() -> None:

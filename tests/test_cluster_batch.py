@@ -157,6 +157,19 @@ def test_retry_reruns_only_the_failed_task(grid: dict[str, Any]) -> None:
     assert "nothing to retry" in batch("retry", name).stderr
 
 
+def test_a_batch_is_private_to_its_user_and_its_results_follow_the_umask(grid: dict[str, Any]) -> None:
+    state = Path(results(grid["name"])[0]["log"]).parent.parent
+    found = probe_as_second_user([str(state), str(state / "batch.json"), str(state / "logs")])
+    assert all(v.startswith("PermissionError") for v in found.values()), found
+    assert oct(state.stat().st_mode & 0o777) == "0o700"
+    mine = grid["out"] / "made-by-the-test"
+    mine.write_text("")
+    expected = mine.stat().st_mode & 0o777  # what this user's umask gives a new file
+    for record in results(grid["name"]):
+        for path in (Path(record["output"]), grid["out"] / f"{record['name']}.result.json"):
+            assert path.stat().st_mode & 0o777 == expected, path
+
+
 def test_skip_done_submits_only_what_has_no_completed_result(grid: dict[str, Any]) -> None:
     ws, out = grid["ws"], grid["out"]
     args = ["submit", str(ws / "analysis.ipynb"), "--params", str(ws / "grid.yaml"), "--profile", "local",
@@ -239,6 +252,28 @@ def test_cancel_stops_the_rest_and_leaves_nothing(cluster: None) -> None:
         shutil.rmtree(ws, ignore_errors=True)
 
 
+def test_cancel_while_the_kernel_starts_leaves_no_kernel(cluster: None) -> None:
+    """Cancelled the moment Slurm starts it: the task may not have its kernel yet, or be starting
+    it. Either way it records CANCELLED and no kernel is left."""
+    ws = make_workspace()
+    try:
+        notebook(ws / "sleepy.ipynb", "import time\ntime.sleep(600)")
+        out = ws / "out"
+        name = batch("submit", str(ws / "sleepy.ipynb"), "--profile", "local", "--out", str(out),
+                     "--no-workspace").stdout.strip()
+        deadline = time.monotonic() + 60
+        while status(name)["counts"].get("RUNNING", 0) < 1:
+            assert time.monotonic() < deadline, status(name)
+            time.sleep(0.2)
+        batch("cancel", name)
+        summary = status(name)
+        assert summary["counts"] == {"CANCELLED": 1} and no_live_elements(summary["job_ids"])
+        assert json.loads(hk("list", "--json").stdout) == []
+        assert leftovers(out) == []
+    finally:
+        shutil.rmtree(ws, ignore_errors=True)
+
+
 SANDBOX_PROBE = """
 import json, os, socket
 found = {}
@@ -277,13 +312,6 @@ def test_the_sandbox_holds_inside_a_task(runtime_profile: str, cluster: None) ->
         shutil.rmtree(ws, ignore_errors=True)
 
 
-def test_a_batch_is_private_to_its_user(grid: dict[str, Any]) -> None:
-    state = Path(results(grid["name"])[0]["log"]).parent.parent
-    found = probe_as_second_user([str(state), str(state / "batch.json"), str(state / "logs")])
-    assert all(v.startswith("PermissionError") for v in found.values()), found
-    assert oct(state.stat().st_mode & 0o777) == "0o700"
-
-
 @pytest.mark.parametrize(("args", "expected"), [
     (["--partition", "nosuch"], "sbatch refused the job: sbatch: error: invalid partition specified: nosuch"),
     (["--max-parallel", "0"], "--max-parallel 0: expected 1 or more"),
@@ -295,11 +323,12 @@ def test_bad_input_is_refused_before_anything_runs(args: list[str], expected: st
     ws = make_workspace()
     try:
         notebook(ws / "nb.ipynb", "print(1)")
-        before = batch("list").stdout
+        before = batch("list").stdout, run(["squeue", "--me", "--noheader", "--states=all", "-o", "%i"]).stdout
         proc = batch("submit", str(ws / "nb.ipynb"), "--out", str(ws / "out"), "--no-workspace",
                      *(["--profile", "local"] if "--profile" not in args else []), *args, check=False)
         assert proc.returncode == 1 and expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
-        assert batch("list").stdout == before  # no batch, no job
+        after = batch("list").stdout, run(["squeue", "--me", "--noheader", "--states=all", "-o", "%i"]).stdout
+        assert after == before  # no batch, no job
     finally:
         shutil.rmtree(ws, ignore_errors=True)
 
