@@ -274,6 +274,32 @@ def test_cancel_while_the_kernel_starts_leaves_no_kernel(cluster: None) -> None:
         shutil.rmtree(ws, ignore_errors=True)
 
 
+def test_many_notebooks_without_parameters_as_for_grading(cluster: None) -> None:
+    """Three students' notebooks, two with the same file name in different directories, one
+    that raises: one array, one output each, none overwriting another."""
+    ws = make_workspace()
+    try:
+        for student, code in (("ann", "print('ann', 6 * 7)"), ("bo", "print('bo', 1 / 0)")):
+            (ws / student).mkdir()
+            notebook(ws / student / "hw.ipynb", code)
+        notebook(ws / "cy.ipynb", "print('cy', 2 ** 10)")
+        out = ws / "graded"
+        proc = batch("submit", str(ws / "ann" / "hw.ipynb"), str(ws / "bo" / "hw.ipynb"), str(ws / "cy.ipynb"),
+                     "--profile", "local", "--timeout", "2m", "--out", str(out), "--no-workspace", "--watch",
+                     check=False)
+        assert proc.returncode == 1, proc.stderr
+        name = proc.stdout.strip().splitlines()[0]
+        assert len(status(name)["job_ids"]) == 1
+        records = {Path(r["notebook"]).parent.name + "/" + Path(r["notebook"]).name: r for r in results(name)}
+        ann, bo, cy = records["ann/hw.ipynb"], records["bo/hw.ipynb"], records[f"{ws.name}/cy.ipynb"]
+        assert (ann["state"], bo["state"], cy["state"]) == ("COMPLETED", "FAILED", "COMPLETED")
+        assert bo["error"]["ename"] == "ZeroDivisionError"
+        assert ann["name"] != bo["name"] and ann["name"].startswith("hw-") and cy["name"] == "cy"
+        assert stdout_of(Path(ann["output"])) == "ann 42\n" and stdout_of(Path(cy["output"])) == "cy 1024\n"
+    finally:
+        shutil.rmtree(ws, ignore_errors=True)
+
+
 SANDBOX_PROBE = """
 import json, os, socket
 found = {}
