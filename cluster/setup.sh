@@ -12,7 +12,8 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 source "$HERE/lib.sh"
 
 PACKAGES=(slurm-wlm munge bubblewrap python3 python3-venv python3-dev sudo iproute2 procps psmisc util-linux
-          chromium)   # chromium: the browser test of JupyterLab (driven by Playwright, no browser download)
+          chromium    # chromium: the browser tests of JupyterLab (driven by Playwright, no browser download)
+          ruby)       # ruby: renders the Open OnDemand app's ERB templates in the tests, as OnDemand does
 
 create_users() {
     local u

@@ -238,10 +238,9 @@ class TaskRunner:
         )
 
         batch = self.batch
-        spec = kernelspec(load_profile(batch.profile), mode="node", encryption="none")
+        spec = kernelspec(load_profile(batch.profile), mode="node", encryption="none", image=batch.image)
         spec["metadata"]["kernel_provisioner"]["config"].update(
-            kernel_name=self.kernel_name, workspace=batch.workspace or "", workspace_rw=batch.workspace_rw,
-            image=batch.image or "")
+            kernel_name=self.kernel_name, workspace=batch.workspace or "", workspace_rw=batch.workspace_rw)
 
         class BatchKernelSpecs(KernelSpecManager):  # type: ignore[misc]
             def get_kernel_spec(self, kernel_name: str) -> KernelSpec:

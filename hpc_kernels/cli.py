@@ -307,7 +307,8 @@ def cmd_kernelspec_install(args: argparse.Namespace) -> int:
     profile_name = _profile_name(args)
     profile = load_profile(profile_name)
     spec = kernelspec(profile, display_name=args.display_name, interrupt_mode=args.interrupt_mode,
-                      launch_timeout=args.launch_timeout, mode=args.mode, encryption=args.encryption)
+                      launch_timeout=args.launch_timeout, mode=args.mode, encryption=args.encryption,
+                      image=args.image)
     prefix = sys.prefix if args.sys_prefix else args.prefix
     where = install(args.name or profile_name, spec, user=args.user, prefix=prefix)
     _progress(f"installed kernelspec {args.name or profile_name} ({spec['display_name']}) in {where}")
@@ -456,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--interrupt-mode", default="signal", choices=["signal", "message"],
                    help="signal: SIGINT through Slurm; message: interrupt_request over the relay")
     q.add_argument("--launch-timeout", type=float, help="give up a start (and cancel the job) after S seconds")
+    q.add_argument("--image", help="kernel image for an apptainer profile (instead of the profile's)")
     q.add_argument("--encryption", default="auto", choices=["auto", "curve", "none"],
                    help="declare CurveZMQ support (frontends then encrypt with transport_encryption=auto); "
                    "auto: when the kernel is known to support it (bubblewrap with ipykernel >= 7.3)")
@@ -476,6 +478,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_batch import add_batch_parser
 
     add_batch_parser(sub)
+
+    from .cli_ood import add_ood_parser
+
+    add_ood_parser(sub)
 
     p = sub.add_parser("shutdown", help="shut a kernel down: job ended, relay stopped, state removed")
     p.add_argument("names", nargs="*", metavar="name")

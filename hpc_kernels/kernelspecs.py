@@ -30,8 +30,9 @@ CURVE_IPYKERNEL = (7, 3)
 
 def kernelspec(profile: Profile, *, display_name: str | None = None, interrupt_mode: str = "signal",
                launch_timeout: float | None = None, mode: str = "auto", encryption: str = "auto",
-               python: str = sys.executable) -> dict[str, Any]:
-    """The kernel.json of a kernelspec that runs ``profile``'s kernels through the provisioner."""
+               python: str = sys.executable, image: str | None = None) -> dict[str, Any]:
+    """The kernel.json of a kernelspec that runs ``profile``'s kernels through the provisioner
+    (``image``: an Apptainer image instead of the profile's)."""
     if interrupt_mode not in INTERRUPT_MODES:
         raise HpcKernelsError(f"--interrupt-mode {interrupt_mode!r}: expected one of {', '.join(INTERRUPT_MODES)}")
     if encryption not in ENCRYPTIONS:
@@ -39,6 +40,11 @@ def kernelspec(profile: Profile, *, display_name: str | None = None, interrupt_m
     if mode not in MODES:
         raise HpcKernelsError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
     config: dict[str, Any] = {"profile": profile.name}
+    if image:
+        if profile.get("runtime", "kind") != "apptainer":
+            raise HpcKernelsError(f"--image: profile {profile.name} runs kernels in {profile.get('runtime', 'kind')}, "
+                                  "not in an image")
+        config["image"] = image
     if mode != "auto":
         config["mode"] = mode
     if launch_timeout:

@@ -1,0 +1,305 @@
+"""An Open OnDemand "batch connect" app: JupyterLab on a compute node, its kernels sandboxed.
+
+``hpc-kernel ood install DEST`` renders ``templates/ood/`` into the files OnDemand expects
+(manifest.yml, form.yml, submit.yml.erb, template/{before,script,after}.sh.erb, view.html.erb,
+info.md.erb). The site's profiles go into the form (each option sets the other fields to the
+profile's values), into the checks submit.yml.erb makes before OnDemand submits anything, and
+into the job script. OnDemand then renders the ERB with each user's choices.
+
+In the job, JupyterLab listens on TCP (OnDemand's proxy speaks TCP) behind a generated
+password; its only kernelspec starts the profile's kernel in the sandbox on the same node (the
+provisioner's node mode). ``python -m hpc_kernels.ood config`` writes JupyterLab's configuration
+there, with the password read from stdin.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import HpcKernelsError
+from .launcher import node_python
+from .profiles import Profile
+from .render import template_environment
+
+APP_FILES = ("manifest.yml", "form.yml", "submit.yml.erb", "template/before.sh.erb", "template/script.sh.erb",
+             "template/after.sh.erb", "view.html.erb", "info.md.erb")
+KERNELSPEC_NAME = "hpc-sandbox"
+START_TIMEOUT_SECONDS = 300
+_MEMORY = re.compile(r"^(\d+)([KMGT]?)$")
+
+
+@dataclass(frozen=True)
+class PartitionLimits:
+    """What one node of a partition offers at most, and the partition's time limit (None: no limit)."""
+
+    max_hours: int | None
+    max_cores: int | None
+    max_memory_gb: int | None
+    max_gpus: int
+
+
+def hours_of(slurm_time: str) -> float | None:
+    """A Slurm time (``90`` minutes, ``MM:SS``, ``HH:MM:SS``, ``D-HH[:MM[:SS]]``) in hours; None for
+    no limit (``infinite``, ``UNLIMITED``) or what is not a time."""
+    text = slurm_time.strip()
+    if text.lower() in ("infinite", "unlimited", ""):
+        return None
+    try:
+        days = 0
+        if "-" in text:
+            day, _, text = text.partition("-")
+            days = int(day)
+            hours, minutes, seconds = ([int(x) for x in text.split(":")] + [0, 0])[:3]
+        else:
+            parts = [int(x) for x in text.split(":")]
+            hours, minutes, seconds = {1: (0, *parts, 0), 2: (0, *parts)}.get(len(parts), tuple(parts[:3]))
+    except ValueError:
+        return None
+    return days * 24 + hours + minutes / 60 + seconds / 3600
+
+
+def gpu_count(gres: str) -> int:
+    """GPUs per node in sinfo's %G (``gpu:a100:4(S:0-1),nvme:1``) or a profile's ``slurm.gpus`` (``a100:2``)."""
+    total = 0
+    for item in gres.split(","):
+        parts = re.sub(r"\(.*?\)", "", item).split(":")
+        if parts[0] == "gpu" and parts[-1].isdigit():
+            total = max(total, int(parts[-1]))
+    return total
+
+
+def parse_sinfo(stdout: str) -> dict[str, PartitionLimits]:
+    """``sinfo -h -o '%R|%l|%c|%m|%G'``: one line per partition and node configuration; the
+    largest node of each partition counts."""
+    found: dict[str, PartitionLimits] = {}
+    for line in stdout.splitlines():
+        fields = [f.strip() for f in line.split("|")]
+        if len(fields) != 5:
+            continue
+        name, limit, cpus, memory, gres = fields
+        hours = hours_of(limit)
+        this = PartitionLimits(
+            max_hours=None if hours is None else max(1, math.floor(hours)),
+            max_cores=int(cpus.rstrip("+")) if cpus.rstrip("+").isdigit() else None,
+            max_memory_gb=int(memory.rstrip("+")) // 1024 if memory.rstrip("+").isdigit() else None,
+            max_gpus=gpu_count(gres),
+        )
+        before = found.get(name)
+        if before is not None:
+            this = PartitionLimits(
+                this.max_hours,
+                max(filter(None, (before.max_cores, this.max_cores)), default=None),
+                max(filter(None, (before.max_memory_gb, this.max_memory_gb)), default=None),
+                max(before.max_gpus, this.max_gpus))
+        found[name] = this
+    return found
+
+
+def partition_limits() -> dict[str, PartitionLimits]:
+    """The cluster's partitions as sinfo sees them now; empty when Slurm cannot be asked (the
+    form's checks then leave partitions alone)."""
+    try:
+        proc = subprocess.run(["sinfo", "-h", "-o", "%R|%l|%c|%m|%G"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    return parse_sinfo(proc.stdout) if proc.returncode == 0 else {}
+
+
+def cluster_name() -> str | None:
+    """Slurm's ClusterName (what OnDemand's cluster file is usually named after)."""
+    try:
+        proc = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = re.search(r"^ClusterName\s*=\s*(\S+)", proc.stdout, re.M)
+    return match.group(1) if match else None
+
+
+def memory_gb(slurm_mem: str) -> int:
+    match = _MEMORY.match(slurm_mem)
+    if not match:
+        return 1
+    factor = {"K": 1 / 1024 ** 2, "": 1 / 1024, "M": 1 / 1024, "G": 1, "T": 1024}[match.group(2)]
+    return max(1, math.ceil(int(match.group(1)) * factor))
+
+
+def profile_choice(profile: Profile) -> dict[str, Any]:
+    """What the form and the checks need of one profile."""
+    slurm = profile.settings["slurm"]
+    gpus = str(slurm.get("gpus") or "")
+    gpu_type = gpus.rsplit(":", 1)[0] if ":" in gpus else None
+    runtime = profile.get("runtime", "kind")
+    return {
+        "name": profile.name,
+        "label": f"{profile.name}: {profile.description}" if profile.description else profile.name,
+        "runtime": runtime,
+        "apptainer": runtime == "apptainer",
+        "image": profile.get("runtime", "image") or "",
+        "partition": slurm.get("partition") or "",
+        "hours": max(1, math.ceil(hours_of(str(slurm["time"])) or 1)),
+        "cores": int(slurm["cpus"]),
+        "memory_gb": memory_gb(str(slurm["mem"])),
+        "gpus": gpu_count(f"gpu:{gpus}") if gpus else 0,
+        "gpu_type": gpu_type,
+        "gres": list(slurm.get("gres") or []),
+        "account": slurm.get("account"),
+        "qos": slurm.get("qos"),
+        "constraint": slurm.get("constraint"),
+        "reservation": slurm.get("reservation"),
+        "extra_options": list(slurm.get("extra_options") or []),
+        "modules": list(slurm.get("modules") or []),
+        "environment": sorted((slurm.get("environment") or {}).items()),
+    }
+
+
+def ruby(value: Any) -> str:
+    """``value`` as a Ruby literal: single-quoted strings (no interpolation), nil, hashes, arrays."""
+    if value is None:
+        return "nil"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{ruby(str(k))} => {ruby(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(ruby(v) for v in value) + "]"
+    raise TypeError(f"no Ruby literal for {value!r}")
+
+
+_CHECKED = ("runtime", "gpu_type", "gres", "account", "qos", "constraint", "reservation", "extra_options")
+
+
+def app_files(profiles: Sequence[Profile], default: str, *, cluster: str, limits: dict[str, PartitionLimits],
+              hpc_kernel: str, python: str, title: str = "JupyterLab (sandboxed kernels)",
+              template_dir: Path | None = None) -> dict[str, str]:
+    """The app's files (relative path -> text) for these profiles; ``default`` is preselected."""
+    if not profiles:
+        raise HpcKernelsError("no profiles to offer")
+    choices = [profile_choice(p) for p in profiles]
+    by_name = {c["name"]: c for c in choices}
+    if default not in by_name:
+        raise HpcKernelsError(f"--default {default}: not among the profiles offered ({', '.join(by_name)})")
+    env = template_environment(template_dir)
+    env.filters["ruby"] = ruby
+    context = {
+        "version": __version__,
+        "title": title,
+        "cluster": cluster,
+        "profiles": choices,
+        "default": by_name[default],
+        "runtimes": " or ".join(sorted({"bubblewrap" if c["runtime"] == "bwrap" else c["runtime"] for c in choices})),
+        "profiles_ruby": ruby({c["name"]: {k: c[k] for k in _CHECKED} for c in choices}),
+        "partitions_ruby": ruby({name: asdict(limit) for name, limit in sorted(limits.items())}),
+        "hpc_kernel": hpc_kernel,
+        "python": python,
+        "kernelspec_name": KERNELSPEC_NAME,
+        "start_timeout": START_TIMEOUT_SECONDS,
+    }
+    return {path: env.get_template(f"ood/{path}.j2").render(**context) for path in APP_FILES}
+
+
+def install(dest: Path, files: dict[str, str]) -> None:
+    """Write the app into ``dest`` as a whole: built beside it, then renamed into place (an
+    earlier install of the app there is replaced; any other non-empty directory is refused)."""
+    dest = dest.absolute()
+    if dest.exists() and any(dest.iterdir()) and not (dest / "manifest.yml").exists():
+        raise HpcKernelsError(f"{dest} exists and is not an OnDemand app directory; choose another")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        for path, text in files.items():
+            target = build / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text)
+            os.chmod(target, 0o644)
+        os.chmod(build, 0o755)
+        os.chmod(build / "template", 0o755)
+        if dest.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old.", dir=dest.parent))
+            os.rename(dest, old / "app")
+            os.rename(build, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(build, dest)
+    except BaseException:
+        shutil.rmtree(build, ignore_errors=True)
+        raise
+
+
+def default_python(profiles: Sequence[Profile]) -> str:
+    """The Python that runs JupyterLab in the job: the profiles' ``paths.python`` (they must agree)."""
+    found = {node_python(p) for p in profiles}
+    if len(found) > 1:
+        raise HpcKernelsError(f"the profiles name different paths.python ({', '.join(sorted(found))}); "
+                              "install one app per Python with --profile")
+    return found.pop()
+
+
+# ---------------------------------------------------------------------------------------------
+# In the job: JupyterLab's configuration
+
+
+def jupyter_config(*, host: str, port: int, root: str, hashed_password: str, kernelspec: str) -> str:
+    """JupyterLab's configuration for one session: TCP on every interface (OnDemand's proxy
+    reaches it at host:port) under /node/<host>/<port>/, the password's hash only, no terminals,
+    and only the sandboxed kernelspec."""
+    settings = [
+        ("ServerApp.ip", "0.0.0.0"),
+        ("ServerApp.port", port),
+        ("ServerApp.port_retries", 0),
+        ("ServerApp.base_url", f"/node/{host}/{port}/"),
+        ("ServerApp.open_browser", False),
+        ("ServerApp.root_dir", root),
+        ("ServerApp.terminals_enabled", False),
+        ("IdentityProvider.token", ""),
+        ("PasswordIdentityProvider.hashed_password", hashed_password),
+        # OnDemand's session card posts the password from the dashboard's page, which cannot
+        # carry JupyterLab's _xsrf cookie: only the login form skips that check.
+        ("IdentityProvider.login_handler_class", "hpc_kernels.ood_login.LoginHandler"),
+        ("KernelSpecManager.ensure_native_kernel", False),
+        ("KernelSpecManager.allowed_kernelspecs", {kernelspec}),
+        ("MappingKernelManager.default_kernel_name", kernelspec),
+    ]
+    lines = [f"# JupyterLab for one Open OnDemand session (hpc-kernels {__version__})"]
+    lines += [f"c.{key} = {value!r}" for key, value in settings]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m hpc_kernels.ood")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("config", help="print JupyterLab's configuration; the password comes on stdin")
+    p.add_argument("--host", required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--root", required=True)
+    p.add_argument("--kernelspec", default=KERNELSPEC_NAME)
+    args = parser.parse_args(argv)
+    password = sys.stdin.read()
+    if not password:
+        print("no password on stdin", file=sys.stderr)
+        return 2
+    from jupyter_server.auth import passwd
+
+    sys.stdout.write(jupyter_config(host=args.host, port=args.port, root=args.root,
+                                    hashed_password=passwd(password), kernelspec=args.kernelspec))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""The Open OnDemand app's files, rendered as OnDemand renders them: the YAML parsed, the ERB
+run by real Ruby (Debian's ruby) with the context OnDemand gives it, for several form choices.
+No cluster: the partitions' limits are given here as sinfo reports the test cluster's."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hpc_kernels.errors import HpcKernelsError
+from hpc_kernels.ood import APP_FILES, app_files, install, jupyter_config, parse_sinfo, ruby
+from hpc_kernels.profiles import load_profile
+from ood_app import ErbError, render_erb, submit_options
+
+SINFO = ("debug|infinite|16|96000|(null)\nshort|1:00:00|16|96000|(null)\n"
+         "interactive|7-00:00:00|16|96000|(null)\ngpu|1-00:00:00|16|96000|gpu:standin:1\n")
+PROFILES = ["local", "local-apptainer", "local-gpu"]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    assert shutil.which("ruby"), "ruby is not installed: run `make setup`"
+    dest = tmp_path_factory.mktemp("ood") / "hpc_jupyter"
+    files = app_files([load_profile(p) for p in PROFILES], "local", cluster="hk", limits=parse_sinfo(SINFO),
+                      hpc_kernel="/opt/hpc-kernels/venv/bin/hpc-kernel", python="/opt/hpc-kernels/venv/bin/python")
+    install(dest, files)
+    return dest
+
+
+def form(**changes: str) -> dict[str, str]:
+    values = {"profile": "local", "partition": "debug", "hours": "2", "cores": "4", "memory_gb": "8", "gpus": "0",
+              "image": "", "working_dir": ""}
+    values.update(changes)
+    return values
+
+
+def test_the_app_has_the_files_and_fields_ondemand_requires(app: Path) -> None:
+    assert sorted(str(p.relative_to(app)) for p in app.rglob("*") if p.is_file()) == sorted(APP_FILES)
+    manifest = yaml.safe_load((app / "manifest.yml").read_text())
+    assert manifest["role"] == "batch_connect" and manifest["name"] and manifest["category"] == "Interactive Apps"
+    spec = yaml.safe_load((app / "form.yml").read_text())
+    assert spec["cluster"] == "hk"
+    assert set(spec["form"]) == set(spec["attributes"])
+    options = spec["attributes"]["profile"]["options"]
+    assert [o[1] for o in options] == PROFILES and spec["attributes"]["profile"]["value"] == "local"
+    gpu = dict(kv for item in options[2][2:] for kv in item.items())
+    assert gpu["data-set-partition"] == "gpu" and gpu["data-set-gpus"] == 1
+    assert {"data-hide-image": True} in options[0] and {"data-hide-image": True} not in options[1]
+    assert spec["attributes"]["hours"]["min"] == 1
+
+
+def test_submit_options_follow_the_form(app: Path) -> None:
+    native = submit_options(app, form())["script"]["native"]
+    assert native == ["--partition=debug", "--time=2:00:00", "--nodes=1", "--ntasks=1", "--cpus-per-task=4",
+                      "--mem=8G"]
+    native = submit_options(app, form(profile="local-gpu", partition="gpu", gpus="1",
+                                      image="/opt/hpc-kernels/images/kernel.sif"))["script"]["native"]
+    assert "--gres=gpu:1" in native and "--partition=gpu" in native
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"hours": "0"}, "hours: \"0\" is not a whole number of 1 or more"),
+    ({"hours": "2.5"}, "hours: \"2.5\" is not a whole number"),
+    ({"profile": "nosuch"}, "profile \"nosuch\" is not one of this site's (local, local-apptainer, local-gpu)"),
+    ({"partition": "gpu", "gpus": "2"}, "GPUs: 2 is more than a node of partition gpu has (1)"),
+    ({"gpus": "1"}, "GPUs: 1 is more than a node of partition debug has (0)"),
+    ({"partition": "short", "hours": "3"}, "hours: 3 is more than partition short allows (1)"),
+    ({"cores": "32"}, "CPU cores: 32 is more than a node of partition debug has (16)"),
+    ({"partition": "nosuch"}, "partition nosuch is not one of this cluster's"),
+    ({"partition": "debug; rm -rf ~"}, "is not a partition name"),
+    ({"image": "/x.sif"}, "profile local runs kernels in bwrap, not in an image"),
+    ({"profile": "local-apptainer", "image": "relative.sif"}, "is not an absolute path"),
+    ({"working_dir": "$(reboot)"}, "notebook directory"),
+])
+def test_bad_form_input_stops_the_submission_with_a_message(app: Path, changes: dict[str, str], message: str) -> None:
+    with pytest.raises(ErbError) as caught:
+        submit_options(app, form(**changes))
+    assert message in str(caught.value) and "hpc-kernels:" in str(caught.value)
+
+
+def test_job_scripts_are_valid_bash_and_quote_what_the_user_typed(app: Path, tmp_path: Path) -> None:
+    weird = "/home/u/my notebooks/it's"
+    for name in ("before.sh", "script.sh", "after.sh"):
+        text = render_erb(app / "template" / f"{name}.erb",
+                          form(profile="local-apptainer", image="/img/k.sif", working_dir=weird))
+        path = tmp_path / name
+        path.write_text(text)
+        assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0, text
+    script = (tmp_path / "script.sh").read_text()
+    assert "--profile local-apptainer --mode node" in script and "--image /img/k.sif" in script
+    assert "exec /opt/hpc-kernels/venv/bin/python -m jupyterlab" in script
+    before = (tmp_path / "before.sh").read_text()
+    assert "notebook_root=/home/u/my\\ notebooks/it\\'s" in before
+    assert "password" not in before.split("| ", 1)[1].split("\n")[0]  # stdin only: not on the command line
+
+
+def test_the_view_posts_the_password_to_jupyterlab_through_the_proxy(app: Path) -> None:
+    html = render_erb(app / "view.html.erb", {}, {"host": "c1", "port": 4242, "password": "s3cret"})
+    assert 'action="/node/c1/4242/login?next=%2Fnode%2Fc1%2F4242%2Flab"' in html
+    assert 'name="password" value="s3cret"' in html and 'method="post"' in html
+    assert "Job 77" in render_erb(app / "info.md.erb", {}, {"job_id": "77"})
+
+
+def test_jupyter_config_allows_only_the_sandboxed_kernel() -> None:
+    from traitlets.config import Config
+
+    c = Config()
+    exec(jupyter_config(host="c1", port=4242, root="/home/u/it's", hashed_password="argon2:x", kernelspec="hpc-sandbox"),
+         {"c": c})
+    config = {f"{s}.{k}": v for s, values in c.items() for k, v in values.items()}
+    assert config["ServerApp.base_url"] == "/node/c1/4242/" and config["ServerApp.root_dir"] == "/home/u/it's"
+    assert config["KernelSpecManager.allowed_kernelspecs"] == {"hpc-sandbox"}
+    assert config["KernelSpecManager.ensure_native_kernel"] is False
+    assert config["ServerApp.terminals_enabled"] is False and config["IdentityProvider.token"] == ""
+    assert config["PasswordIdentityProvider.hashed_password"] == "argon2:x"
+
+
+def test_ruby_literals_do_not_interpolate() -> None:
+    assert ruby({"a": ["x#{1}", None, 3, True]}) == "{ 'a' => ['x#{1}', nil, 3, true] }"
+    assert ruby("it's \\") == "'it\\'s \\\\'"
+
+
+def test_install_replaces_an_app_and_refuses_another_directory(app: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "precious.txt").write_text("keep")
+    with pytest.raises(HpcKernelsError, match="is not an OnDemand app directory"):
+        install(other, {"manifest.yml": "x"})
+    assert (other / "precious.txt").read_text() == "keep"
+    install(app, {path: (app / path).read_text() for path in APP_FILES})
+    assert not [p for p in app.parent.iterdir() if p.name.startswith(".")]
