@@ -9,7 +9,12 @@ from typing import Any
 
 from .cli import _progress
 from .errors import HpcKernelsError
-from .profiles import SYSTEM_PROFILE_DIR, available_profiles, default_profile_name, load_profile
+from .profiles import (
+    SYSTEM_PROFILE_DIR,
+    available_profiles,
+    default_profile_name,
+    load_profile,
+)
 from .resources import data_dir
 
 

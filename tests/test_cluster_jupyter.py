@@ -15,13 +15,13 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import nbformat
 import pytest
+from conftest import hk, run
 from jupyter_client import KernelManager
 from nbclient import NotebookClient
-
-from conftest import hk, run
 from test_cluster_lifecycle import STATE_ROOT, squeue_ids
 
 
@@ -371,6 +371,21 @@ CHROMIUM_ARGS = ["--disable-gpu", "--disable-quic", "--no-first-run", "--disable
                  "--disable-component-update", "--disable-sync"]
 
 
+def run_all_cells_in_lab(page: Any, until: str) -> str:
+    """In JupyterLab (started with expose_app_in_browser) showing a notebook: wait until the
+    kernel that opening the notebook started is idle, run every cell with Lab's own run-all
+    command (as the toolbar does), wait for ``until`` on the page; the outputs' text."""
+    page.wait_for_function("window.jupyterapp && document.querySelector('.jp-Notebook')", timeout=90_000)
+    page.wait_for_function("""() => {
+        const w = window.jupyterapp.shell.currentWidget;
+        return w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel
+            && w.sessionContext.session.kernel.status === 'idle';
+    }""", timeout=120_000)
+    page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    page.wait_for_selector(f"text={until}", timeout=120_000)
+    return "\n".join(page.locator(".jp-OutputArea-output").all_inner_texts())
+
+
 def test_jupyterlab_in_a_browser_runs_cells_on_the_compute_node(kernelspec: str, workspace: Path,
                                                                  tmp_path: Path) -> None:
     """Headless Chromium (Debian's) opens JupyterLab on a notebook that names our kernelspec:
@@ -392,19 +407,8 @@ def test_jupyterlab_in_a_browser_runs_cells_on_the_compute_node(kernelspec: str,
             browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
             page = browser.new_page()
             page.goto(f"{base}/lab/tree/browser.ipynb?token={token}")
-            page.wait_for_function("window.jupyterapp && document.querySelector('.jp-Notebook')", timeout=90_000)
-            # The kernel is started by opening the notebook; wait until Lab reports it idle.
-            page.wait_for_selector(".jp-Notebook", timeout=60_000)
-            page.wait_for_function("""() => {
-                const w = window.jupyterapp.shell.currentWidget;
-                return w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel
-                    && w.sessionContext.session.kernel.status === 'idle';
-            }""", timeout=120_000)
-            page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
-            page.wait_for_selector("text=Network is unreachable", timeout=120_000)
-            outputs = page.locator(".jp-OutputArea-output").all_inner_texts()
+            text = run_all_cells_in_lab(page, until="Network is unreachable")
             browser.close()
-    text = "\n".join(outputs)
     assert "host: c1" in text or "host: c2" in text, text
     assert "network: [Errno 101] Network is unreachable" in text, text
     assert squeue_ids() <= before, "closing JupyterLab shut the kernel down and ended its job"

@@ -10,11 +10,18 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ood_app import ErbError, render_erb, submit_options
 
 from hpc_kernels.errors import HpcKernelsError
-from hpc_kernels.ood import APP_FILES, app_files, install, jupyter_config, parse_sinfo, ruby
+from hpc_kernels.ood import (
+    APP_FILES,
+    app_files,
+    install,
+    jupyter_config,
+    parse_sinfo,
+    ruby,
+)
 from hpc_kernels.profiles import load_profile
-from ood_app import ErbError, render_erb, submit_options
 
 SINFO = ("debug|infinite|16|96000|(null)\nshort|1:00:00|16|96000|(null)\n"
          "interactive|7-00:00:00|16|96000|(null)\ngpu|1-00:00:00|16|96000|gpu:standin:1\n")

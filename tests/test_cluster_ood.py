@@ -1,0 +1,147 @@
+"""The Open OnDemand app on the real cluster, run as OnDemand would run it.
+
+`hpc-kernel ood install` writes the app (with the cluster's real partitions from sinfo). Real Ruby
+renders its ERB with a user's form choices; the job script is OnDemand's basic batch connect
+script with OnDemand's own helper functions stood in for (tests/ood_app.py); sbatch submits it
+with the options submit.yml.erb gave. JupyterLab comes up on c1, and headless Chromium logs in
+through the session card's form (view.html.erb) with the generated password, opens a notebook
+with the sandboxed kernel and runs it. OnDemand's reverse proxy is the one part left out: the
+browser reaches c1:port directly, under the /node/c1/port/ prefix the proxy would keep.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+from conftest import hk, make_workspace, run
+from ood_app import ErbError, render_erb, stage_session, submit_options
+from test_cluster_jupyter import CHROMIUM_ARGS, run_all_cells_in_lab
+
+KERNELSPEC = "hpc-sandbox"
+
+
+@pytest.fixture(scope="module")
+def app(cluster: None) -> Iterator[Path]:
+    dest = Path.home() / "ondemand" / "dev" / f"hk-{uuid.uuid4().hex[:6]}"
+    hk("ood", "install", str(dest), "--profile", "local", "--profile", "local-apptainer", "--profile", "local-gpu")
+    yield dest
+    shutil.rmtree(dest, ignore_errors=True)
+
+
+def form(**changes: str) -> dict[str, str]:
+    values = {"profile": "local", "partition": "short", "hours": "1", "cores": "2", "memory_gb": "2", "gpus": "0",
+              "image": "", "working_dir": ""}
+    values.update(changes)
+    return values
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"hours": "0"}, "hours: \"0\" is not a whole number of 1 or more"),
+    ({"profile": "nosuch"}, "profile \"nosuch\" is not one of this site's"),
+    ({"profile": "local-gpu", "partition": "gpu", "gpus": "2"}, "GPUs: 2 is more than a node of partition gpu has (1)"),
+])
+def test_bad_form_input_gets_a_message_before_anything_runs(app: Path, changes: dict[str, str], message: str) -> None:
+    """The limits come from this cluster's sinfo at install time (gpu has one GPU per node)."""
+    before = run(["squeue", "--me", "--noheader", "-o", "%i"]).stdout
+    with pytest.raises(ErbError, match="hpc-kernels: .*" + message.replace("(", r"\(").replace(")", r"\)")):
+        submit_options(app, form(**changes))
+    assert run(["squeue", "--me", "--noheader", "-o", "%i"]).stdout == before
+
+
+def test_the_form_offers_the_sites_profiles_with_the_clusters_name(app: Path) -> None:
+    spec = yaml.safe_load((app / "form.yml").read_text())
+    assert spec["cluster"] == run(["scontrol", "show", "config"]).stdout.split("ClusterName")[1].split()[1]
+    assert [o[1] for o in spec["attributes"]["profile"]["options"]] == ["local", "local-apptainer", "local-gpu"]
+
+
+NOTEBOOK_CELLS = [
+    "import socket\nprint('host:', socket.gethostname())",
+    "try:\n    socket.create_connection(('10.77.7.1', 22), timeout=3)\nexcept OSError as e:\n    print('network:', e)",
+]
+
+
+def wait_for(path: Path, job_id: str, log: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        state = run(["squeue", "-h", "-j", job_id, "-o", "%T"], check=False).stdout.strip()
+        assert state in ("PENDING", "CONFIGURING", "RUNNING"), f"job {job_id} is {state or 'gone'}:\n" + (
+            log.read_text() if log.exists() else "(no log)")
+        assert time.monotonic() < deadline, f"no {path.name} within {timeout} s:\n{log.read_text()}"
+        time.sleep(0.5)
+
+
+def post(url: str, data: bytes) -> int:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data, method="POST"), timeout=30) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+
+
+def test_a_session_runs_jupyterlab_on_c1_with_sandboxed_kernels(app: Path, tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    ws = make_workspace()
+    session = ws / "session"
+    lab_config = ws / "lab-config"  # for the test only: lets it drive JupyterLab's own commands
+    lab_config.mkdir()
+    (lab_config / "jupyter_lab_config.py").write_text("c.LabApp.expose_app_in_browser = True\n")
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": KERNELSPEC, "display_name": KERNELSPEC, "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell(source) for source in NOTEBOOK_CELLS]
+    nbformat.write(nb, ws / "ood.ipynb")
+    job_id = ""
+    try:
+        sbatch = stage_session(app, form(working_dir=str(ws)), session)
+        job_id = run(["sbatch", "--parsable", f"--export=ALL,JUPYTER_CONFIG_PATH={lab_config}", *sbatch]).stdout.strip()
+        wait_for(session / "connection.yml", job_id, session / "output.log")
+        connection = yaml.safe_load((session / "connection.yml").read_text())
+        host, port, password = connection["host"], connection["port"], str(connection["password"])
+        assert host == "c1" and len(password) == 24
+        assert oct((session / "connection.yml").stat().st_mode & 0o777) == "0o600"
+        assert password not in (session / "output.log").read_text()
+        assert password not in (session / "jupyter_server_config.py").read_text()  # only its hash
+        origin = f"http://{host}:{port}"
+        base = f"{origin}/node/{host}/{port}"
+        assert post(f"{base}/login", b"password=wrong") == 401
+        assert post(f"{base}/api/contents/x.txt", b"{}") == 403  # every other POST keeps its XSRF check
+
+        view = render_erb(app / "view.html.erb", {}, {"host": host, "port": port, "password": password})
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+            page = browser.new_page()
+            page.set_content(f'<base href="{origin}/">{view}')  # as on OnDemand's session card
+            with page.expect_popup() as opened:
+                page.click("button[type=submit]")
+            lab = opened.value
+            lab.wait_for_url(f"{base}/lab*", timeout=60_000)
+            specs = lab.evaluate(f"fetch('{base}/api/kernelspecs').then(r => r.json())")
+            lab.goto(f"{base}/lab/tree/ood.ipynb")
+            text = run_all_cells_in_lab(lab, until="Network is unreachable")
+            browser.close()
+        assert "host: c1" in text, text
+        assert "network: [Errno 101] Network is unreachable" in text, text
+        assert sorted(specs["kernelspecs"]) == [KERNELSPEC], specs  # no unsandboxed kernel on offer
+        kernels = json.loads(subprocess.run(["srun", f"--jobid={job_id}", "--overlap", "hpc-kernel", "list", "--json"],
+                                            capture_output=True, text=True, timeout=60).stdout)
+        assert [k["mode"] for k in kernels] == ["on the frontend's node"]
+    finally:
+        if job_id:
+            run(["scancel", job_id], check=False)
+            deadline = time.monotonic() + 60
+            while run(["squeue", "-h", "-j", job_id], check=False).stdout.strip() and time.monotonic() < deadline:
+                time.sleep(0.5)
+        shutil.rmtree(ws, ignore_errors=True)
+    left = json.loads(hk("list", "--json").stdout)
+    assert left == [], f"the session's kernel outlived its job: {left}"
