@@ -337,6 +337,9 @@ def cmd_kernelspec_remove(args: argparse.Namespace) -> int:
 
 def cmd_shutdown(args: argparse.Namespace) -> int:
     names = [r.name for r in list_records()] if args.all else args.names
+    if args.all and not names:
+        print("no kernels", file=sys.stderr)
+        return 0
     if not names:
         raise HpcKernelsError("name a kernel to shut down, or give --all")
     for name in names:

@@ -24,7 +24,10 @@ def _site_profiles() -> list[str]:
     return [name for name, path in sorted(available_profiles().items()) if path.resolve().parent != shipped]
 
 
-def _hpc_kernel() -> str:
+def _hpc_kernel(python: str | None) -> str:
+    """The nodes' hpc-kernel: beside --python, else beside the Python running this."""
+    if python:
+        return str(Path(python).parent / "hpc-kernel")
     beside = Path(sys.executable).parent / "hpc-kernel"
     return str(beside) if beside.exists() else str(Path(sys.argv[0]).resolve())
 
@@ -41,11 +44,16 @@ def cmd_install(args: argparse.Namespace) -> int:
     cluster = args.cluster or cluster_name()
     if not cluster:
         raise HpcKernelsError("Slurm did not say its ClusterName: give --cluster (the name of OnDemand's cluster file)")
-    limits = partition_limits()
+    limits, default_partition = partition_limits()
     if not limits:
         _progress("sinfo did not answer: the form will not check partitions, hours, cores, memory or GPUs")
-    files = app_files(profiles, default, cluster=cluster, limits=limits, hpc_kernel=_hpc_kernel(),
-                      python=args.python or default_python(profiles), title=args.title)
+    if not args.portal_url:
+        _progress("no --portal-url: JupyterLab will accept requests from any origin (its XSRF check still holds); "
+                  "give the portal's URL to accept only OnDemand's")
+    files = app_files(profiles, default, cluster=cluster, limits=limits, default_partition=default_partition,
+                      hpc_kernel=args.hpc_kernel or _hpc_kernel(args.python),
+                      python=args.python or default_python(profiles), portal_url=_origin(args.portal_url),
+                      title=args.title)
     if args.print:
         for path, text in files.items():
             print(f"==> {path} <==\n{text}")
@@ -57,6 +65,18 @@ def cmd_install(args: argparse.Namespace) -> int:
     _progress(f"installed the OnDemand app in {Path(args.dest).absolute()} for cluster {cluster}, profiles "
               f"{', '.join(names)} (default {default})")
     return 0
+
+
+def _origin(url: str | None) -> str:
+    """``https://ondemand.example.org/pun/sys/dashboard`` -> ``https://ondemand.example.org``."""
+    if not url:
+        return "*"
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise HpcKernelsError(f"--portal-url {url!r}: expected the portal's URL, e.g. https://ondemand.example.org")
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def add_ood_parser(sub: Any) -> None:
@@ -71,5 +91,8 @@ def add_ood_parser(sub: Any) -> None:
     q.add_argument("--title", default="JupyterLab (sandboxed kernels)", help="the app's name in OnDemand")
     q.add_argument("--python", help="the Python with JupyterLab and hpc-kernels on the nodes "
                    "(default: the profiles' paths.python)")
+    q.add_argument("--hpc-kernel", help="the hpc-kernel command on the nodes (default: beside --python)")
+    q.add_argument("--portal-url", help="the OnDemand portal's URL: JupyterLab accepts requests from its origin "
+                   "only (default: any origin)")
     q.add_argument("--print", action="store_true", help="print the files instead of writing them")
     q.set_defaults(func=cmd_install)

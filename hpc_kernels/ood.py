@@ -79,15 +79,18 @@ def gpu_count(gres: str) -> int:
     return total
 
 
-def parse_sinfo(stdout: str) -> dict[str, PartitionLimits]:
-    """``sinfo -h -o '%R|%l|%c|%m|%G'``: one line per partition and node configuration; the
-    largest node of each partition counts."""
+def parse_sinfo(stdout: str) -> tuple[dict[str, PartitionLimits], str | None]:
+    """``sinfo -h -o '%P|%l|%c|%m|%G'``: one line per partition and node configuration; the
+    largest node of each partition counts. Also the default partition (``debug*``), if any."""
     found: dict[str, PartitionLimits] = {}
+    default = None
     for line in stdout.splitlines():
         fields = [f.strip() for f in line.split("|")]
         if len(fields) != 5:
             continue
         name, limit, cpus, memory, gres = fields
+        if name.endswith("*"):
+            name = default = name.rstrip("*")
         hours = hours_of(limit)
         this = PartitionLimits(
             max_hours=None if hours is None else max(1, math.floor(hours)),
@@ -103,17 +106,17 @@ def parse_sinfo(stdout: str) -> dict[str, PartitionLimits]:
                 max(filter(None, (before.max_memory_gb, this.max_memory_gb)), default=None),
                 max(before.max_gpus, this.max_gpus))
         found[name] = this
-    return found
+    return found, default
 
 
-def partition_limits() -> dict[str, PartitionLimits]:
-    """The cluster's partitions as sinfo sees them now; empty when Slurm cannot be asked (the
-    form's checks then leave partitions alone)."""
+def partition_limits() -> tuple[dict[str, PartitionLimits], str | None]:
+    """The cluster's partitions as sinfo sees them now, and the default one; nothing when Slurm
+    cannot be asked (the form's checks then leave partitions alone)."""
     try:
-        proc = subprocess.run(["sinfo", "-h", "-o", "%R|%l|%c|%m|%G"], capture_output=True, text=True, timeout=30)
+        proc = subprocess.run(["sinfo", "-h", "-o", "%P|%l|%c|%m|%G"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
-        return {}
-    return parse_sinfo(proc.stdout) if proc.returncode == 0 else {}
+        return {}, None
+    return parse_sinfo(proc.stdout) if proc.returncode == 0 else ({}, None)
 
 
 def cluster_name() -> str | None:
@@ -127,11 +130,12 @@ def cluster_name() -> str | None:
 
 
 def memory_gb(slurm_mem: str) -> int:
+    """A Slurm memory size in whole GB, rounded down (at least 1)."""
     match = _MEMORY.match(slurm_mem)
     if not match:
         return 1
     factor = {"K": 1 / 1024 ** 2, "": 1 / 1024, "M": 1 / 1024, "G": 1, "T": 1024}[match.group(2)]
-    return max(1, math.ceil(int(match.group(1)) * factor))
+    return max(1, math.floor(int(match.group(1)) * factor))  # as a node's memory is rounded: never more
 
 
 def profile_choice(profile: Profile) -> dict[str, Any]:
@@ -183,10 +187,16 @@ def ruby(value: Any) -> str:
 _CHECKED = ("runtime", "gpu_type", "gres", "account", "qos", "constraint", "reservation", "extra_options")
 
 
+def erb_text(text: str) -> str:
+    """Text that ERB leaves as it is (``<%`` would start Ruby code)."""
+    return text.replace("<%", "<%%")
+
+
 def app_files(profiles: Sequence[Profile], default: str, *, cluster: str, limits: dict[str, PartitionLimits],
-              hpc_kernel: str, python: str, title: str = "JupyterLab (sandboxed kernels)",
-              template_dir: Path | None = None) -> dict[str, str]:
-    """The app's files (relative path -> text) for these profiles; ``default`` is preselected."""
+              hpc_kernel: str, python: str, default_partition: str | None = None, portal_url: str = "*",
+              title: str = "JupyterLab (sandboxed kernels)", template_dir: Path | None = None) -> dict[str, str]:
+    """The app's files (relative path -> text) for these profiles; ``default`` is preselected.
+    ``portal_url``: the OnDemand portal's origin, the one JupyterLab accepts requests from."""
     if not profiles:
         raise HpcKernelsError("no profiles to offer")
     choices = [profile_choice(p) for p in profiles]
@@ -195,6 +205,7 @@ def app_files(profiles: Sequence[Profile], default: str, *, cluster: str, limits
         raise HpcKernelsError(f"--default {default}: not among the profiles offered ({', '.join(by_name)})")
     env = template_environment(template_dir)
     env.filters["ruby"] = ruby
+    env.filters["erb_text"] = erb_text
     context = {
         "version": __version__,
         "title": title,
@@ -204,6 +215,8 @@ def app_files(profiles: Sequence[Profile], default: str, *, cluster: str, limits
         "runtimes": " or ".join(sorted({"bubblewrap" if c["runtime"] == "bwrap" else c["runtime"] for c in choices})),
         "profiles_ruby": ruby({c["name"]: {k: c[k] for k in _CHECKED} for c in choices}),
         "partitions_ruby": ruby({name: asdict(limit) for name, limit in sorted(limits.items())}),
+        "default_partition_ruby": ruby(default_partition),
+        "portal_url": portal_url,
         "hpc_kernel": hpc_kernel,
         "python": python,
         "kernelspec_name": KERNELSPEC_NAME,
@@ -212,32 +225,41 @@ def app_files(profiles: Sequence[Profile], default: str, *, cluster: str, limits
     return {path: env.get_template(f"ood/{path}.j2").render(**context) for path in APP_FILES}
 
 
+MARKER = ".hpc-kernels-app"  # in every app `ood install` wrote: the only kind it replaces
+EXECUTABLE = {"template/script.sh.erb"}  # OnDemand runs the rendered script.sh as it is (mode kept)
+
+
 def install(dest: Path, files: dict[str, str]) -> None:
-    """Write the app into ``dest`` as a whole: built beside it, then renamed into place (an
-    earlier install of the app there is replaced; any other non-empty directory is refused)."""
+    """Write the app into ``dest`` as a whole: built beside it, then renamed into place. An app
+    this command wrote there before is replaced (and put back if that fails); any other
+    non-empty directory is refused."""
     dest = dest.absolute()
-    if dest.exists() and any(dest.iterdir()) and not (dest / "manifest.yml").exists():
-        raise HpcKernelsError(f"{dest} exists and is not an OnDemand app directory; choose another")
+    if dest.exists() and any(dest.iterdir()) and not (dest / MARKER).exists():
+        raise HpcKernelsError(f"{dest} exists and was not written by `hpc-kernel ood install`; choose another "
+                              "directory (an app of its own is never replaced)")
     dest.parent.mkdir(parents=True, exist_ok=True)
     build = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    old: Path | None = None
     try:
-        for path, text in files.items():
+        for path, text in {**files, MARKER: f"hpc-kernels {__version__}\n"}.items():
             target = build / path
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(text)
-            os.chmod(target, 0o644)
-        os.chmod(build, 0o755)
-        os.chmod(build / "template", 0o755)
+            os.chmod(target, 0o755 if path in EXECUTABLE else 0o644)
+        for directory in (build, build / "template"):
+            os.chmod(directory, 0o755)
         if dest.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old.", dir=dest.parent))
             os.rename(dest, old / "app")
-            os.rename(build, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(build, dest)
+        os.rename(build, dest)
     except BaseException:
+        if old is not None and not dest.exists():
+            os.rename(old / "app", dest)  # the earlier app, back in place
         shutil.rmtree(build, ignore_errors=True)
         raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def default_python(profiles: Sequence[Profile]) -> str:
@@ -253,10 +275,11 @@ def default_python(profiles: Sequence[Profile]) -> str:
 # In the job: JupyterLab's configuration
 
 
-def jupyter_config(*, host: str, port: int, root: str, hashed_password: str, kernelspec: str) -> str:
+def jupyter_config(*, host: str, port: int, root: str, hashed_password: str, kernelspec: str,
+                   allow_origin: str = "*") -> str:
     """JupyterLab's configuration for one session: TCP on every interface (OnDemand's proxy
-    reaches it at host:port) under /node/<host>/<port>/, the password's hash only, no terminals,
-    and only the sandboxed kernelspec."""
+    reaches it at host:port) under /node/<host>/<port>/, requests from the portal's origin, the
+    password's hash only, no terminals, and only the sandboxed kernelspec."""
     settings = [
         ("ServerApp.ip", "0.0.0.0"),
         ("ServerApp.port", port),
@@ -269,7 +292,10 @@ def jupyter_config(*, host: str, port: int, root: str, hashed_password: str, ker
         ("PasswordIdentityProvider.hashed_password", hashed_password),
         # OnDemand's session card posts the password from the dashboard's page, which cannot
         # carry JupyterLab's _xsrf cookie: only the login form skips that check.
-        ("IdentityProvider.login_handler_class", "hpc_kernels.ood_login.LoginHandler"),
+        ("IdentityProvider.login_handler_class", "hpc_kernels.ood_jupyter.LoginHandler"),
+        # OnDemand's proxy passes the portal's Origin on, with the node's Host.
+        ("ServerApp.allow_origin", allow_origin),
+        ("ServerApp.kernel_spec_manager_class", "hpc_kernels.ood_jupyter.SandboxedKernelSpecManager"),
         ("KernelSpecManager.ensure_native_kernel", False),
         ("KernelSpecManager.allowed_kernelspecs", {kernelspec}),
         ("MappingKernelManager.default_kernel_name", kernelspec),
@@ -289,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--root", required=True)
     p.add_argument("--kernelspec", default=KERNELSPEC_NAME)
+    p.add_argument("--allow-origin", default="*", help="the portal's origin, e.g. https://ondemand.example.org")
     args = parser.parse_args(argv)
     password = sys.stdin.read()
     if not password:
@@ -297,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     from jupyter_server.auth import passwd
 
     sys.stdout.write(jupyter_config(host=args.host, port=args.port, root=args.root,
-                                    hashed_password=passwd(password), kernelspec=args.kernelspec))
+                                    hashed_password=passwd(password), kernelspec=args.kernelspec,
+                                    allow_origin=args.allow_origin))
     return 0
 
 

@@ -56,14 +56,15 @@ create_passwd () { tr -cd '[:alnum:]' < /dev/urandom 2>/dev/null | head -c "${1:
 
 def stage_session(app: Path, form: dict[str, str], session_dir: Path) -> list[str]:
     """What OnDemand does when the form is submitted: render template/*.erb into the session's
-    directory and write the job script (its basic template) there. Returns sbatch's arguments."""
+    directory, keeping each file's mode (it copies the template directory with rsync -a), and
+    write the job script (its basic template) there. Returns sbatch's arguments."""
     options = submit_options(app, form)
     assert options["batch_connect"]["template"] == "basic"
     session_dir.mkdir(parents=True)
     for erb in sorted((app / "template").glob("*.erb")):
         target = session_dir / erb.name.removesuffix(".erb")
         target.write_text(render_erb(erb, form))
-        target.chmod(0o755 if target.name == "script.sh" else 0o644)
+        target.chmod(erb.stat().st_mode & 0o777)
     (session_dir / "job.sh").write_text(f"""#!/bin/bash
 {HELPERS}
 clean_up () {{

@@ -11,6 +11,7 @@ browser reaches c1:port directly, under the /node/c1/port/ prefix the proxy woul
 
 from __future__ import annotations
 
+import http.cookiejar
 import json
 import shutil
 import subprocess
@@ -29,18 +30,20 @@ from ood_app import ErbError, render_erb, stage_session, submit_options
 from test_cluster_jupyter import CHROMIUM_ARGS, run_all_cells_in_lab
 
 KERNELSPEC = "hpc-sandbox"
+PORTAL = "https://ondemand.example.org"
 
 
 @pytest.fixture(scope="module")
 def app(cluster: None) -> Iterator[Path]:
     dest = Path.home() / "ondemand" / "dev" / f"hk-{uuid.uuid4().hex[:6]}"
-    hk("ood", "install", str(dest), "--profile", "local", "--profile", "local-apptainer", "--profile", "local-gpu")
+    hk("ood", "install", str(dest), "--profile", "local", "--profile", "local-apptainer", "--profile", "local-gpu",
+       "--portal-url", PORTAL)
     yield dest
     shutil.rmtree(dest, ignore_errors=True)
 
 
 def form(**changes: str) -> dict[str, str]:
-    values = {"profile": "local", "partition": "short", "hours": "1", "cores": "2", "memory_gb": "2", "gpus": "0",
+    values = {"profile": "local", "partition_name": "short", "hours": "1", "cores": "2", "memory_gb": "2", "gpus": "0",
               "image": "", "working_dir": ""}
     values.update(changes)
     return values
@@ -49,7 +52,7 @@ def form(**changes: str) -> dict[str, str]:
 @pytest.mark.parametrize(("changes", "message"), [
     ({"hours": "0"}, "hours: \"0\" is not a whole number of 1 or more"),
     ({"profile": "nosuch"}, "profile \"nosuch\" is not one of this site's"),
-    ({"profile": "local-gpu", "partition": "gpu", "gpus": "2"}, "GPUs: 2 is more than a node of partition gpu has (1)"),
+    ({"profile": "local-gpu", "partition_name": "gpu", "gpus": "2"}, "GPUs: 2 is more than a node of partition gpu has (1)"),
 ])
 def test_bad_form_input_gets_a_message_before_anything_runs(app: Path, changes: dict[str, str], message: str) -> None:
     """The limits come from this cluster's sinfo at install time (gpu has one GPU per node)."""
@@ -87,6 +90,26 @@ def post(url: str, data: bytes) -> int:
             return int(response.status)
     except urllib.error.HTTPError as e:
         return int(e.code)
+
+
+def logged_in(base: str, password: str) -> tuple[urllib.request.OpenerDirector, str]:
+    """A client logged in to the session's JupyterLab, and its XSRF token."""
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    opener.open(f"{base}/login", timeout=30).read()
+    opener.open(urllib.request.Request(f"{base}/login", data=f"password={password}".encode()), timeout=30).read()
+    xsrf = next(c.value for c in jar if c.name == "_xsrf")
+    return opener, xsrf
+
+
+def start_kernel_as(opener: urllib.request.OpenerDirector, xsrf: str, base: str, name: str, origin: str) -> tuple[int, dict]:  # type: ignore[type-arg]
+    request = urllib.request.Request(f"{base}/api/kernels", data=json.dumps({"name": name}).encode(), method="POST",
+                                     headers={"X-XSRFToken": xsrf, "Origin": origin, "Content-Type": "application/json"})
+    try:
+        with opener.open(request, timeout=120) as response:
+            return int(response.status), json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return int(e.code), {}
 
 
 def test_a_session_runs_jupyterlab_on_c1_with_sandboxed_kernels(app: Path, tmp_path: Path) -> None:
@@ -136,6 +159,16 @@ def test_a_session_runs_jupyterlab_on_c1_with_sandboxed_kernels(app: Path, tmp_p
         kernels = json.loads(subprocess.run(["srun", f"--jobid={job_id}", "--overlap", "hpc-kernel", "list", "--json"],
                                             capture_output=True, text=True, timeout=60).stdout)
         assert [k["mode"] for k in kernels] == ["on the frontend's node"]
+
+        # Through OnDemand's proxy the browser's Origin is the portal's while the Host is the node's.
+        opener, xsrf = logged_in(base, password)
+        status, _ = start_kernel_as(opener, xsrf, base, "python3", PORTAL)
+        assert status >= 400, "the node's own, unsandboxed Python must not start"
+        assert start_kernel_as(opener, xsrf, base, KERNELSPEC, "https://elsewhere.example.org")[0] >= 400
+        status, kernel = start_kernel_as(opener, xsrf, base, KERNELSPEC, PORTAL)
+        assert status == 201, status
+        opener.open(urllib.request.Request(f"{base}/api/kernels/{kernel['id']}", method="DELETE",
+                                           headers={"X-XSRFToken": xsrf, "Origin": PORTAL}), timeout=120).read()
     finally:
         if job_id:
             run(["scancel", job_id], check=False)

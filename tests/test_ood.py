@@ -13,17 +13,10 @@ import yaml
 from ood_app import ErbError, render_erb, submit_options
 
 from hpc_kernels.errors import HpcKernelsError
-from hpc_kernels.ood import (
-    APP_FILES,
-    app_files,
-    install,
-    jupyter_config,
-    parse_sinfo,
-    ruby,
-)
+from hpc_kernels.ood import APP_FILES, MARKER, app_files, install, jupyter_config, memory_gb, parse_sinfo, ruby
 from hpc_kernels.profiles import load_profile
 
-SINFO = ("debug|infinite|16|96000|(null)\nshort|1:00:00|16|96000|(null)\n"
+SINFO = ("debug*|infinite|16|96000|(null)\nshort|1:00:00|16|96000|(null)\n"
          "interactive|7-00:00:00|16|96000|(null)\ngpu|1-00:00:00|16|96000|gpu:standin:1\n")
 PROFILES = ["local", "local-apptainer", "local-gpu"]
 
@@ -32,30 +25,35 @@ PROFILES = ["local", "local-apptainer", "local-gpu"]
 def app(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert shutil.which("ruby"), "ruby is not installed: run `make setup`"
     dest = tmp_path_factory.mktemp("ood") / "hpc_jupyter"
-    files = app_files([load_profile(p) for p in PROFILES], "local", cluster="hk", limits=parse_sinfo(SINFO),
-                      hpc_kernel="/opt/hpc-kernels/venv/bin/hpc-kernel", python="/opt/hpc-kernels/venv/bin/python")
+    limits, default_partition = parse_sinfo(SINFO)
+    files = app_files([load_profile(p) for p in [*PROFILES, "generic-bwrap"]], "local", cluster="hk", limits=limits,
+                      default_partition=default_partition, hpc_kernel="/opt/hpc-kernels/venv/bin/hpc-kernel",
+                      python="/opt/hpc-kernels/venv/bin/python", portal_url="https://ood.example.org")
     install(dest, files)
     return dest
 
 
 def form(**changes: str) -> dict[str, str]:
-    values = {"profile": "local", "partition": "debug", "hours": "2", "cores": "4", "memory_gb": "8", "gpus": "0",
+    values = {"profile": "local", "partition_name": "debug", "hours": "2", "cores": "4", "memory_gb": "8", "gpus": "0",
               "image": "", "working_dir": ""}
     values.update(changes)
     return values
 
 
 def test_the_app_has_the_files_and_fields_ondemand_requires(app: Path) -> None:
-    assert sorted(str(p.relative_to(app)) for p in app.rglob("*") if p.is_file()) == sorted(APP_FILES)
+    assert sorted(str(p.relative_to(app)) for p in app.rglob("*") if p.is_file()) == sorted([*APP_FILES, MARKER])
+    modes = {str(p.relative_to(app)): p.stat().st_mode & 0o777 for p in app.rglob("*") if p.is_file()}
+    assert modes.pop("template/script.sh.erb") == 0o755  # OnDemand runs the rendered copy, mode kept
+    assert set(modes.values()) == {0o644}
     manifest = yaml.safe_load((app / "manifest.yml").read_text())
     assert manifest["role"] == "batch_connect" and manifest["name"] and manifest["category"] == "Interactive Apps"
     spec = yaml.safe_load((app / "form.yml").read_text())
     assert spec["cluster"] == "hk"
     assert set(spec["form"]) == set(spec["attributes"])
     options = spec["attributes"]["profile"]["options"]
-    assert [o[1] for o in options] == PROFILES and spec["attributes"]["profile"]["value"] == "local"
+    assert [o[1] for o in options] == [*PROFILES, "generic-bwrap"] and spec["attributes"]["profile"]["value"] == "local"
     gpu = dict(kv for item in options[2][2:] for kv in item.items())
-    assert gpu["data-set-partition"] == "gpu" and gpu["data-set-gpus"] == 1
+    assert gpu["data-set-partition-name"] == "gpu" and gpu["data-set-gpus"] == 1
     assert {"data-hide-image": True} in options[0] and {"data-hide-image": True} not in options[1]
     assert spec["attributes"]["hours"]["min"] == 1
 
@@ -64,21 +62,26 @@ def test_submit_options_follow_the_form(app: Path) -> None:
     native = submit_options(app, form())["script"]["native"]
     assert native == ["--partition=debug", "--time=2:00:00", "--nodes=1", "--ntasks=1", "--cpus-per-task=4",
                       "--mem=8G"]
-    native = submit_options(app, form(profile="local-gpu", partition="gpu", gpus="1",
+    native = submit_options(app, form(profile="local-gpu", partition_name="gpu", gpus="1",
                                       image="/opt/hpc-kernels/images/kernel.sif"))["script"]["native"]
     assert "--gres=gpu:1" in native and "--partition=gpu" in native
+    # A profile without a partition: the cluster's default, checked against its limits.
+    native = submit_options(app, form(profile="generic-bwrap", partition_name=""))["script"]["native"]
+    assert not [o for o in native if o.startswith("--partition")]
+    with pytest.raises(ErbError, match=r"GPUs: 1 is more than a node of partition debug \(the default\) has \(0\)"):
+        submit_options(app, form(profile="generic-bwrap", partition_name="", gpus="1"))
 
 
 @pytest.mark.parametrize(("changes", "message"), [
     ({"hours": "0"}, "hours: \"0\" is not a whole number of 1 or more"),
     ({"hours": "2.5"}, "hours: \"2.5\" is not a whole number"),
-    ({"profile": "nosuch"}, "profile \"nosuch\" is not one of this site's (local, local-apptainer, local-gpu)"),
-    ({"partition": "gpu", "gpus": "2"}, "GPUs: 2 is more than a node of partition gpu has (1)"),
+    ({"profile": "nosuch"}, "profile \"nosuch\" is not one of this site's (local, local-apptainer, local-gpu, generic-bwrap)"),
+    ({"partition_name": "gpu", "gpus": "2"}, "GPUs: 2 is more than a node of partition gpu has (1)"),
     ({"gpus": "1"}, "GPUs: 1 is more than a node of partition debug has (0)"),
-    ({"partition": "short", "hours": "3"}, "hours: 3 is more than partition short allows (1)"),
+    ({"partition_name": "short", "hours": "3"}, "hours: 3 is more than partition short allows (1)"),
     ({"cores": "32"}, "CPU cores: 32 is more than a node of partition debug has (16)"),
-    ({"partition": "nosuch"}, "partition nosuch is not one of this cluster's"),
-    ({"partition": "debug; rm -rf ~"}, "is not a partition name"),
+    ({"partition_name": "nosuch"}, "partition nosuch is not one of this cluster's"),
+    ({"partition_name": "debug; rm -rf ~"}, "is not a partition name"),
     ({"image": "/x.sif"}, "profile local runs kernels in bwrap, not in an image"),
     ({"profile": "local-apptainer", "image": "relative.sif"}, "is not an absolute path"),
     ({"working_dir": "$(reboot)"}, "notebook directory"),
@@ -106,6 +109,8 @@ def test_job_scripts_are_valid_bash_and_quote_what_the_user_typed(app: Path, tmp
 
 
 def test_the_view_posts_the_password_to_jupyterlab_through_the_proxy(app: Path) -> None:
+    before = render_erb(app / "template" / "before.sh.erb", form())
+    assert "--allow-origin https://ood.example.org" in before
     html = render_erb(app / "view.html.erb", {}, {"host": "c1", "port": 4242, "password": "s3cret"})
     assert 'action="/node/c1/4242/login?next=%2Fnode%2Fc1%2F4242%2Flab"' in html
     assert 'name="password" value="s3cret"' in html and 'method="post"' in html
@@ -119,6 +124,8 @@ def test_jupyter_config_allows_only_the_sandboxed_kernel() -> None:
     exec(jupyter_config(host="c1", port=4242, root="/home/u/it's", hashed_password="argon2:x", kernelspec="hpc-sandbox"),
          {"c": c})
     config = {f"{s}.{k}": v for s, values in c.items() for k, v in values.items()}
+    assert config["ServerApp.allow_origin"] == "*"  # the default; ood install passes --portal-url's origin
+    assert config["ServerApp.kernel_spec_manager_class"] == "hpc_kernels.ood_jupyter.SandboxedKernelSpecManager"
     assert config["ServerApp.base_url"] == "/node/c1/4242/" and config["ServerApp.root_dir"] == "/home/u/it's"
     assert config["KernelSpecManager.allowed_kernelspecs"] == {"hpc-sandbox"}
     assert config["KernelSpecManager.ensure_native_kernel"] is False
@@ -126,17 +133,25 @@ def test_jupyter_config_allows_only_the_sandboxed_kernel() -> None:
     assert config["PasswordIdentityProvider.hashed_password"] == "argon2:x"
 
 
+def test_sizes_from_profiles_never_exceed_what_a_node_has() -> None:
+    limits, default = parse_sinfo(SINFO)
+    assert default == "debug" and limits["gpu"].max_gpus == 1 and limits["short"].max_hours == 1
+    assert memory_gb("96000M") == limits["debug"].max_memory_gb == 93
+    assert memory_gb("500M") == 1 and memory_gb("16G") == 16
+
+
 def test_ruby_literals_do_not_interpolate() -> None:
     assert ruby({"a": ["x#{1}", None, 3, True]}) == "{ 'a' => ['x#{1}', nil, 3, true] }"
     assert ruby("it's \\") == "'it\\'s \\\\'"
 
 
-def test_install_replaces_an_app_and_refuses_another_directory(app: Path, tmp_path: Path) -> None:
-    other = tmp_path / "other"
-    other.mkdir()
-    (other / "precious.txt").write_text("keep")
-    with pytest.raises(HpcKernelsError, match="is not an OnDemand app directory"):
-        install(other, {"manifest.yml": "x"})
-    assert (other / "precious.txt").read_text() == "keep"
+def test_install_replaces_only_an_app_it_wrote(app: Path, tmp_path: Path) -> None:
+    for name, content in (("other", "precious.txt"), ("someone-elses-app", "manifest.yml")):
+        other = tmp_path / name
+        other.mkdir()
+        (other / content).write_text("keep")
+        with pytest.raises(HpcKernelsError, match="was not written by `hpc-kernel ood install`"):
+            install(other, {"manifest.yml": "x"})
+        assert (other / content).read_text() == "keep"
     install(app, {path: (app / path).read_text() for path in APP_FILES})
     assert not [p for p in app.parent.iterdir() if p.name.startswith(".")]
