@@ -69,7 +69,8 @@ def test_the_form_offers_the_sites_profiles_with_the_clusters_name(app: Path) ->
 
 
 NOTEBOOK_CELLS = [
-    "import socket\nprint('host:', socket.gethostname())",
+    "import os, socket\nprint('host:', socket.gethostname())\n"
+    "print('gpus:', os.environ.get('CUDA_VISIBLE_DEVICES'), sorted(d for d in os.listdir('/dev') if d.startswith('nvidia')))",
     "try:\n    socket.create_connection(('10.77.7.1', 22), timeout=3)\nexcept OSError as e:\n    print('network:', e)",
 ]
 
@@ -112,7 +113,17 @@ def start_kernel_as(opener: urllib.request.OpenerDirector, xsrf: str, base: str,
         return int(e.code), {}
 
 
-def test_a_session_runs_jupyterlab_on_c1_with_sandboxed_kernels(app: Path, tmp_path: Path) -> None:
+SESSIONS = {
+    "bwrap": ({"profile": "local", "partition_name": "short"}, "gpus: None []"),
+    "apptainer-gpu": ({"profile": "local-gpu", "partition_name": "gpu", "gpus": "1",
+                       "image": "/opt/hpc-kernels/images/kernel.sif"}, "gpus: 0 ['nvidia0', 'nvidiactl']"),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(SESSIONS))
+def test_a_session_runs_jupyterlab_on_c1_with_sandboxed_kernels(app: Path, variant: str) -> None:
+    """Both runtimes: bubblewrap on a CPU partition, and the Apptainer image on the GPU partition
+    with one GPU (c1's stand-in device, docs/testing.md), which the kernel sees and no other."""
     from playwright.sync_api import sync_playwright
 
     ws = make_workspace()
@@ -126,7 +137,8 @@ def test_a_session_runs_jupyterlab_on_c1_with_sandboxed_kernels(app: Path, tmp_p
     nbformat.write(nb, ws / "ood.ipynb")
     job_id = ""
     try:
-        sbatch = stage_session(app, form(working_dir=str(ws)), session)
+        choices, gpus_line = SESSIONS[variant]
+        sbatch = stage_session(app, form(working_dir=str(ws), **choices), session)
         job_id = run(["sbatch", "--parsable", f"--export=ALL,JUPYTER_CONFIG_PATH={lab_config}", *sbatch]).stdout.strip()
         wait_for(session / "connection.yml", job_id, session / "output.log")
         connection = yaml.safe_load((session / "connection.yml").read_text())
@@ -154,6 +166,7 @@ def test_a_session_runs_jupyterlab_on_c1_with_sandboxed_kernels(app: Path, tmp_p
             text = run_all_cells_in_lab(lab, until="Network is unreachable")
             browser.close()
         assert "host: c1" in text, text
+        assert gpus_line in text, text
         assert "network: [Errno 101] Network is unreachable" in text, text
         assert sorted(specs["kernelspecs"]) == [KERNELSPEC], specs  # no unsandboxed kernel on offer
         kernels = json.loads(subprocess.run(["srun", f"--jobid={job_id}", "--overlap", "hpc-kernel", "list", "--json"],
