@@ -19,10 +19,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -370,11 +372,18 @@ def read_notebook(path: Path) -> Any:
         raise BatchError(f"{path}: not a Jupyter notebook ({type(e).__name__}: {e})") from None
 
 
-def _already_done(task: BatchTask, out_dir: str) -> bool:
+def read_result(path: Path) -> dict[str, Any] | None:
+    """A task's result record, or None when there is none (or it is not JSON: a crashed writer
+    never leaves one, but a person's editor might)."""
     try:
-        record = read_json(task.result(out_dir)) or {}
+        record = read_json(path)
     except ValueError:
-        return False
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _already_done(task: BatchTask, out_dir: str) -> bool:
+    record = read_result(task.result(out_dir)) or {}
     return (record.get("state") == COMPLETED and record.get("notebook") == task.notebook
             and record.get("parameters") == task.parameters and task.output(out_dir).exists())
 
@@ -398,8 +407,7 @@ def submit(request: BatchRequest) -> tuple[BatchRecord | None, int]:
         raise BatchError("no notebooks given")
     for notebook in request.notebooks:
         read_notebook(notebook)
-    if request.max_parallel is not None and request.max_parallel < 1:
-        raise BatchError(f"--max-parallel {request.max_parallel}: expected 1 or more")
+    _check_max_parallel(request.max_parallel)
     out_dir = os.path.abspath(request.out_dir)
     state = os.path.realpath(state_root())
     if os.path.realpath(out_dir) == state or os.path.realpath(out_dir).startswith(state + "/"):
@@ -430,13 +438,24 @@ def submit(request: BatchRequest) -> tuple[BatchRecord | None, int]:
         _save(files, batch)
         _submit_tasks(files, batch, profile, [t.index for t in tasks], request.max_parallel)
     except BaseException:
-        import shutil
-
         for submission in batch.submissions:  # submitted, then interrupted: no orphan array
             cancel(submission.job_id)
         shutil.rmtree(files.dir, ignore_errors=True)  # sbatch refused: nothing is left behind
         raise
     return batch, planned - len(tasks)
+
+
+def _check_max_parallel(max_parallel: int | None) -> None:
+    if max_parallel is not None and max_parallel < 1:
+        raise BatchError(f"--max-parallel {max_parallel}: expected 1 or more")
+
+
+@contextmanager
+def _locked(name: str) -> Iterator[None]:
+    """Hold batch ``name``'s lock (it must exist: its lock file lives in its directory)."""
+    load_batch(name)
+    with file_lock(batch_files(name).lock):
+        yield
 
 
 def _submit_tasks(files: BatchFiles, batch: BatchRecord, profile: Profile, indices: list[int],
@@ -470,22 +489,18 @@ def view(name: str) -> tuple[BatchRecord, list[TaskStatus]]:
     """Every task's state now: the result records and one squeue query. Final states learnt from
     Slurm (a task killed at its time limit, a lost node) are written down as the task's record."""
     batch, tasks = load_batch(name)
-    slurm = array_tasks([s.job_id for s in batch.submissions])
+    job_ids = [s.job_id for s in batch.submissions]
+    slurm = array_tasks(job_ids)
     statuses = []
     for task in tasks:
         current = batch.current(task.index)
         if current is None:
             continue
         submission, attempt = current
-        try:
-            record = read_json(task.result(batch.out_dir))
-        except ValueError:
-            record = None
-        status = task_state(task, submission.job_id, attempt, record, slurm.get((submission.job_id, task.index)),
-                            submission.cancelled)
+        status = task_state(task, submission.job_id, attempt, read_result(task.result(batch.out_dir)),
+                            slurm.get((submission.job_id, task.index)), submission.cancelled)
         if status.settled is not None:
-            _settle(task.result(batch.out_dir), {**status.settled, "batch": batch.name},
-                    [s.job_id for s in batch.submissions])
+            _settle(task.result(batch.out_dir), {**status.settled, "batch": batch.name}, job_ids)
         statuses.append(status)
     return batch, statuses
 
@@ -501,11 +516,7 @@ def may_settle(existing: dict[str, Any] | None, batch_name: str, job_ids: Sequen
 
 
 def _settle(path: Path, record: dict[str, Any], job_ids: Sequence[str]) -> None:
-    try:
-        existing = read_json(path)
-    except ValueError:
-        existing = None
-    if not may_settle(existing, str(record["batch"]), job_ids):
+    if not may_settle(read_result(path), str(record["batch"]), job_ids):
         return
     try:
         write_result(path, record)
@@ -525,11 +536,9 @@ def task_log(batch: BatchRecord, status: TaskStatus, lines: int = 15) -> str:
 def retry(name: str, max_parallel: int | None = None) -> tuple[Submission | None, list[TaskStatus]]:
     """Resubmit (one job array) the tasks that failed, timed out, were cancelled or lost, with the
     command line's resources of the first submission and the profile as it is now."""
-    if max_parallel is not None and max_parallel < 1:
-        raise BatchError(f"--max-parallel {max_parallel}: expected 1 or more")
+    _check_max_parallel(max_parallel)
     files = batch_files(name)
-    batch, _ = load_batch(name)
-    with file_lock(files.lock):
+    with _locked(name):
         batch, statuses = view(name)
         again = [s for s in statuses if s.state in RETRYABLE]
         if not again:
@@ -544,8 +553,7 @@ def cancel_batch(name: str, wait: float = CANCEL_WAIT_SECONDS) -> tuple[list[Tas
     """scancel every job array of the batch; wait (up to ``wait`` seconds) until Slurm has ended
     every task (COMPLETING is not ended). Returns the tasks' states, and whether all ended."""
     files = batch_files(name)
-    batch, _ = load_batch(name)
-    with file_lock(files.lock):
+    with _locked(name):
         batch, _ = load_batch(name)
         for submission in batch.submissions:
             cancel(submission.job_id)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import signal
 import socket
 import sys
@@ -41,6 +40,7 @@ from .batch import (
     write_result,
 )
 from .errors import HpcKernelsError
+from .execute import strip_ansi
 from .kernelspecs import kernelspec
 from .notebooks import inject_parameters, skip_iri_format_checker
 from .paths import kernels_root, read_json, write_file_atomically
@@ -54,7 +54,6 @@ SHUTDOWN_SECONDS = 5.0
 STOP_AFTER_SIGNAL_SECONDS = 5.0
 WAIT_STEP_SECONDS = 0.2
 KERNELSPEC_NAME = "hpc-kernels-batch"
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 @dataclass
@@ -70,8 +69,13 @@ def _say(message: str) -> None:
     print(f"[hpc-kernels batch {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def _plain(text: str) -> str:
-    return _ANSI.sub("", text)
+def _error(ename: str, evalue: str, traceback: str = "", **extra: Any) -> dict[str, Any]:
+    """A result record's ``error``."""
+    return {"ename": ename, "evalue": evalue, "traceback": traceback, **extra}
+
+
+def _error_of(e: BaseException) -> dict[str, Any]:
+    return _error(type(e).__name__, str(e))
 
 
 def _failed_cell(nb: Any) -> int | None:
@@ -94,6 +98,7 @@ class TaskRunner:
             raise HpcKernelsError(f"task {index}: batch {self.batch.name} has tasks 0-{len(tasks) - 1}")
         self.task = BatchTask(**tasks[index])
         self.job_id = environ.get("SLURM_JOB_ID", "")
+        self.node = environ.get("SLURMD_NODENAME") or socket.gethostname()  # Slurm's name for it
         self.array_job_id = environ.get("SLURM_ARRAY_JOB_ID", self.job_id)
         current = self.batch.current(index)
         self.attempt = current[1] if current else 1
@@ -124,7 +129,7 @@ class TaskRunner:
             "batch": self.batch.name, "batch_task": self.task.index, "name": self.task.name,
             "notebook": self.task.notebook, "parameters": self.task.parameters, "state": state,
             "attempt": self.attempt, "array_job_id": self.array_job_id, "job_id": self.job_id,
-            "node": os.environ.get("SLURMD_NODENAME") or socket.gethostname(), "kernel": self.kernel_name,
+            "node": self.node, "kernel": self.kernel_name,
             "start": utc_time(self.started), "end": utc_time(end) if end else None,
             "duration": round(end - self.started, 3) if end else None, **extra,
         }
@@ -161,7 +166,7 @@ class TaskRunner:
         try:
             self.nb = inject_parameters(read_notebook(Path(self.task.notebook)), self.task.parameters)
         except HpcKernelsError as e:
-            return Outcome(FAILED, str(e), {"ename": type(e).__name__, "evalue": str(e), "traceback": ""})
+            return Outcome(FAILED, str(e), _error_of(e))
         done = self.done
         worker = threading.Thread(target=self._execute_in_thread, args=(done,), name="nbclient", daemon=True)
         timeout = self.batch.task_timeout
@@ -177,8 +182,8 @@ class TaskRunner:
             if deadline is not None and time.time() > deadline:
                 self.stop_kernel(done, EXECUTION_STOP_SECONDS)
                 return Outcome(TIMEOUT, f"the task ran longer than its timeout ({timeout:.0f} s)",
-                               {"ename": "TaskTimeout", "evalue": f"the task ran longer than {timeout:.0f} s "
-                                "(--timeout)", "traceback": ""}, timings=self.timings())
+                               _error("TaskTimeout", f"the task ran longer than {timeout:.0f} s (--timeout)"),
+                               timings=self.timings())
         self.end_kernel_if_left()
         outcome = self.outcome or Outcome(FAILED, "the execution ended without an outcome (see the log)")
         outcome.timings.update(self.timings())
@@ -222,8 +227,7 @@ class TaskRunner:
             self._execute_notebook()
         except Exception as e:  # before nbclient ran: the profile, the kernelspec
             if self.outcome is None:
-                self.outcome = Outcome(FAILED, f"{type(e).__name__}: {e}",
-                                       {"ename": type(e).__name__, "evalue": str(e), "traceback": ""})
+                self.outcome = Outcome(FAILED, f"{type(e).__name__}: {e}", _error_of(e))
         finally:
             done.set()
 
@@ -258,20 +262,17 @@ class TaskRunner:
             self.outcome = Outcome(COMPLETED)
         except CellTimeoutError as e:
             self.outcome = Outcome(TIMEOUT, f"a cell ran longer than {batch.cell_timeout:.0f} s (--cell-timeout)",
-                                   {"ename": "CellTimeoutError", "evalue": _plain(str(e)).strip().splitlines()[0],
-                                    "traceback": "", "cell": self._running_cell()})
+                                   _error("CellTimeoutError", strip_ansi(str(e)).strip().splitlines()[0],
+                                          cell=self._running_cell()))
         except CellExecutionError as e:
             self.outcome = Outcome(FAILED, f"{e.ename}: {e.evalue}",
-                                   {"ename": e.ename, "evalue": e.evalue, "traceback": _plain(e.traceback),
-                                    "cell": _failed_cell(self.nb)})
+                                   _error(e.ename, e.evalue, strip_ansi(e.traceback), cell=_failed_cell(self.nb)))
         except DeadKernelError:
             said = self._agent_message()
             self.outcome = Outcome(FAILED, f"the kernel died ({said})" if said else "the kernel died",
-                                   {"ename": "DeadKernelError", "evalue": said or "the kernel died", "traceback": "",
-                                    "cell": self._running_cell()})
+                                   _error("DeadKernelError", said or "the kernel died", cell=self._running_cell()))
         except Exception as e:  # the kernel did not start (its reason), or nbclient gave up
-            self.outcome = Outcome(FAILED, str(e).splitlines()[0] if str(e) else type(e).__name__,
-                                   {"ename": type(e).__name__, "evalue": str(e), "traceback": ""})
+            self.outcome = Outcome(FAILED, str(e).splitlines()[0] if str(e) else type(e).__name__, _error_of(e))
         finally:
             from jupyter_core.utils import run_sync
 
@@ -328,7 +329,7 @@ class TaskRunner:
         path = (self.task.output if outcome.state == COMPLETED else self.task.failed_output)(self.batch.out_dir)
         self.nb.metadata["hpc_kernels"] = {
             "batch": self.batch.name, "task": self.task.index, "parameters": self.task.parameters,
-            "state": outcome.state, "node": os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
+            "state": outcome.state, "node": self.node,
             "job_id": self.job_id, "profile": self.batch.profile, "start": utc_time(self.started), "end": utc_time(),
         }
         try:
@@ -337,7 +338,7 @@ class TaskRunner:
             outcome.message = f"{outcome.message}; the notebook could not be written to {path}: {e}".lstrip("; ")
             if outcome.state == COMPLETED:
                 outcome.state = FAILED
-                outcome.error = {"ename": type(e).__name__, "evalue": str(e), "traceback": ""}
+                outcome.error = _error_of(e)
             return None
         if outcome.state == COMPLETED:
             self.task.failed_output(self.batch.out_dir).unlink(missing_ok=True)  # from an earlier attempt

@@ -15,9 +15,14 @@ READY_TIMEOUT = 30.0
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
+def strip_ansi(text: str) -> str:
+    """``text`` without ANSI colour codes (tracebacks carry them)."""
+    return _ANSI.sub("", text)
+
+
 def _plain(text: str, stream: TextIO) -> str:
     """Tracebacks carry ANSI colours; keep them for a terminal, drop them for files and pipes."""
-    return text if stream.isatty() else _ANSI.sub("", text)
+    return text if stream.isatty() else strip_ansi(text)
 
 
 def print_output(msg: dict[str, Any]) -> None:

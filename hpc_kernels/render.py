@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shlex
 from pathlib import Path
+from typing import Any
 
 import jinja2
 
@@ -59,7 +60,6 @@ def render_kernel_script(
     given the id of an allocation the user holds, a script that starts the agent as its step."""
     if allocation is not None and not allocation.isdigit():
         raise HpcKernelsError(f"SLURM_JOB_ID {allocation!r} is not a job id")
-    _check_profile_names(profile)
     template = template_environment(template_dir).get_template(STEP_TEMPLATE if allocation else KERNEL_TEMPLATE)
     return template.render(
         job_id=allocation,
@@ -67,18 +67,17 @@ def render_kernel_script(
         kernel_name=kernel_name,
         state_dir=_plain_path(state_dir, "state directory"),
         log_path=_plain_path(log_path, "log file"),
-        python=python,
-        slurm=dict(profile.settings["slurm"]),
-        profile_name=profile.name,
-        profile_source=str(profile.source),
-        version=__version__,
+        **_profile_context(profile, python),
     )
 
 
-def _check_profile_names(profile: Profile) -> None:
+def _profile_context(profile: Profile, python: str) -> dict[str, Any]:
+    """What every job script is rendered with: the profile's Slurm settings and where it came from."""
     for what, text in (("profile name", profile.name), ("profile file", str(profile.source))):
         if any(ord(c) < 32 or ord(c) == 127 for c in text):
             raise HpcKernelsError(f"{what} {text!r} contains control characters; rename it")
+    return {"python": python, "slurm": dict(profile.settings["slurm"]), "profile_name": profile.name,
+            "profile_source": str(profile.source), "version": __version__}
 
 
 def render_batch_script(
@@ -93,7 +92,6 @@ def render_batch_script(
 ) -> str:
     """The sbatch script of a batch: one job array (``array``: sbatch's --array value) whose
     tasks each run ``python -m hpc_kernels.batch_task BATCH_DIR``."""
-    _check_profile_names(profile)
     if not re.fullmatch(r"[0-9,\-]+(%[0-9]+)?", array):
         raise HpcKernelsError(f"--array {array!r}: expected task ids such as 0-8,11%4")
     return template_environment(template_dir).get_template(BATCH_TEMPLATE).render(
@@ -102,9 +100,5 @@ def render_batch_script(
         batch_dir=_plain_path(batch_dir, "batch directory"),
         log_dir=_plain_path(log_dir, "log directory"),
         array=array,
-        python=python,
-        slurm=dict(profile.settings["slurm"]),
-        profile_name=profile.name,
-        profile_source=str(profile.source),
-        version=__version__,
+        **_profile_context(profile, python),
     )
