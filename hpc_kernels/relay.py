@@ -31,10 +31,17 @@ from pathlib import Path
 
 from . import protocol as p
 from .multiplexer import LocalEnd, Multiplexer, StreamEnd
-from .paths import check_socket_path, ensure_private_dir, read_json, runtime_root, write_json
+from .paths import (
+    check_socket_path,
+    ensure_private_dir,
+    read_json,
+    runtime_root,
+    write_json,
+)
 from .processes import identity
 from .slurm import NODE_STEP_ENVIRONMENT, srun_into_job
 from .state import KernelFiles
+from .tls import NODE_NAME, CredentialFiles, login_context, node_context
 
 HELLO_TIMEOUT = 60.0
 
@@ -86,6 +93,50 @@ async def _serve_node(node_dir: Path) -> int:
     assert stream.mux is not None
     await stream.mux.ended
     return 0
+
+
+def _no_delay(transport: asyncio.BaseTransport) -> None:
+    """Small writes go out at once: the relay batches frames itself (see docs/performance.md)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+async def serve_node_tcp(node_dir: Path, credentials: CredentialFiles, *, host: str = "0.0.0.0",
+                         port: int = 0) -> asyncio.AbstractServer:
+    """The tcp transport's node side: a TLS listener (mutual: see :mod:`hpc_kernels.tls`) whose
+    every connection is one relay stream to the kernel's sockets in ``node_dir``, as the srun
+    step's stdio is. A peer without the kernel's login certificate is refused in the handshake."""
+    loop = asyncio.get_running_loop()
+    sockets = socket_paths(str(node_dir / "kernel"))
+
+    async def connect(index: int, factory: Callable[[], LocalEnd]) -> None:
+        await loop.create_unix_connection(factory, sockets[index])
+
+    def stream(transport: asyncio.BaseTransport) -> Multiplexer:
+        _no_delay(transport)
+        write = transport.write  # type: ignore[attr-defined]
+        write(p.encode_hello({"node": socket.gethostname(), "transport": "tcp"}))
+        return Multiplexer(write, connect)
+
+    return await loop.create_server(lambda: StreamEnd(stream), host, port, ssl=node_context(credentials),
+                                    ssl_handshake_timeout=HELLO_TIMEOUT)
+
+
+async def connect_login_tcp(host: str, port: int, credentials: CredentialFiles) -> Multiplexer:
+    """The tcp transport's login side: a TLS connection to the node side, the stream's HELLO
+    awaited. Raises ssl.SSLError (refused either way) or OSError (unreachable)."""
+    loop = asyncio.get_running_loop()
+
+    def stream(transport: asyncio.BaseTransport) -> Multiplexer:
+        _no_delay(transport)
+        return Multiplexer(transport.write, expect_hello=True)  # type: ignore[attr-defined]
+
+    _, end = await loop.create_connection(lambda: StreamEnd(stream), host, port, ssl=login_context(credentials),
+                                          server_hostname=NODE_NAME, ssl_handshake_timeout=HELLO_TIMEOUT)
+    assert end.mux is not None
+    await asyncio.wait_for(end.mux.hello, HELLO_TIMEOUT)
+    return end.mux
 
 
 def node_main(node_dir: str) -> int:
