@@ -1,12 +1,28 @@
 #!/usr/bin/env bash
 # Stop the hpc-kernels test cluster started by cluster/up.sh (idempotent).
 # Ends only what up.sh started: daemons by the PIDs in their pid files, and whatever still runs
-# inside the node network namespaces c1/c2 (slurmstepd, job processes). Never kills by name.
+# inside the node network namespaces c1/c2 (slurmstepd, job processes, ssh sessions). Never kills
+# by name.
 # Keeps $HK_STATE (Slurm state, job ids, logs) so the next up.sh continues from there.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=lib.sh
 source "$HERE/lib.sh"
+
+# The nodes' sshd first (no new logins), with their sessions (children of the listener).
+stop_sshd() {
+    local n pidfile pid pids
+    for n in "${HK_NODES[@]}"; do
+        pidfile=$(hk_sshd_pidfile "$n")
+        if pid=$(hk_pid_from_file "$pidfile" sshd); then
+            pids=$(hk_with_descendants "$pid")
+            hk_log "stopping sshd on $n (pid $pid) and its sessions"
+            # shellcheck disable=SC2086
+            hk_terminate 5 $pids
+        fi
+        rm -f "$pidfile"
+    done
+}
 
 cancel_jobs() {
     hk_pid_from_file "$HK_RUN/slurmctld.pid" slurmctld >/dev/null || return 0
@@ -64,6 +80,14 @@ remove_hosts_lines() {
     printf '%s\n' "$rest" >/etc/hosts        # in place: /etc/hosts may be a bind mount
 }
 
+remove_known_hosts_lines() {
+    grep -qF -- "$HK_HOSTS_MARK" "$HK_KNOWN_HOSTS" 2>/dev/null || return 0
+    hk_log "removing our lines from $HK_KNOWN_HOSTS"
+    local rest
+    rest=$(grep -vF -- "$HK_HOSTS_MARK" "$HK_KNOWN_HOSTS" || true)
+    if [[ -n $rest ]]; then printf '%s\n' "$rest" >"$HK_KNOWN_HOSTS"; else rm -f "$HK_KNOWN_HOSTS"; fi
+}
+
 remove_standin_gpus() {
     local list=$HK_STATE/standin-devices dev
     [[ -f $list ]] || return 0
@@ -75,12 +99,14 @@ remove_standin_gpus() {
 
 main() {
     hk_need_root
+    stop_sshd
     cancel_jobs
     stop_daemons
     kill_node_leftovers
     hk_stop_pidfile "$HK_RUN/munged.pid" munged
     remove_network
     remove_hosts_lines
+    remove_known_hosts_lines
     remove_standin_gpus
 }
 

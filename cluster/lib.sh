@@ -20,6 +20,8 @@ HK_VENV=/opt/hpc-kernels/venv
 HK_APPTAINER_PREFIX=/opt/hpc-kernels/apptainer  # Apptainer, unpacked from Debian sid (install-apptainer.sh)
 HK_IMAGES=/opt/hpc-kernels/images           # kernel images every node can read
 HK_CACHE=/var/cache/hpc-kernels             # downloads and built images kept between runs
+HK_SSH=$HK_STATE/ssh                       # the nodes' sshd: configs, host keys (up.sh)
+HK_KNOWN_HOSTS=/etc/ssh/ssh_known_hosts    # the nodes' host keys, lines marked $HK_HOSTS_MARK
 # Daemons are started with a clean, predictable environment.
 HK_DAEMON_ENV=(env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 "SLURM_CONF=$HK_CONF")
 
@@ -98,6 +100,7 @@ hk_stop_pidfile() {
 }
 
 hk_slurmd_pidfile() { echo "$HK_RUN/slurmd-$1.pid"; }
+hk_sshd_pidfile() { echo "$HK_RUN/sshd-$1.pid"; }
 
 # The given PIDs plus all their (live) descendants, one per line.
 hk_with_descendants() {

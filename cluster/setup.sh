@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One-time (idempotent) machine setup for the hpc-kernels test cluster.
 #
-#   cluster/setup.sh [REPO_DIR]          packages, users, sudoers, venv (+ install REPO_DIR[test]),
-#                                        Apptainer, and (with REPO_DIR) the kernel image
+#   cluster/setup.sh [REPO_DIR]          packages, users (+ ssh keys), sudoers, venv (+ install
+#                                        REPO_DIR[test]), Apptainer, and (with REPO_DIR) the kernel image
 #   cluster/setup.sh --venv-only REPO_DIR   only (re)install REPO_DIR[test] into the venv (cheap)
 #
 # Must run as root on Debian 12. Quiet when there is nothing to do.
@@ -13,7 +13,10 @@ source "$HERE/lib.sh"
 
 PACKAGES=(slurm-wlm munge bubblewrap python3 python3-venv python3-dev sudo iproute2 procps psmisc util-linux
           chromium    # chromium: the browser tests of JupyterLab (driven by Playwright, no browser download)
-          ruby)       # ruby: renders the Open OnDemand app's ERB templates in the tests, as OnDemand does
+          ruby        # ruby: renders the Open OnDemand app's ERB templates in the tests, as OnDemand does
+          openssh-client)
+# openssh-server: one sshd per compute node (up.sh), as at a pam_slurm_adopt site. Installed on
+# its own (install_openssh_server): its postinst must not start a system sshd on this host.
 
 create_users() {
     local u
@@ -26,7 +29,53 @@ create_users() {
         # Slurm's "sacct -c" opens JobCompLoc for appending (even to read): the group may write it.
         id -nG "$u" | grep -qw "$HK_GROUP" || usermod -aG "$HK_GROUP" "$u"
         chmod 0750 "$(getent passwd "$u" | cut -d: -f6)"
+        # useradd leaves the password field "!" (locked). The nodes' sshd runs without PAM (UsePAM
+        # no, see up.sh) and then refuses a locked account even with a valid key: "*" is "no
+        # password" without being "locked", so key logins work and password logins still cannot.
+        [[ $(getent shadow "$u" | cut -d: -f2) != '!' ]] || usermod -p '*' "$u"
+        make_ssh_key "$u"
     done
+}
+
+# An ed25519 key pair without passphrase for user $1 (made as that user), its public key in
+# ~/.ssh/authorized_keys: "ssh c1 ..." from the login node then works while the user has a job on
+# c1 (up.sh's sshd only accepts keys during a running job there, like pam_slurm_adopt).
+make_ssh_key() {
+    local u=$1 home
+    home=$(getent passwd "$u" | cut -d: -f6)
+    if [[ ! -s $home/.ssh/id_ed25519 ]]; then
+        hk_log "creating ssh key for $u"
+        # shellcheck disable=SC2016  # $1, $2 expand in that sh
+        runuser -u "$u" -- sh -c 'umask 077; mkdir -p "$1/.ssh" &&
+            ssh-keygen -q -t ed25519 -N "" -C "$2@hk-cluster" -f "$1/.ssh/id_ed25519"' sh "$home" "$u"
+    fi
+    local pub
+    pub=$(cat "$home/.ssh/id_ed25519.pub")
+    if ! grep -qxF -- "$pub" "$home/.ssh/authorized_keys" 2>/dev/null; then
+        # shellcheck disable=SC2016
+        runuser -u "$u" -- sh -c 'umask 077; printf "%s\n" "$2" >>"$1/.ssh/authorized_keys"' sh "$home" "$pub"
+    fi
+}
+
+# openssh-server, without letting its postinst start (or restart) a system sshd on this host's
+# port 22: a policy-rc.d that answers 101 ("action forbidden") for the install, unless one is
+# already there (Docker-made images have one). The compute nodes' sshd are started by up.sh.
+install_openssh_server() {
+    dpkg-query -W -f='${Status}' openssh-server 2>/dev/null | grep -q 'install ok installed' && return 0
+    local policy=/usr/sbin/policy-rc.d ours=0
+    if [[ ! -e $policy ]]; then
+        printf '#!/bin/sh\n# hpc-kernels cluster/setup.sh: no service starts while openssh-server installs\nexit 101\n' >"$policy"
+        chmod 0755 "$policy"
+        ours=1
+    fi
+    hk_install_packages openssh-server || { (( ours )) && rm -f "$policy"; return 1; }
+    (( ours )) && rm -f "$policy"
+    # Check nothing was started anyway (Debian's init script writes /run/sshd.pid).
+    local pid
+    if pid=$(hk_pid_from_file /run/sshd.pid sshd); then
+        hk_log "stopping the system sshd that the package install started (pid $pid)"
+        hk_terminate 5 "$pid"
+    fi
 }
 
 install_sudoers() {
@@ -100,6 +149,7 @@ main() {
         return
     fi
     hk_install_packages "${PACKAGES[@]}"
+    install_openssh_server
     create_users
     install_sudoers
     make_venv

@@ -15,6 +15,7 @@ check munged "$HK_RUN/munged.pid" munged
 check slurmctld "$HK_RUN/slurmctld.pid" slurmctld
 for n in "${HK_NODES[@]}"; do
     check "slurmd $n" "$(hk_slurmd_pidfile "$n")" slurmd
+    check "sshd $n" "$(hk_sshd_pidfile "$n")" sshd
     [[ -e /run/netns/$n ]] || { printf '%-12s no netns\n' "$n"; rc=1; }
 done
 if (( rc == 0 )); then sinfo; fi

@@ -4,7 +4,9 @@
 # Layout: this host is the login node and runs slurmctld (10.77.7.1 on bridge hkbr0);
 # compute nodes c1 (10.77.7.11) and c2 (10.77.7.12) are network namespaces, each running
 # its own slurmd with its own hostname (UTS ns) and a private node-local /tmp (mount ns).
-# /home and everything else stays shared, like a cluster file system.
+# /home and everything else stays shared, like a cluster file system. Each node also runs an
+# OpenSSH server in those namespaces that lets a user in only during a running job of theirs
+# there, as a site with pam_slurm_adopt does.
 # Run cluster/setup.sh once before. Stop with cluster/down.sh.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -18,7 +20,7 @@ declare -A STARTED_AT=()   # node -> time its slurmd was started by this run (mu
 preflight() {
     hk_need_root
     local c
-    for c in slurmctld slurmd sinfo scontrol munged nsenter unshare ip; do
+    for c in slurmctld slurmd sinfo scontrol munged nsenter unshare ip /usr/sbin/sshd ssh-keygen; do
         command -v "$c" >/dev/null || hk_die "$c not found: run cluster/setup.sh first"
     done
     mkdir -p "$HK_RUN" "$HK_LOG" "$HK_STATE/ctld"
@@ -248,6 +250,121 @@ start_slurmd() {
     wait_pidfile "$pidfile" slurmd "$HK_LOG/slurmd-$n.log"
 }
 
+# --- sshd on each node, as at a pam_slurm_adopt site --------------------------------------------
+# One OpenSSH server per node, in the network, mount and UTS namespaces of that node's slurmd:
+# "ssh cN CMD" from the login node runs CMD with hostname cN and the node's private /tmp (where
+# a job's kernel sockets are), as on a real node. Each has its own config, host key and pid file
+# under $HK_SSH and $HK_RUN, listens on the node's address only, and logs to $HK_LOG/sshd-cN.log.
+# Access follows pam_slurm_adopt's rule (ssh-authorized-keys.sh): only during a running job of the
+# user on that node. Unlike pam_slurm_adopt, a session is not adopted into the job, so it is not
+# ended when the job ends.
+
+install_keys_command() {
+    local dst=$HK_SSH/authorized-keys-command
+    mkdir -p "$HK_SSH"
+    chmod 0755 "$HK_SSH"
+    cmp -s "$HERE/ssh-authorized-keys.sh" "$dst" && return 0
+    hk_log "installing $dst"
+    # A root-owned copy: sshd refuses a command in (or below) a group/world-writable or
+    # non-root-owned directory, which a repo checkout may be.
+    install -m 0755 -o root -g root "$HERE/ssh-authorized-keys.sh" "$dst"
+}
+
+# write_sshd_config NODE: host key (made once) and sshd_config; false if the config changed.
+write_sshd_config() {
+    local n=$1 dir=$HK_SSH/$1 tmp
+    mkdir -p "$dir"
+    chmod 0755 "$dir"
+    if [[ ! -s $dir/ssh_host_ed25519_key ]]; then
+        hk_log "creating the ssh host key of $n"
+        rm -f "$dir/ssh_host_ed25519_key" "$dir/ssh_host_ed25519_key.pub"
+        ssh-keygen -q -t ed25519 -N '' -C "root@$n" -f "$dir/ssh_host_ed25519_key" ||
+            hk_die "ssh-keygen failed for $n"
+    fi
+    tmp=$(mktemp)
+    cat >"$tmp" <<CONF
+# Written by hpc-kernels cluster/up.sh: the sshd of compute node $n. Do not edit by hand.
+# Only this file is read (not /etc/ssh/sshd_config, nor its sshd_config.d).
+ListenAddress $(hk_node_ip "$n"):22
+HostKey $dir/ssh_host_ed25519_key
+PidFile $(hk_sshd_pidfile "$n")
+LogLevel VERBOSE
+# Keys only, test users only.
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin no
+AllowUsers ${HK_USERS[*]}
+# pam_slurm_adopt's rule: a user's keys count only while they have a running job on this node.
+AuthorizedKeysFile none
+AuthorizedKeysCommand $HK_SSH/authorized-keys-command $n %u $HK_LOG/sshd-$n.log
+AuthorizedKeysCommandUser root
+# No PAM: Debian's sshd PAM stack expects a full login system (pam_loginuid, motd, ...).
+UsePAM no
+X11Forwarding no
+# The relay's ssh transport only runs a command over stdio; the benchmarks compare it with a plain
+# unix-socket tunnel (ssh -L local.sock:remote.sock), which needs stream-local forwarding.
+AllowTcpForwarding yes
+AllowStreamLocalForwarding yes
+StreamLocalBindUnlink yes
+PrintMotd no
+PrintLastLog no
+AcceptEnv LANG LC_*
+Subsystem sftp /usr/lib/openssh/sftp-server
+CONF
+    write_if_changed "$tmp" "$dir/sshd_config"
+}
+
+# The nodes' host keys in the system-wide known hosts, so that a plain "ssh c1" checks them.
+update_known_hosts() {
+    local want n cur rest
+    want=$(for n in "${HK_NODES[@]}"; do
+               printf '%s,%s %s %s\n' "$n" "$(hk_node_ip "$n")" \
+                   "$(cut -d' ' -f1,2 "$HK_SSH/$n/ssh_host_ed25519_key.pub")" "$HK_HOSTS_MARK"
+           done)
+    cur=$(grep -F -- "$HK_HOSTS_MARK" "$HK_KNOWN_HOSTS" 2>/dev/null || true)
+    [[ $cur == "$want" ]] && return 0
+    hk_log "updating $HK_KNOWN_HOSTS"
+    rest=$(grep -vF -- "$HK_HOSTS_MARK" "$HK_KNOWN_HOSTS" 2>/dev/null || true)
+    if [[ -n $rest ]]; then printf '%s\n%s\n' "$rest" "$want"; else printf '%s\n' "$want"; fi >"$HK_KNOWN_HOSTS"
+    chmod 0644 "$HK_KNOWN_HOSTS"
+}
+
+# same_namespaces PID1 PID2: both in the same network, mount and UTS namespaces.
+same_namespaces() {
+    local ns
+    for ns in net mnt uts; do
+        [[ $(readlink "/proc/$1/ns/$ns" 2>/dev/null) == "$(readlink "/proc/$2/ns/$ns" 2>/dev/null)" ]] || return 1
+    done
+}
+
+start_sshd() {
+    local n=$1 changed=0 pidfile conf log slurmd pid
+    pidfile=$(hk_sshd_pidfile "$n") conf=$HK_SSH/$n/sshd_config log=$HK_LOG/sshd-$n.log
+    write_sshd_config "$n" || changed=1
+    slurmd=$(hk_pid_from_file "$(hk_slurmd_pidfile "$n")" slurmd) || hk_die "slurmd on $n is not running"
+    if pid=$(hk_pid_from_file "$pidfile" sshd); then
+        # A running sshd is kept unless its config changed or slurmd was restarted (a new slurmd
+        # has new namespaces: the old sshd would show a stale /tmp).
+        (( changed == 0 )) && same_namespaces "$pid" "$slurmd" && return 0
+        hk_log "restarting sshd on $n (config changed or slurmd restarted)"
+        hk_stop_pidfile "$pidfile" sshd
+    fi
+    # The privilege separation directory sshd insists on (the node sees the host's /run).
+    mkdir -p /run/sshd
+    chmod 0755 /run/sshd
+    /usr/sbin/sshd -t -f "$conf" 2>>"$log" || hk_die "sshd config $conf is invalid: $(tail -n 5 "$log")"
+    hk_log "starting sshd on $n ($(hk_node_ip "$n"):22)"
+    rm -f "$pidfile"
+    # Join the namespaces of the node's slurmd (not /run/netns only: the mount and UTS namespaces
+    # are slurmd's own). sshd re-executes itself, hence the absolute path; it daemonizes.
+    # shellcheck disable=SC2094  # the log is read only after sshd's start has failed
+    (cd / && "${HK_DAEMON_ENV[@]}" nsenter --target "$slurmd" --net --mount --uts \
+        /usr/sbin/sshd -f "$conf" -E "$log") </dev/null >>"$log" 2>&1 ||
+        hk_die "sshd $n failed: $(tail -n 20 "$log")"
+    wait_pidfile "$pidfile" sshd "$log"
+}
+
 # --- wait until every node is usable --------------------------------------------------------
 wait_nodes() {
     local deadline=$(( SECONDS + WAIT_SECONDS )) n st bad resumed=" " states
@@ -301,7 +418,10 @@ main() {
     local n
     for n in "${HK_NODES[@]}"; do start_slurmd "$n"; done
     wait_nodes
-    echo "hk cluster up: slurmctld on $LOGIN_HOST ($HK_LOGIN_IP), nodes: $(sinfo -h -N -o '%N=%T' | sort -u | tr '\n' ' ')partitions: $(sinfo -h -o '%P' | tr '\n' ' ')"
+    install_keys_command
+    for n in "${HK_NODES[@]}"; do start_sshd "$n"; done
+    update_known_hosts
+    echo "hk cluster up: slurmctld on $LOGIN_HOST ($HK_LOGIN_IP), nodes: $(sinfo -h -N -o '%N=%T' | sort -u | tr '\n' ' ')partitions: $(sinfo -h -o '%P' | tr '\n' ' ')ssh: ${HK_NODES[*]} (during a job there)"
 }
 
 main "$@"
