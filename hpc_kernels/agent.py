@@ -37,7 +37,7 @@ from typing import Any
 
 from .paths import check_socket_path, exposes_private_files, read_json, write_json
 from .processes import cmdline, descendants, identity, is_running
-from .relay import connection_info, socket_paths
+from .relay import NodeListener, connection_info, socket_paths
 from .runtimes import (
     SandboxSpec,
     apptainer_process_environment,
@@ -48,6 +48,7 @@ from .runtimes import (
     sandbox_environment,
 )
 from .state import KernelFiles
+from .tls import CredentialFiles
 
 STDERR_TAIL_LINES = 40
 PR_SET_CHILD_SUBREAPER = 36
@@ -103,6 +104,8 @@ class Agent:
         self.generation = 0  # kernels restarted in this job so far
         self.restart_now = False
         self.kernel_ready = False
+        self.listener: NodeListener | None = None
+        self.tcp: dict[str, Any] | None = None  # where the relay's tcp transport listens
 
     def report(self, state: str, **extra: Any) -> None:
         """Write agent.json; a failure to write (quota, a removed state dir) is said, not raised."""
@@ -113,7 +116,8 @@ class Agent:
                  **identity(),
                  # Slurm's name for the node (srun --nodelist); the host name may differ (a FQDN)
                  "slurm_node": os.environ.get("SLURMD_NODENAME"),
-                 "node_dir": str(self.node_dir) if self.node_dir else None, "time": time.time(), **extra},
+                 "node_dir": str(self.node_dir) if self.node_dir else None, "time": time.time(),
+                 **({"tcp": self.tcp} if self.tcp else {}), **extra},
             )
         except OSError as e:
             _say(f"could not write {self.files.agent}: {e}")
@@ -160,6 +164,9 @@ class Agent:
         connection_file = self.connection_file = self.node_dir / "kernel.json"
         write_json(connection_file, connection_info(base, self.files.key.read_text().strip(),
                                                     read_json(self.files.curve)))
+        relay = launch.get("relay") or {}
+        if relay.get("listen_tcp"):
+            self.listen_tcp(relay.get("tcp_ports"))
 
         workspace = launch.get("workspace")
         if workspace and not os.path.isdir(workspace):
@@ -212,6 +219,20 @@ class Agent:
         empty.mkdir(mode=0o500)
         argv = sandbox_argv(kind, spec, command, executable=found, image=image, empty_dir=str(empty))
         return argv, apptainer_process_environment(os.environ, env)
+
+    def listen_tcp(self, port_range: list[int] | None) -> None:
+        """The relay's tcp transport: its node side listens in a thread of ours, for the whole job."""
+        assert self.node_dir is not None
+        credentials = CredentialFiles(self.files.dir)
+        if not credentials.node.exists():
+            raise AgentError(f"relay.transport tcp: {credentials.node} is missing (made at submit)")
+        self.listener = NodeListener(self.node_dir, credentials, port_range)
+        try:
+            port = self.listener.start()
+        except OSError as e:
+            raise AgentError(f"relay.transport tcp: cannot listen on {self.node}: {e}") from None
+        self.tcp = {"host": self.node, "port": port}
+        _say(f"relay: listening for the tcp transport on port {port} (mutual TLS)")
 
     def _forward_stderr(self, stream: Any) -> None:
         """The runtime's and kernel's stderr goes to the job log; its last lines are kept for
@@ -362,6 +383,10 @@ class Agent:
                 self.kernel.kill()
                 self.kernel.wait()
         end_leftovers()
+        if self.listener is not None:
+            self.listener.stop()
+            self.listener = None
+            self.tcp = None
         if self.node_dir is not None:
             shutil.rmtree(self.node_dir, ignore_errors=True)
 

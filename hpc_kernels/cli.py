@@ -27,6 +27,7 @@ from .launcher import (
 from .paths import exposes_private_files, private_paths
 from .profiles import (
     KernelRequest,
+    RELAY_TRANSPORTS,
     available_profiles,
     default_profile_name,
     load_profile,
@@ -78,6 +79,7 @@ def _request(args: argparse.Namespace, profile_name: str) -> KernelRequest:
         workspace=_workspace(args),
         workspace_rw=args.rw,
         allocation=None if args.new_job else os.environ.get("SLURM_JOB_ID") or None,
+        relay=args.relay,
     )
 
 
@@ -308,7 +310,7 @@ def cmd_kernelspec_install(args: argparse.Namespace) -> int:
     profile = load_profile(profile_name)
     spec = kernelspec(profile, display_name=args.display_name, interrupt_mode=args.interrupt_mode,
                       launch_timeout=args.launch_timeout, mode=args.mode, encryption=args.encryption,
-                      image=args.image)
+                      image=args.image, relay=args.relay)
     prefix = sys.prefix if args.sys_prefix else args.prefix
     where = install(args.name or profile_name, spec, user=args.user, prefix=prefix)
     _progress(f"installed kernelspec {args.name or profile_name} ({spec['display_name']}) in {where}")
@@ -347,6 +349,19 @@ def cmd_shutdown(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from .doctor import format_verdicts, run_doctor
+
+    verdicts = run_doctor(_profile_name(args), args.relay, timeout=args.timeout, progress=_progress)
+    if args.json:
+        print(json.dumps([asdict(v) for v in verdicts], indent=1))
+    else:
+        print(format_verdicts(verdicts))
+    return 0 if all(v.works for v in verdicts) else 1
+
+
 def add_resource_arguments(p: argparse.ArgumentParser) -> None:
     """What a job gets and what its sandbox shows, over the profile's values."""
     p.add_argument("--time", "-t", help="time limit, e.g. 2:00:00 (overrides the profile)")
@@ -375,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_resource_arguments(p)
         p.add_argument("--new-job", action="store_true",
                        help="submit a new job even inside an allocation (default there: a step of it)")
+        p.add_argument("--relay", choices=RELAY_TRANSPORTS,
+                       help="how the relay reaches the kernel: srun, tcp or ssh; one the profile's relay.allow "
+                       "names (default: its relay.transport)")
 
     p = sub.add_parser("submit", help="submit a kernel job and wait until the kernel is ready")
     add_request_arguments(p)
@@ -461,6 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="signal: SIGINT through Slurm; message: interrupt_request over the relay")
     q.add_argument("--launch-timeout", type=float, help="give up a start (and cancel the job) after S seconds")
     q.add_argument("--image", help="kernel image for an apptainer profile (instead of the profile's)")
+    q.add_argument("--relay", choices=RELAY_TRANSPORTS, help="the relay's transport (one of the profile's relay.allow)")
     q.add_argument("--encryption", default="auto", choices=["auto", "curve", "none"],
                    help="declare CurveZMQ support (frontends then encrypt with transport_encryption=auto); "
                    "auto: when the kernel is known to support it (bubblewrap with ipykernel >= 7.3)")
@@ -490,6 +509,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="*", metavar="name")
     p.add_argument("--all", action="store_true", help="every kernel of yours")
     p.set_defaults(func=cmd_shutdown)
+
+    p = sub.add_parser("doctor", help="try the relay's transports a profile allows on a short test job")
+    p.add_argument("--profile", "-p", help="site profile (default: $HPC_KERNELS_PROFILE, or 'default')")
+    p.add_argument("--relay", action="append", choices=RELAY_TRANSPORTS, default=[],
+                   help="try only this transport (repeatable; default: every one in the profile's relay.allow)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the test kernel (default 300)")
+    p.add_argument("--json", action="store_true", help="the verdicts as JSON")
+    p.set_defaults(func=cmd_doctor)
     return parser
 
 

@@ -30,9 +30,10 @@ CURVE_IPYKERNEL = (7, 3)
 
 def kernelspec(profile: Profile, *, display_name: str | None = None, interrupt_mode: str = "signal",
                launch_timeout: float | None = None, mode: str = "auto", encryption: str = "auto",
-               python: str = sys.executable, image: str | None = None) -> dict[str, Any]:
+               python: str = sys.executable, image: str | None = None, relay: str | None = None) -> dict[str, Any]:
     """The kernel.json of a kernelspec that runs ``profile``'s kernels through the provisioner
-    (``image``: an Apptainer image instead of the profile's)."""
+    (``image``: an Apptainer image instead of the profile's; ``relay``: a transport of the
+    profile's ``relay.allow`` instead of its ``relay.transport``)."""
     if interrupt_mode not in INTERRUPT_MODES:
         raise HpcKernelsError(f"--interrupt-mode {interrupt_mode!r}: expected one of {', '.join(INTERRUPT_MODES)}")
     if encryption not in ENCRYPTIONS:
@@ -45,6 +46,11 @@ def kernelspec(profile: Profile, *, display_name: str | None = None, interrupt_m
             raise HpcKernelsError(f"--image: profile {profile.name} runs kernels in {profile.get('runtime', 'kind')}, "
                                   "not in an image")
         config["image"] = image
+    if relay:
+        if relay not in profile.get("relay", "allow"):
+            raise HpcKernelsError(f"--relay {relay}: profile {profile.name} allows only "
+                                  f"{', '.join(profile.get('relay', 'allow'))} (relay.allow)")
+        config["relay"] = relay
     if mode != "auto":
         config["mode"] = mode
     if launch_timeout:

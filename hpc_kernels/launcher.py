@@ -231,6 +231,19 @@ def launch_spec(profile: Profile, request: KernelRequest, python: str) -> dict[s
         "workspace": request.workspace,
         "workspace_rw": profile.get("workspace", "mode") == "rw",
         "tune_srun_tcp": profile.get("relay", "tune_srun_tcp"),
+        "relay": relay_spec(profile),
+    }
+
+
+def relay_spec(profile: Profile, *, listen_tcp: bool | None = None) -> dict[str, Any]:
+    """The relay's settings in launch.json: the transport, and whether the agent listens for
+    the tcp transport (it does for a tcp kernel; ``hpc-kernel doctor`` asks for it to try tcp)."""
+    transport = profile.get("relay", "transport")
+    return {
+        "transport": transport,
+        "listen_tcp": transport == "tcp" if listen_tcp is None else listen_tcp,
+        "tcp_ports": profile.get("relay", "tcp_ports"),
+        "ssh_options": profile.get("relay", "ssh_options"),
     }
 
 
@@ -324,10 +337,15 @@ def profile_to_start(profile_name: str, request: KernelRequest) -> Profile:
     return profile
 
 
-def _write_secrets(files: KernelFiles, *, curve: bool) -> None:
-    """The HMAC key, and with ``curve`` a CurveZMQ key pair for the kernel's sockets: 0600 files
-    on the shared file system, never on a command line or in an environment."""
+def _write_secrets(files: KernelFiles, *, curve: bool, tls: bool = False) -> None:
+    """The HMAC key, with ``curve`` a CurveZMQ key pair for the kernel's sockets, with ``tls``
+    the relay's tcp transport's certificates (:mod:`hpc_kernels.tls`): 0600 files on the shared
+    file system, never on a command line or in an environment."""
     write_private_file(files.key, secrets.token_hex(32) + "\n")
+    if tls:
+        from .tls import CredentialFiles, make_credentials, write_credentials
+
+        write_credentials(CredentialFiles(files.dir), make_credentials(files.name))
     if curve:
         import zmq
 
@@ -347,8 +365,9 @@ def _claim_name(name: str) -> KernelFiles:
         ) from None
 
 
-def submit(profile_name: str, request: KernelRequest) -> KernelRecord:
-    """Write the kernel's state, render its job script and submit it. Returns at once."""
+def submit(profile_name: str, request: KernelRequest, *, listen_tcp: bool | None = None) -> KernelRecord:
+    """Write the kernel's state, render its job script and submit it. Returns at once.
+    ``listen_tcp`` overrides whether the agent listens for the relay's tcp transport."""
     profile = profile_to_start(profile_name, request)
     name = request.name
     python = node_python(profile)
@@ -363,8 +382,11 @@ def submit(profile_name: str, request: KernelRequest) -> KernelRecord:
         )
         try:
             save_record(record)
-            _write_secrets(files, curve=request.curve)
-            write_json(files.launch, launch_spec(profile, request, python))
+            launch = launch_spec(profile, request, python)
+            if listen_tcp is not None:
+                launch["relay"] = relay_spec(profile, listen_tcp=listen_tcp)
+            _write_secrets(files, curve=request.curve, tls=launch["relay"]["listen_tcp"])
+            write_json(files.launch, launch)
             script = kernel_script(profile, name, request.allocation)
             write_private_file(files.script, script)
             write_private_file(files.log, "")  # Slurm writes to it and keeps its mode: 0600
@@ -414,8 +436,10 @@ def start_on_node(profile_name: str, request: KernelRequest) -> KernelRecord:
                               job_id=os.environ.get("SLURM_JOB_ID"))
         try:
             save_record(record)
+            launch = launch_spec(profile, request, python)
+            launch["relay"] = relay_spec(profile, listen_tcp=False)  # no relay on the node
             _write_secrets(files, curve=request.curve)
-            write_json(files.launch, launch_spec(profile, request, python))
+            write_json(files.launch, launch)
             write_private_file(files.log, "")
             agent = _spawn_detached([python, "-m", "hpc_kernels.agent", str(files.dir)], files.log)
             record.step = identity(agent.pid)
@@ -543,14 +567,16 @@ def ensure_relay(name: str, *, timeout: float | None = None, progress: Progress 
         if existing is not None:
             return existing
         stop_relay(files)  # one that runs without its connection file (say, /run/user was cleaned)
-        return _start_relay(files)
+        return start_relay(files)
 
 
-def _start_relay(files: KernelFiles) -> Path:
+def start_relay(files: KernelFiles, transport: str | None = None) -> Path:
+    """Start the kernel's login-side relay (over ``transport``, else the kernel's own); its
+    connection file once it is ready, or RelayError with the reason and its log's tail."""
     fd = os.open(files.relay_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "hpc_kernels.relay", "login", str(files.dir)],
+            [sys.executable, "-m", "hpc_kernels.relay", "login", str(files.dir), *([transport] if transport else [])],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=fd,
             start_new_session=True, close_fds=True,
         )

@@ -47,6 +47,10 @@ class LocalEnd(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         if self.closed:
+            # CLOSE came before the connection was made: still write what came with it, then close.
+            if self.early:
+                transport.write(bytes(self.early))  # type: ignore[attr-defined]
+                self.early.clear()
             transport.close()
             return
         if self.early:
@@ -197,13 +201,20 @@ class Multiplexer:
                 raise error
             self.hello.set_result(info)
         else:
-            message = payload.decode(errors="replace") if kind == p.FrameType.ERROR else f"frame type {kind}"
+            if kind == p.FrameType.ERROR:
+                message = payload.decode(errors="replace") or "the node side reported an error without a message"
+            else:
+                message = f"frame type {kind}"
             error = p.ProtocolError(message)
             self.hello.set_exception(error)
             raise error  # nothing may follow ERROR: end the stream
         return rest
 
     def stream_ended(self) -> None:
+        if self._decoder.pending and self.error is None and not self.ended.done():
+            self.error = p.ProtocolError(
+                f"the stream ended in the middle of a frame ({self._decoder.pending} bytes of it received)")
+            print(f"relay: {self.error}", file=sys.stderr, flush=True)
         if not self.hello.done():
             seen = bytes(self._before_hello or b"")[-400:].decode(errors="replace").strip()
             self.hello.set_exception(p.ProtocolError(
@@ -220,17 +231,18 @@ class Multiplexer:
         if kind is p.FrameType.OPEN:
             self._open_from_far_side(frame)
             return
+        if kind not in (p.FrameType.DATA, p.FrameType.CREDIT, p.FrameType.CLOSE):
+            raise p.ProtocolError(f"unexpected {kind.name} frame on channel {frame.channel}")
+        credit = p.decode_credit(frame.payload) if kind is p.FrameType.CREDIT else 0  # checked on any channel
         end = self._channels.get(frame.channel)
         if end is None:
-            return  # a late frame for a channel already closed here
+            return  # a late frame for a channel already closed here (our CLOSE crossed it)
         if kind is p.FrameType.DATA:
-            end.deliver(frame.payload)
+            end.deliver(frame.payload)  # an empty payload writes nothing: a no-op
         elif kind is p.FrameType.CREDIT:
-            end.add_credit(p.decode_credit(frame.payload))
-        elif kind is p.FrameType.CLOSE:
-            self.close_channel(end, notify=False)
+            end.add_credit(credit)
         else:
-            raise p.ProtocolError(f"unexpected {kind.name} frame on channel {frame.channel}")
+            self.close_channel(end, notify=False)
 
     # -- channels --------------------------------------------------------------------------
 

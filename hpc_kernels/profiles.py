@@ -27,6 +27,9 @@ from .errors import HpcKernelsError, ProfileError
 from .resources import data_dir
 from .runtimes import RUNTIME_KINDS
 
+# How the relay carries a kernel's stream (hpc_kernels.relay): a job step, mutual-TLS TCP, OpenSSH.
+RELAY_TRANSPORTS = ("srun", "tcp", "ssh")
+
 SYSTEM_PROFILE_DIR = Path("/etc/hpc-kernels/profiles")
 # The site's settings that belong to no profile (where state lives): paths.state only.
 SITE_CONFIG = Path("/etc/hpc-kernels/config.yaml")
@@ -194,6 +197,26 @@ def _image(value: Any) -> str:
     return text
 
 
+def _port_range(value: Any) -> list[int]:
+    """``20000-20999`` (or one port): where the tcp transport's listener may bind."""
+    text = str(value) if isinstance(value, int) and not isinstance(value, bool) else _str(value)
+    low, _, high = text.partition("-")
+    try:
+        ports = [int(low), int(high or low)]
+    except ValueError:
+        ports = []
+    if len(ports) != 2 or not 1024 <= ports[0] <= ports[1] <= 65535:
+        raise ValueError("expected a range of unprivileged ports, e.g. 20000-20999")
+    return ports
+
+
+def _ssh_option(value: Any) -> str:
+    text = _str(value)
+    if not text or text != text.strip():
+        raise ValueError("expected an ssh command-line argument without surrounding spaces, e.g. -o or ProxyJump=gw")
+    return text
+
+
 def _kernel_command(value: Any) -> list[str]:
     argv = _list_of(_str, "strings")(value)
     if not argv:
@@ -267,7 +290,10 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "state": (_opt(_state_path), None),
     },
     "relay": {
-        "transport": (_one_of("srun"), "srun"),
+        "transport": (_one_of(*RELAY_TRANSPORTS), "srun"),
+        "allow": (_opt(_list_of(_one_of(*RELAY_TRANSPORTS), "relay transports")), None),
+        "tcp_ports": (_opt(_port_range), None),
+        "ssh_options": (_list_of(_ssh_option, "ssh options"), []),
         "tune_srun_tcp": (_bool, True),
     },
     "workspace": {
@@ -307,6 +333,7 @@ class KernelRequest:
     workspace_rw: bool = False
     allocation: str | None = None  # run as a step of this job (the user's salloc) instead of a new job
     curve: bool = False  # CurveZMQ on the kernel's sockets (the frontend asked, the kernel supports it)
+    relay: str | None = None  # one of relay.allow (--relay)
 
 
 def check_kernel_name(name: str) -> str:
@@ -644,6 +671,12 @@ def _check_together(settings: Mapping[str, Mapping[str, Any]], at: Callable[...,
     if runtime["kind"] == "bwrap" and runtime["image"]:
         raise ProfileError(f"{at('runtime', 'image')}: runtime.image: only used with runtime.kind apptainer "
                            "(bubblewrap runs the node's own file system)")
+    relay = settings["relay"]
+    if relay["allow"] is None:
+        relay["allow"] = [relay["transport"]]
+    elif relay["transport"] not in relay["allow"]:
+        raise ProfileError(f"{at('relay', 'transport')}: relay.transport: {relay['transport']} is not in relay.allow "
+                           f"({', '.join(relay['allow'])})")
     slurm = settings["slurm"]
     if slurm["gpus"] or slurm["gres"]:
         for option in slurm["extra_options"]:
@@ -662,6 +695,7 @@ def apply_request(profile: Profile, request: KernelRequest) -> Profile:
         ("slurm", "gpus"): request.gpus,
         ("runtime", "image"): request.image,
         ("workspace", "mode"): "rw" if request.workspace_rw else None,
+        ("relay", "transport"): request.relay,
     }
     settings = {section: dict(values) for section, values in profile.settings.items()}
     origins = dict(profile.origins)
@@ -669,7 +703,7 @@ def apply_request(profile: Profile, request: KernelRequest) -> Profile:
         if value is None:
             continue
         check = SCHEMA[section][key][0]
-        flag = "--rw" if key == "mode" else f"--{key}"
+        flag = {"mode": "--rw", "transport": "--relay"}.get(key, f"--{key}")
         try:
             settings[section][key] = check(value)
         except ValueError as e:

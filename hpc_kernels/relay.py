@@ -16,20 +16,26 @@ decrypts or signs Jupyter messages and never needs the key.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
+import random
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import tty
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from . import protocol as p
+from .errors import RelayError
 from .multiplexer import LocalEnd, Multiplexer, StreamEnd
 from .paths import (
     check_socket_path,
@@ -102,13 +108,15 @@ def _no_delay(transport: asyncio.BaseTransport) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-async def serve_node_tcp(node_dir: Path, credentials: CredentialFiles, *, host: str = "0.0.0.0",
-                         port: int = 0) -> asyncio.AbstractServer:
+async def serve_node_tcp(node_dir: Path, credentials: CredentialFiles, *, host: str = "",
+                         ports: Sequence[int] = (0,)) -> asyncio.AbstractServer:
     """The tcp transport's node side: a TLS listener (mutual: see :mod:`hpc_kernels.tls`) whose
     every connection is one relay stream to the kernel's sockets in ``node_dir``, as the srun
-    step's stdio is. A peer without the kernel's login certificate is refused in the handshake."""
+    step's stdio is. A peer without the kernel's login certificate is refused in the handshake.
+    It binds the first free port of ``ports`` (0: any)."""
     loop = asyncio.get_running_loop()
     sockets = socket_paths(str(node_dir / "kernel"))
+    context = node_context(credentials)
 
     async def connect(index: int, factory: Callable[[], LocalEnd]) -> None:
         await loop.create_unix_connection(factory, sockets[index])
@@ -119,24 +127,87 @@ async def serve_node_tcp(node_dir: Path, credentials: CredentialFiles, *, host: 
         write(p.encode_hello({"node": socket.gethostname(), "transport": "tcp"}))
         return Multiplexer(write, connect)
 
-    return await loop.create_server(lambda: StreamEnd(stream), host, port, ssl=node_context(credentials),
-                                    ssl_handshake_timeout=HELLO_TIMEOUT)
+    error: OSError | None = None
+    for port in ports:
+        try:
+            listening = _listening_socket(host, port)
+        except OSError as e:  # in use: the next one
+            error = e
+            continue
+        return await loop.create_server(lambda: StreamEnd(stream), sock=listening, ssl=context,
+                                        ssl_handshake_timeout=HELLO_TIMEOUT)
+    raise OSError(f"no free port for the relay in {ports[0]}-{ports[-1]} (relay.tcp_ports): {error}")
 
 
-async def connect_login_tcp(host: str, port: int, credentials: CredentialFiles) -> Multiplexer:
-    """The tcp transport's login side: a TLS connection to the node side, the stream's HELLO
-    awaited. Raises ssl.SSLError (refused either way) or OSError (unreachable)."""
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """One socket on one port: without a host, IPv6 and IPv4 at once where the node has IPv6
+    (asyncio would open one socket per address family, each on its own port for port 0)."""
+    if host or not socket.has_dualstack_ipv6():
+        return socket.create_server((host or "0.0.0.0", port), reuse_port=False)
+    return socket.create_server(("", port), family=socket.AF_INET6, dualstack_ipv6=True)
+
+
+def listener_ports(port_range: Sequence[int] | None) -> list[int]:
+    """The ports to try, in a random order so that kernels starting together rarely collide."""
+    if not port_range:
+        return [0]
+    ports = list(range(port_range[0], port_range[1] + 1))
+    random.shuffle(ports)
+    return ports
+
+
+class NodeListener:
+    """The tcp transport's node side, run by the node agent in a thread of its own for as long
+    as the job lives (kernel restarts included: the sockets keep their paths)."""
+
+    def __init__(self, node_dir: Path, credentials: CredentialFiles, port_range: Sequence[int] | None) -> None:
+        self._args = (node_dir, credentials, listener_ports(port_range))
+        self._loop = asyncio.new_event_loop()
+        self._started: concurrent.futures.Future[int] = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._run, name="relay-tcp", daemon=True)
+
+    def start(self) -> int:
+        """Listen; the port. Raises what binding or reading the credentials raised."""
+        self._thread.start()
+        return self._started.result()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        node_dir, credentials, ports = self._args
+        try:
+            server = self._loop.run_until_complete(serve_node_tcp(node_dir, credentials, ports=ports))
+        except BaseException as e:  # noqa: BLE001 (handed to start())
+            self._started.set_exception(e)
+            return
+        self._started.set_result(server.sockets[0].getsockname()[1])
+        try:
+            self._loop.run_forever()
+        finally:
+            server.close()
+            self._loop.run_until_complete(server.wait_closed())
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+
+
+async def connect_login_tcp(host: str, port: int, credentials: CredentialFiles) -> tuple[asyncio.BaseTransport, Multiplexer]:
+    """The tcp transport's login side: a TLS connection to the node side, its transport and
+    multiplexer (whose HELLO is still to come). Raises ssl.SSLError (refused either way) or
+    OSError (unreachable)."""
     loop = asyncio.get_running_loop()
 
     def stream(transport: asyncio.BaseTransport) -> Multiplexer:
         _no_delay(transport)
         return Multiplexer(transport.write, expect_hello=True)  # type: ignore[attr-defined]
 
-    _, end = await loop.create_connection(lambda: StreamEnd(stream), host, port, ssl=login_context(credentials),
-                                          server_hostname=NODE_NAME, ssl_handshake_timeout=HELLO_TIMEOUT)
+    transport, end = await asyncio.wait_for(
+        loop.create_connection(lambda: StreamEnd(stream), host, port, ssl=login_context(credentials),
+                               server_hostname=NODE_NAME, ssl_handshake_timeout=HELLO_TIMEOUT),
+        HELLO_TIMEOUT)
     assert end.mux is not None
-    await asyncio.wait_for(end.mux.hello, HELLO_TIMEOUT)
-    return end.mux
+    return transport, end.mux
 
 
 def node_main(node_dir: str) -> int:
@@ -174,28 +245,35 @@ def relay_marker(state_dir: Path | str) -> str:
 
 
 def tcp_tuning_library() -> Path | None:
-    """The shim that sets TCP_NODELAY/TCP_QUICKACK on srun's stdio sockets, if it was built."""
+    """The shim that sets TCP_NODELAY/TCP_QUICKACK on the sockets of srun (or ssh), if it was built."""
     found = sorted(Path(__file__).parent.glob("_srun_tcp_tune*.so"))
     return found[0] if found else None
 
 
-def srun_environment(env: Mapping[str, str], *, tune_tcp: bool) -> dict[str, str]:
-    """srun's environment: ours, with the TCP tuning shim preloaded when asked for and built.
+def tcp_tuned_environment(env: Mapping[str, str], *, tune_tcp: bool) -> dict[str, str]:
+    """The environment of srun (or ssh): ours, with the TCP tuning shim preloaded when asked for
+    and built.
 
-    Without it, Slurm's stdio forwarding meets Nagle's algorithm and delayed ACKs: see
-    hpc_kernels/_native/srun_tcp_tune.c and docs/performance.md.
+    Without it, Slurm's stdio forwarding (and OpenSSH without a pty) meets Nagle's algorithm and
+    delayed ACKs: see hpc_kernels/_native/srun_tcp_tune.c and docs/performance.md.
     """
     out = dict(env)
     library = tcp_tuning_library() if tune_tcp else None
     if library is not None:
         out["LD_PRELOAD"] = " ".join(filter(None, [str(library), env.get("LD_PRELOAD", "")]))
     elif tune_tcp:
-        print("relay: the srun TCP tuning shim was not built; expect 40 ms stalls", file=sys.stderr)
+        print("relay: the TCP tuning shim was not built; expect 40 ms stalls", file=sys.stderr)
     return out
 
 
-class _Srun(asyncio.SubprocessProtocol):
-    """The srun step carrying the stream: its stdin and stdout are the two directions."""
+def ssh_argv(node: str, remote: Sequence[str], options: Sequence[str] = ()) -> list[str]:
+    """OpenSSH to ``node`` running ``remote`` there, its stdio a clean byte stream: no pty (-T),
+    never a password prompt (BatchMode), the site's ``relay.ssh_options`` before the host."""
+    return ["ssh", "-T", "-o", "BatchMode=yes", *options, "--", node, shlex.join(remote)]
+
+
+class _Step(asyncio.SubprocessProtocol):
+    """The process carrying the stream (srun, or ssh): its stdin and stdout are the two directions."""
 
     def __init__(self) -> None:
         self.mux: Multiplexer | None = None
@@ -221,36 +299,78 @@ class _Srun(asyncio.SubprocessProtocol):
             self.exited.set_result(None)
 
 
-async def _serve_login(files: KernelFiles, ready: Callable[[str], None]) -> int:
+Stream = tuple[Multiplexer, Callable[[], Awaitable[None]]]  # the stream, and how to close it
+
+
+def step_command(transport: str, *, job_id: str, agent: Mapping[str, Any], python: str,
+                 ssh_options: Sequence[str] = ()) -> list[str]:
+    """The command whose stdio carries the stream: the node side as a step of the kernel's own
+    job (srun), or through OpenSSH to the kernel's node (ssh)."""
+    remote = [python, "-m", "hpc_kernels.relay", "node", agent["node_dir"]]
+    if transport == "ssh":
+        return ssh_argv(agent["node"], remote, ssh_options)
+    return srun_into_job(job_id, remote, export=NODE_STEP_ENVIRONMENT, node=agent.get("slurm_node"))
+
+
+async def _open_step(argv: list[str], tune_tcp: bool) -> Stream:
+    loop = asyncio.get_running_loop()
+    transport, step = await loop.subprocess_exec(
+        _Step, *argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None,
+        env=tcp_tuned_environment(os.environ, tune_tcp=tune_tcp),
+    )
+    assert step.mux is not None
+    return step.mux, partial(_stop_step, transport, step)
+
+
+async def _open_tcp(agent: Mapping[str, Any], files: KernelFiles) -> Stream:
+    listener = agent.get("tcp") or {}
+    if not listener.get("port"):
+        raise RelayError("the kernel's agent has no tcp listener (the kernel was not started with the tcp transport)")
+    try:
+        transport, mux = await connect_login_tcp(listener["host"], int(listener["port"]), CredentialFiles(files.dir))
+    except asyncio.TimeoutError:
+        raise RelayError(f"tcp {listener['host']}:{listener['port']}: no TLS handshake within {HELLO_TIMEOUT:.0f} s") from None
+    except OSError as e:  # ssl.SSLError included
+        raise RelayError(f"tcp {listener['host']}:{listener['port']}: {e}") from None
+
+    async def close() -> None:
+        transport.close()
+
+    return mux, close
+
+
+async def _serve_login(files: KernelFiles, ready: Callable[[str], None], transport_name: str | None = None) -> int:
     record = read_json(files.record) or {}
     agent = read_json(files.agent) or {}
     launch = read_json(files.launch) or {}
+    settings = launch.get("relay") or {}
+    transport_name = transport_name or settings.get("transport", "srun")
     key = files.key.read_text().strip()
     login_dir = make_login_dir(files.name)
     base = str(login_dir / "kernel")
     for path in socket_paths(base):
         check_socket_path(path, "login-side socket")
 
-    argv = srun_into_job(
-        record["job_id"], [launch["python"], "-m", "hpc_kernels.relay", "node", agent["node_dir"]],
-        export=NODE_STEP_ENVIRONMENT, node=agent.get("slurm_node"),
-    )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
     stopped = asyncio.ensure_future(stop.wait())
     servers: list[asyncio.AbstractServer] = []
-    transport = None
+    close: Callable[[], Awaitable[None]] | None = None
+    where = f"relay ({transport_name}) to {agent.get('node')} (job {record.get('job_id')}) failed"
     try:
-        transport, srun = await loop.subprocess_exec(
-            _Srun, *argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None,
-            env=srun_environment(os.environ, tune_tcp=launch.get("tune_srun_tcp", True)),
-        )
-        mux = srun.mux
-        assert mux is not None
+        try:
+            if transport_name == "tcp":
+                mux, close = await _open_tcp(agent, files)
+            else:
+                argv = step_command(transport_name, job_id=record["job_id"], agent=agent, python=launch["python"],
+                                    ssh_options=settings.get("ssh_options", []))
+                mux, close = await _open_step(argv, tune_tcp=launch.get("tune_srun_tcp", True))
+        except RelayError as e:
+            ready(f"ERROR {where}: {e}")
+            return 1
         await asyncio.wait([mux.hello, stopped], timeout=HELLO_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
-        where = f"relay to {agent.get('node')} (job {record.get('job_id')}) failed"
         if stop.is_set():
             ready(f"ERROR {where}: stopped before the node side answered")
             return 1
@@ -268,17 +388,18 @@ async def _serve_login(files: KernelFiles, ready: Callable[[str], None]) -> int:
             os.umask(old_umask)
         connection_file = login_dir / "connection.json"
         write_json(connection_file, connection_info(base, key, read_json(files.curve)))
-        write_json(files.relay, {**identity(), "connection_file": str(connection_file), "login_dir": str(login_dir)})
+        write_json(files.relay, {**identity(), "connection_file": str(connection_file), "login_dir": str(login_dir),
+                                 "transport": transport_name})
         ready(f"READY {connection_file}")
         await asyncio.wait([mux.ended, stopped], return_when=asyncio.FIRST_COMPLETED)
-        print(f"relay for {files.name}: {'stopped' if stop.is_set() else 'the job step ended'}", file=sys.stderr)
+        print(f"relay for {files.name}: {'stopped' if stop.is_set() else 'the stream ended'}", file=sys.stderr)
         return 0
     finally:
         stopped.cancel()
         for server in servers:
             server.close()
-        if transport is not None:
-            await _stop_srun(transport, srun)
+        if close is not None:
+            await close()
         shutil.rmtree(login_dir, ignore_errors=True)
         relay = read_json(files.relay)
         if relay and relay.get("pid") == os.getpid() and relay.get("login_dir") == str(login_dir):
@@ -286,20 +407,20 @@ async def _serve_login(files: KernelFiles, ready: Callable[[str], None]) -> int:
                 files.relay.unlink()
 
 
-async def _stop_srun(transport: asyncio.BaseTransport, srun: _Srun) -> None:
+async def _stop_step(transport: asyncio.BaseTransport, step: _Step) -> None:
     if transport.get_returncode() is None:  # type: ignore[attr-defined]
         with contextlib.suppress(ProcessLookupError):
             transport.terminate()  # type: ignore[attr-defined]
         try:
-            await asyncio.wait_for(asyncio.shield(srun.exited), SRUN_STOP_SECONDS)
+            await asyncio.wait_for(asyncio.shield(step.exited), SRUN_STOP_SECONDS)
         except asyncio.TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 transport.kill()  # type: ignore[attr-defined]
-            await srun.exited
+            await step.exited
     transport.close()
 
 
-def login_main(state_dir: str) -> int:
+def login_main(state_dir: str, transport: str | None = None) -> int:
     """Run the login-side relay; report READY/ERROR on stdout once, then detach stdout."""
     files = KernelFiles(Path(state_dir))
     reported = False
@@ -315,7 +436,7 @@ def login_main(state_dir: str) -> int:
         os.close(devnull)
 
     try:
-        return asyncio.run(_serve_login(files, ready))
+        return asyncio.run(_serve_login(files, ready, transport))
     except Exception as e:  # reported to the waiting command, then the traceback goes to relay.log
         ready(f"ERROR relay failed: {type(e).__name__}: {e}")
         raise
@@ -325,9 +446,9 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) == 2 and args[0] == "node":
         return node_main(args[1])
-    if len(args) == 2 and args[0] == "login":
-        return login_main(args[1])
-    print("usage: python -m hpc_kernels.relay {node NODE_DIR | login STATE_DIR}", file=sys.stderr)
+    if len(args) in (2, 3) and args[0] == "login" and args[2:] in ([], ["srun"], ["tcp"], ["ssh"]):
+        return login_main(args[1], *args[2:])
+    print("usage: python -m hpc_kernels.relay {node NODE_DIR | login STATE_DIR [srun|tcp|ssh]}", file=sys.stderr)
     return 2
 
 

@@ -23,6 +23,11 @@ import pytest
 SECOND_USER = "hk-bob"
 # The shipped test-cluster profile of each sandbox runtime: the kernel tests run for both.
 RUNTIME_PROFILES = {"bwrap": "local", "apptainer": "local-apptainer"}
+# Kernels the whole kernel suite runs against: each sandbox runtime over the default (srun)
+# transport, and bubblewrap over the relay's other transports (the relay does not depend on the
+# runtime). name -> (profile, relay transport)
+FLAVOURS = {"apptainer": ("local-apptainer", "srun"), "bwrap": ("local", "srun"),
+            "bwrap-tcp": ("local", "tcp"), "bwrap-ssh": ("local", "ssh")}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -106,6 +111,7 @@ class Kernel:
     connection_file: Path
     workspace: Path
     profile: str = "local"
+    relay: str = "srun"
 
     def status(self) -> dict[str, object]:
         return json.loads(hk("status", self.name, "--json").stdout)
@@ -114,15 +120,16 @@ class Kernel:
         return hk("exec", self.name, code, check=check, timeout=timeout)
 
 
-def start_kernel(workspace: Path | None, *extra: str, prefix: str = "t", profile: str = "local") -> Kernel:
+def start_kernel(workspace: Path | None, *extra: str, prefix: str = "t", profile: str = "local",
+                 relay: str | None = None) -> Kernel:
     name = f"{prefix}-{uuid.uuid4().hex[:6]}"
     where = ["--workspace", str(workspace)] if workspace else ["--no-workspace"]
-    proc = hk("submit", "--profile", profile, "--name", name, *where, *extra)
+    proc = hk("submit", "--profile", profile, "--name", name, *where, *(["--relay", relay] if relay else []), *extra)
     connection_file = Path(proc.stdout.strip().splitlines()[-1])
     status = json.loads(hk("status", name, "--json").stdout)
     assert status["state"] == "ready", status
     return Kernel(name, str(status["job_id"]), str(status["node"]), connection_file, workspace or Path("/tmp"),
-                  profile)
+                  profile, relay or "srun")
 
 
 COUNT_SIGINTS = """
@@ -156,11 +163,18 @@ def runtime_profile(request: pytest.FixtureRequest) -> str:
     return RUNTIME_PROFILES[request.param]
 
 
-@pytest.fixture(scope="module", params=sorted(RUNTIME_PROFILES))
+@pytest.fixture(params=sorted(FLAVOURS))
+def flavour(request: pytest.FixtureRequest) -> tuple[str, str]:
+    """A test that starts its own kernels runs once per flavour: (profile, relay transport)."""
+    return FLAVOURS[request.param]
+
+
+@pytest.fixture(scope="module", params=sorted(FLAVOURS))
 def kernel(request: pytest.FixtureRequest, cluster: None) -> Iterator[Kernel]:
-    """One ready kernel per sandbox runtime, shared by a module's tests, shut down at the end."""
+    """One ready kernel per flavour (runtime, transport), shared by a module's tests, shut down at the end."""
     path = make_workspace()
-    k = start_kernel(path, profile=RUNTIME_PROFILES[request.param], prefix=request.param[:3])
+    profile, relay = FLAVOURS[request.param]
+    k = start_kernel(path, profile=profile, relay=relay, prefix=request.param[:3])
     yield k
     hk("shutdown", k.name, check=False)
     shutil.rmtree(path, ignore_errors=True)

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -50,10 +51,12 @@ def profile_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def test_shutdown_leaves_nothing_behind(cluster: None, workspace: Path, runtime_profile: str) -> None:
-    k = start_kernel(workspace, prefix="bye", profile=runtime_profile)
+def test_shutdown_leaves_nothing_behind(cluster: None, workspace: Path, flavour: tuple[str, str]) -> None:
+    k = start_kernel(workspace, prefix="bye", profile=flavour[0], relay=flavour[1])
     state_dir = STATE_ROOT / k.name
-    node_dir = json.loads((state_dir / "agent.json").read_text())["node_dir"]
+    agent = json.loads((state_dir / "agent.json").read_text())
+    node_dir = agent["node_dir"]
+    assert ("tcp" in agent) == (k.relay == "tcp"), "only a tcp kernel's agent listens"
     assert k.job_id in squeue_ids()
     assert processes_mentioning(str(state_dir)), "the agent and relay run while the kernel lives"
 
@@ -66,6 +69,9 @@ def test_shutdown_leaves_nothing_behind(cluster: None, workspace: Path, runtime_
     assert processes_mentioning(str(state_dir)) == [], "no agent or relay process left"
     assert processes_mentioning(node_dir) == [], "no node-side relay, runtime or kernel left"
     assert Path(node_dir).name not in node_tmp_listing(k.node), "node-side directory removed"
+    if k.relay == "tcp":
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((agent["tcp"]["host"], agent["tcp"]["port"]), timeout=5).close()
     job = run(["scontrol", "show", "job", "-o", k.job_id]).stdout
     assert "JobState=COMPLETED" in job, "a graceful shutdown ends the job by itself, not by scancel"
 

@@ -62,6 +62,8 @@ def test_second_user_cannot_reach_login_side(kernel: Kernel) -> None:
     sd = state_dir(kernel)
     paths = [str(login_dir), str(kernel.connection_file), str(login_dir / "kernel-1"), str(login_dir / "kernel-4"),
              str(sd), str(sd / "key"), str(sd / "job.log")]
+    if kernel.relay == "tcp":
+        paths += [str(sd / "tls-ca.pem"), str(sd / "tls-node.pem"), str(sd / "tls-login.pem")]
     results = probe_as_second_user(paths)
     for path, outcome in results.items():
         assert outcome.startswith("PermissionError"), f"{SECOND_USER} reached {path}: {outcome}"
@@ -85,6 +87,51 @@ def test_node_side_directory_is_private_and_on_node_local_tmp(kernel: Kernel) ->
     mode, owner = proc.stdout.split()
     # ipykernel < 6.18 adds the sticky bit (jupyter_client 7 does so against tmp cleaners): harmless.
     assert (int(mode, 8) & 0o777, owner) == (0o700, os.environ["USER"])
+
+
+TCP_PROBE = r"""
+import json, os, socket, ssl, sys, tempfile
+from pathlib import Path
+from hpc_kernels.tls import NODE_NAME, CredentialFiles, make_credentials, write_credentials, login_context
+
+host, port = sys.argv[1], int(sys.argv[2])
+results = {}
+# Plain TCP, speaking ZMTP as a Jupyter client would: nothing of the kernel answers.
+s = socket.create_connection((host, port), timeout=10)
+s.sendall(bytes([0xFF] + [0] * 8 + [0x7F, 3, 0]) + b"NULL" + bytes(32 - 4) + bytes(16))
+try:
+    results["plain"] = "got " + repr(s.recv(4096)[:40])
+except OSError as e:
+    results["plain"] = type(e).__name__
+s.close()
+# Mutual TLS with credentials of one's own making (a valid chain, the right names, another CA).
+mine = CredentialFiles(Path(tempfile.mkdtemp()))
+write_credentials(mine, make_credentials("bobs"))
+try:
+    with socket.create_connection((host, port), timeout=10) as raw:
+        with login_context(mine).wrap_socket(raw, server_hostname=NODE_NAME) as t:
+            t.sendall(b"x")
+            results["own-ca"] = "got " + repr(t.recv(4096)[:40])
+except (OSError, ssl.SSLError) as e:
+    results["own-ca"] = type(e).__name__ + ": " + str(e)[:80]
+print(json.dumps(results))
+"""
+
+
+def test_second_user_cannot_use_the_tcp_transport(kernel: Kernel) -> None:
+    """The tcp transport's port is reachable from the login node (that is its point), but hk-bob,
+    without this kernel's login certificate, gets no byte of the kernel: plain TCP is refused by
+    the TLS listener, and a certificate from a CA of his own fails the handshake."""
+    if kernel.relay != "tcp":
+        pytest.skip("only a kernel of the tcp transport listens")
+    listener = json.loads((state_dir(kernel) / "agent.json").read_text())["tcp"]
+    proc = as_second_user(["/opt/hpc-kernels/venv/bin/python", "-c", TCP_PROBE, listener["host"],
+                           str(listener["port"])])
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not results["plain"].startswith("got b'\\xff"), results  # no ZMTP greeting came back
+    assert "SSLError" in results["own-ca"] or results["own-ca"] in ("got b''",), results
+    assert kernel.exec("print('still mine')").stdout.strip() == "still mine"
 
 
 def test_second_user_cannot_step_into_the_job(kernel: Kernel) -> None:

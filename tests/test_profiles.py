@@ -443,3 +443,32 @@ def test_a_bad_state_setting_names_the_file_and_line(site_config: Path, value: s
     site_config.write_text(f"# site\npaths:\n  state: {value}\n")
     with pytest.raises(ProfileError, match=rf"^{site_config}:3: paths.state: .*{message}"):
         profiles.state_setting()
+
+
+def test_relay_allow_defaults_to_the_profiles_own_transport(profile_dir: Path) -> None:
+    write(profile_dir, "plain", "slurm:\n  partition: debug\n")
+    write(profile_dir, "fast", "relay:\n  transport: tcp\n  allow: [tcp, srun]\n  tcp_ports: 20000-20099\n")
+    plain, fast = load_profile("plain", {}), load_profile("fast", {})
+    assert plain.get("relay", "transport") == "srun" and plain.get("relay", "allow") == ["srun"]
+    assert fast.get("relay", "allow") == ["tcp", "srun"] and fast.get("relay", "tcp_ports") == [20000, 20099]
+
+
+def test_a_relay_transport_outside_relay_allow_is_refused_in_the_profile_and_on_the_command_line(
+        profile_dir: Path) -> None:
+    path = write(profile_dir, "bad", "relay:\n  transport: ssh\n  allow: [srun, tcp]\n")
+    with pytest.raises(ProfileError, match=f"^{path}:2: relay.transport: ssh is not in relay.allow \\(srun, tcp\\)"):
+        load_profile("bad", {})
+    write(profile_dir, "site", "relay:\n  allow: [srun, tcp]\n")
+    site = load_profile("site", {})
+    assert apply_request(site, KernelRequest(name="k", relay="tcp")).get("relay", "transport") == "tcp"
+    with pytest.raises(ProfileError, match=r"^command line \(--relay\): relay.transport: ssh is not in relay.allow"):
+        apply_request(site, KernelRequest(name="k", relay="ssh"))
+    with pytest.raises(ProfileError, match=r"^--relay: 'pigeon' is not valid: expected one of: srun, tcp, ssh"):
+        apply_request(site, KernelRequest(name="k", relay="pigeon"))
+
+
+@pytest.mark.parametrize("ports", ["80-90", "30000-20000", "lots", "20000-70000"])
+def test_relay_tcp_ports_must_be_an_unprivileged_range(profile_dir: Path, ports: str) -> None:
+    path = write(profile_dir, "p", f"relay:\n  allow: [tcp]\n  transport: tcp\n  tcp_ports: {ports}\n")
+    with pytest.raises(ProfileError, match=f"^{path}:4: relay.tcp_ports: .* expected a range of unprivileged ports"):
+        load_profile("p", {})

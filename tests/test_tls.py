@@ -171,7 +171,7 @@ def test_the_relay_stream_over_tls_carries_every_byte(tmp_path: Path) -> None:
         listener = await serve_node_tcp(node_dir, files, host="127.0.0.1")
         port = listener.sockets[0].getsockname()[1]
         try:
-            first, second = [await connect_login_tcp("127.0.0.1", port, files) for _ in range(2)]
+            first, second = [(await connect_login_tcp("127.0.0.1", port, files))[1] for _ in range(2)]
             assert (await first.hello)["transport"] == "tcp"
             return list(await asyncio.gather(through(first, 0), through(second, 4)))
         finally:
@@ -195,7 +195,7 @@ def test_a_login_side_without_the_kernels_credentials_cannot_open_the_stream(tmp
         port = listener.sockets[0].getsockname()[1]
         try:
             with pytest.raises((ssl.SSLError, ConnectionError, asyncio.TimeoutError)):
-                mux = await connect_login_tcp("127.0.0.1", port, other)
+                _, mux = await connect_login_tcp("127.0.0.1", port, other)
                 await asyncio.wait_for(mux.ended, 5)  # TLS 1.3: the refusal may come after the handshake
                 raise ConnectionError("the stream ended")
         finally:
