@@ -1,16 +1,24 @@
 """Relay cost and start-up time, measured side by side in one run (``make bench``).
 
-Rows, all against one kernel on a compute node:
+Rows, all against one kernel on a compute node (bubblewrap; the relay does not depend on the
+runtime), whose agent also listens for the tcp transport:
 
-* execute round trip of ``x += 1`` (request sent until reply and idle status received),
-  through the relay from the login node, and directly over IPC on the compute node
-  (a client started with ``srun --overlap`` inside the kernel's job). The two clients take
-  turns in batches of 20 against the same kernel, so that drift on the machine hits both alike;
-* streaming a large output (``sys.stdout.write`` of N MB) the same two ways;
-* time from ``hpc-kernel submit`` to kernel ready, next to a bare ``sbatch`` of a no-op job
-  (submitted until COMPLETED), alternating, on the same idle cluster.
+* direct IPC on the node (a client started with ``srun --overlap`` inside the kernel's job):
+  the limit;
+* through the relay over each transport (srun, tcp, ssh), all three relays running at once in
+  the user's relay daemon;
+* the five sockets through a plain OpenSSH unix-socket tunnel (``ssh -L sock:sock`` to the
+  node, one per socket): the usual practice.
 
-Prints a Markdown table; docs/performance.md keeps the latest figures. Nothing here asserts a
+Columns: execute round trip of ``x += 1`` (request sent until reply and idle status received),
+median and p90; the time to stream N MB of stdout; the time for one ``display_data`` of an
+M MB image payload; each as a ratio to direct IPC. The clients take turns in batches of 20 against
+the same kernel, so that drift on the machine hits every row alike.
+
+Then the time from ``hpc-kernel submit`` to kernel ready, next to a bare ``sbatch`` of a no-op
+job (submitted until COMPLETED), alternating, on the same idle cluster.
+
+Prints Markdown tables; docs/performance.md keeps the latest figures. Nothing here asserts a
 speed: it measures.
 """
 
@@ -18,15 +26,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
 
 CLIENT = r"""
-import json, sys, time
+import base64, json, os, sys, time
 from jupyter_client import BlockingKernelClient
 
 c = BlockingKernelClient()
@@ -59,6 +70,18 @@ for line in sys.stdin:
             output_hook=count, timeout=600)
         seconds = time.perf_counter() - t
         assert received == int(n) * 1_000_000, received
+        print(json.dumps(seconds), flush=True)
+    elif what == "display":
+        # An image of n MB as the notebook sees it (base64 text), made in the kernel beforehand.
+        c.execute_interactive(
+            "import base64, os\nfrom IPython.display import publish_display_data\n"
+            "payload = base64.b64encode(os.urandom(%d * 750_000)).decode()" % int(n), output_hook=quiet, timeout=60)
+        got = []
+        t = time.perf_counter()
+        c.execute_interactive("publish_display_data({'image/png': payload})", timeout=600,
+                              output_hook=lambda msg: got.append(msg) if msg["msg_type"] == "display_data" else None)
+        seconds = time.perf_counter() - t
+        assert len(got) == 1 and len(got[0]["content"]["data"]["image/png"]) == int(n) * 1_000_000, len(got)
         print(json.dumps(seconds), flush=True)
 c.stop_channels()
 """
@@ -123,14 +146,106 @@ def pct(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+ROWS = ["direct", "srun", "tcp", "ssh", "tunnel"]
+TITLES = {"direct": "direct IPC on the node", "srun": "relay, srun", "tcp": "relay, tcp (TLS)",
+          "ssh": "relay, ssh", "tunnel": "OpenSSH tunnel of the 5 sockets"}
+
+
+def open_tunnel(node: str, node_dir: str, key: str) -> tuple[subprocess.Popen[bytes], Path]:
+    """The usual practice: ``ssh -L`` of each of the kernel's five unix sockets to a private
+    directory here, and a connection file for them. Plain OpenSSH, nothing of ours in between."""
+    from hpc_kernels.paths import ensure_private_dir, runtime_root
+    from hpc_kernels.relay import connection_info, socket_paths
+
+    here = Path(tempfile.mkdtemp(prefix="bench-tunnel-", dir=ensure_private_dir(runtime_root())))
+    forwards = []
+    for local, remote in zip(socket_paths(str(here / "kernel")), socket_paths(f"{node_dir}/kernel")):
+        forwards += ["-L", f"{local}:{remote}"]
+    ssh = subprocess.Popen(["ssh", "-N", "-T", "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes", *forwards,
+                            node], stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while not all(os.path.exists(p) for p in socket_paths(str(here / "kernel"))):
+        if ssh.poll() is not None or time.monotonic() > deadline:
+            sys.exit(f"the ssh tunnel to {node} did not come up (exit code {ssh.poll()})")
+        time.sleep(0.05)
+    connection_file = here / "connection.json"
+    connection_file.write_text(json.dumps(connection_info(str(here / "kernel"), key)))
+    return ssh, connection_file
+
+
+def ratio(value: float, direct: float) -> str:
+    return f"{value / direct:.2f}x"
+
+
+def transport_rows(args: argparse.Namespace, name: str) -> tuple[str, dict[str, dict[str, list[float]]]]:
+    """Every row against one kernel: the measurements, taken in turns."""
+    from hpc_kernels.launcher import start_relay
+    from hpc_kernels.state import kernel_files
+
+    sh("hpc-kernel", "submit", "--profile", "local", "--name", name, "--no-workspace", "--relay", "tcp")
+    files = kernel_files(name)
+    status = json.loads(sh("hpc-kernel", "status", name, "--json"))
+    agent = json.loads(files.agent.read_text())
+    connection_files = {"tcp": str(start_relay(files)),
+                        "srun": str(start_relay(files, "srun", record=False)),
+                        "ssh": str(start_relay(files, "ssh", record=False))}
+    tunnel, tunnel_file = open_tunnel(agent["node"], agent["node_dir"], files.key.read_text().strip())
+    connection_files["tunnel"] = str(tunnel_file)
+    clients = {"direct": Client(["srun", f"--jobid={status['job_id']}", "--overlap", sys.executable, "-c", CLIENT,
+                                 str(Path(agent["node_dir"]) / "kernel.json")])}
+    try:
+        for row in ROWS[1:]:
+            clients[row] = Client([sys.executable, "-c", CLIENT, connection_files[row]])
+        results: dict[str, dict[str, list[float]]] = {row: {"rtt": [], "stream": [], "display": []} for row in ROWS}
+        batch = 20
+        for _ in range(max(1, args.runs // batch)):  # taking turns, so drift hits every row alike
+            for row in ROWS:
+                results[row]["rtt"] += clients[row].ask(f"rtt {batch}")  # type: ignore[operator]
+        for _ in range(2):
+            for row in ROWS:
+                results[row]["stream"].append(clients[row].ask(f"stream {args.stream_mb}"))  # type: ignore[arg-type]
+                results[row]["display"].append(clients[row].ask(f"display {args.display_mb}"))  # type: ignore[arg-type]
+    finally:
+        for client in clients.values():
+            client.close()
+        tunnel.terminate()
+        tunnel.wait(10)
+        shutil.rmtree(tunnel_file.parent, ignore_errors=True)
+        subprocess.run(["hpc-kernel", "shutdown", name], capture_output=True)
+    return str(status["node"]), results
+
+
+def print_transport_table(args: argparse.Namespace, results: dict[str, dict[str, list[float]]]) -> None:
+    median = {row: statistics.median(results[row]["rtt"]) * 1e3 for row in ROWS}
+    p90 = {row: pct(results[row]["rtt"], 0.9) * 1e3 for row in ROWS}
+    stream = {row: min(results[row]["stream"]) for row in ROWS}
+    display = {row: min(results[row]["display"]) for row in ROWS}
+    print("| measure | " + " | ".join(TITLES[row] for row in ROWS) + " |")
+    print("|---" * (len(ROWS) + 1) + "|")
+    print("| execute `x += 1`, median | " + " | ".join(
+        f"{median[r]:.2f} ms" + ("" if r == "direct" else f" ({ratio(median[r], median['direct'])})") for r in ROWS) + " |")
+    print("| execute `x += 1`, p90 | " + " | ".join(
+        f"{p90[r]:.2f} ms" + ("" if r == "direct" else f" ({ratio(p90[r], p90['direct'])})") for r in ROWS) + " |")
+    print(f"| stream {args.stream_mb} MB of stdout, best of 2 | " + " | ".join(
+        f"{stream[r]:.2f} s, {args.stream_mb / stream[r]:.0f} MB/s"
+        + ("" if r == "direct" else f" ({stream['direct'] / stream[r]:.2f}x direct's speed)") for r in ROWS) + " |")
+    print(f"| one `display_data` of {args.display_mb} MB, best of 2 | " + " | ".join(
+        f"{display[r]:.2f} s" + ("" if r == "direct" else f" ({display['direct'] / display[r]:.2f}x direct's speed)")
+        for r in ROWS) + " |")
+    print("| round trip: how many times faster than the tunnel (median) | " + " | ".join(
+        f"{median['tunnel'] / median[r]:.1f}x" for r in ROWS) + " |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=200, help="execute round trips per row")
-    parser.add_argument("--stream-mb", type=int, default=20, help="MB of output to stream per row")
+    parser.add_argument("--runs", type=int, default=300, help="execute round trips per row")
+    parser.add_argument("--stream-mb", type=int, default=50, help="MB of output to stream per row")
+    parser.add_argument("--display-mb", type=int, default=20, help="MB of one display_data payload")
     parser.add_argument("--starts", type=int, default=3, help="submit-to-ready and bare sbatch runs each")
     args = parser.parse_args()
 
     name = f"bench-{uuid.uuid4().hex[:6]}"
+    node, results = transport_rows(args, f"{name}-relay")
     startups, bares, app_startups = [], [], []
     in_job: dict[str, list[float]] = {"bwrap": [], "apptainer": []}
     try:
@@ -141,46 +256,19 @@ def main() -> int:
             sh("hpc-kernel", "shutdown", f"{name}-app-{i}")
             startups.append(submit_seconds(f"{name}-{i}"))
             in_job["bwrap"].append(agent_startup_seconds(f"{name}-{i}"))
-            if i < args.starts - 1:
-                sh("hpc-kernel", "shutdown", f"{name}-{i}")
-        kernel = f"{name}-{args.starts - 1}"
-        status = json.loads(sh("hpc-kernel", "status", kernel, "--json"))
-        agent = json.loads((Path(status["log"]).parent / "agent.json").read_text())
-        login_cf = sh("hpc-kernel", "connect", kernel).strip()
-
-        relay_client = Client([sys.executable, "-c", CLIENT, login_cf])
-        direct_client = Client(["srun", f"--jobid={status['job_id']}", "--overlap", sys.executable, "-c", CLIENT,
-                                str(Path(agent["node_dir"]) / "kernel.json")])
-        relay: dict[str, list[float]] = {"rtt": [], "stream": []}
-        direct: dict[str, list[float]] = {"rtt": [], "stream": []}
-        batch = 20
-        for _ in range(max(1, args.runs // batch)):  # taking turns, so drift hits both rows alike
-            relay["rtt"] += relay_client.ask(f"rtt {batch}")  # type: ignore[operator]
-            direct["rtt"] += direct_client.ask(f"rtt {batch}")  # type: ignore[operator]
-        for _ in range(2):
-            relay["stream"].append(relay_client.ask(f"stream {args.stream_mb}"))  # type: ignore[arg-type]
-            direct["stream"].append(direct_client.ask(f"stream {args.stream_mb}"))  # type: ignore[arg-type]
-        relay_client.close()
-        direct_client.close()
+            sh("hpc-kernel", "shutdown", f"{name}-{i}")
     finally:
         for i in range(args.starts):
             for kernel_name in (f"{name}-{i}", f"{name}-app-{i}"):
                 subprocess.run(["hpc-kernel", "shutdown", kernel_name], capture_output=True)
 
-    d_med, r_med = statistics.median(direct["rtt"]) * 1e3, statistics.median(relay["rtt"]) * 1e3
-    d_p90, r_p90 = pct(direct["rtt"], 0.9) * 1e3, pct(relay["rtt"], 0.9) * 1e3
-    d_mbs, r_mbs = args.stream_mb / min(direct["stream"]), args.stream_mb / min(relay["stream"])
     s_med, b_med, a_med = statistics.median(startups), statistics.median(bares), statistics.median(app_startups)
-
-    print(f"hpc-kernels relay benchmark, {time.strftime('%Y-%m-%d %H:%M')}, node {status['node']}, "
-          f"{args.runs} round trips, {args.stream_mb} MB stream, {args.starts} starts\n")
-    print("| measure | direct IPC on the node | through the relay (srun) | relay / direct |")
-    print("|---|---|---|---|")
-    print(f"| execute `x += 1`, median | {d_med:.2f} ms | {r_med:.2f} ms | {r_med / d_med:.2f}x |")
-    print(f"| execute `x += 1`, p90 | {d_p90:.2f} ms | {r_p90:.2f} ms | {r_p90 / d_p90:.2f}x |")
-    print(f"| stream {args.stream_mb} MB of stdout, best of 2 | {d_mbs:.1f} MB/s | {r_mbs:.1f} MB/s "
-          f"| {d_mbs / r_mbs:.2f}x time |")
+    print(f"hpc-kernels relay benchmark, {time.strftime('%Y-%m-%d %H:%M')}, node {node}, "
+          f"{args.runs} round trips, {args.stream_mb} MB stream, {args.display_mb} MB display_data, "
+          f"{args.starts} starts\n")
+    print_transport_table(args, results)
     print()
+
     def runs(values: list[float]) -> str:
         return ", ".join(f"{v:.2f}" for v in values) + " s"
 

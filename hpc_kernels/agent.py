@@ -9,8 +9,9 @@
 4. reports ``starting`` / ``ready`` / ``failed`` / ``ended`` in ``agent.json`` in the state directory,
 5. when the kernel ends (or the job is cancelled), removes the directory and exits, ending the job.
 
-The relay's node side (``hpc_kernels.relay node``) runs as a separate srun step and connects to
-the sockets this agent's kernel made.
+The relay's node side (``hpc_kernels.relay node``) runs as a separate srun step (or through ssh)
+and connects to the sockets this agent's kernel made; for the tcp transport, the agent itself
+runs it: a TLS listener in a thread, its port in ``agent.json``.
 """
 
 from __future__ import annotations

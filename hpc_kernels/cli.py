@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
-from .errors import HpcKernelsError, ProfileError
+from .errors import HpcKernelsError, ProfileError, RelayError
 from .launcher import (
     KernelView,
     ensure_relay,
@@ -115,6 +115,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
         _progress(f"interrupted: ending kernel {record.name}")
         shutdown(record.name, progress=_progress)
         return 130
+    except RelayError as e:  # the kernel is ready but cannot be reached: it would only hold its job
+        shutdown(record.name, graceful_timeout=0)
+        raise RelayError(f"{e}\nkernel {record.name} was shut down and job {record.job_id} ended; "
+                         "`hpc-kernel doctor` tries each transport") from None
     print(connection_file)
     return 0
 
@@ -344,9 +348,14 @@ def cmd_shutdown(args: argparse.Namespace) -> int:
         return 0
     if not names:
         raise HpcKernelsError("name a kernel to shut down, or give --all")
-    for name in names:
-        shutdown(name, progress=_progress)
-    return 0
+    failed = False
+    for name in names:  # one that cannot be shut down does not keep the others running
+        try:
+            shutdown(name, progress=_progress)
+        except HpcKernelsError as e:
+            print(f"hpc-kernel: error: {e}", file=sys.stderr)
+            failed = True
+    return 1 if failed else 0
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from . import launcher
+from . import launcher, relay_daemon
 from .errors import HpcKernelsError
 from .profiles import KernelRequest, load_profile
 from .state import kernel_files
@@ -50,7 +50,7 @@ def try_transport(name: str, transport: str) -> TransportVerdict:
 
     files = kernel_files(name)
     try:
-        connection_file = launcher.start_relay(files, transport)
+        connection_file = launcher.start_relay(files, transport, record=False)
     except HpcKernelsError as e:
         return TransportVerdict(transport, False, str(e))
     client = BlockingKernelClient()
@@ -72,7 +72,7 @@ def try_transport(name: str, transport: str) -> TransportVerdict:
         return TransportVerdict(transport, False, f"the relay started but the kernel did not answer through it: {e}")
     finally:
         client.stop_channels()
-        launcher.stop_relay(files)
+        relay_daemon.request({"op": "stop", "state_dir": str(files.dir), "transport": transport}, start=False)
 
 
 def run_doctor(profile_name: str, asked: Sequence[str] = (), *, timeout: float = 300.0,

@@ -19,11 +19,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from . import relay_daemon
 from .errors import HpcKernelsError, KernelStartError, RelayError
 from .paths import exposes_private_files, private_paths, read_json, write_json, write_private_file
 from .profiles import KernelRequest, Profile, apply_request, check_kernel_name, load_profile
 from .processes import cmdline, identity, is_running, terminate
-from .relay import SRUN_STOP_SECONDS, connection_info, login_dirs_of, relay_marker, socket_paths
+from .relay import connection_info, login_dirs_of, socket_paths
 from .render import render_kernel_script
 from .slurm import (
     NODE_STEP_ENVIRONMENT,
@@ -53,8 +54,6 @@ POLL_SECONDS = 0.1
 STEP_STOP_SECONDS = 15.0
 MAX_POLL_SECONDS = 5.0
 AGENT_SIGNAL_TIMEOUT = 30.0
-# Longer than the relay's own wait for its srun, so that its cleanup can finish.
-RELAY_STOP_SECONDS = SRUN_STOP_SECONDS + 10
 
 
 def _quiet(_: str) -> None:
@@ -550,7 +549,7 @@ def relay_connection_file(files: KernelFiles) -> Path | None:
     """The login-side connection file, if this kernel's relay runs here and has one."""
     relay = read_json(files.relay) or {}
     connection_file = relay.get("connection_file")
-    if connection_file and is_running(relay, relay_marker(files.dir)) and os.path.exists(connection_file):
+    if connection_file and is_running(relay, relay_daemon.DAEMON_MARKER) and os.path.exists(connection_file):
         return Path(connection_file)
     return None
 
@@ -570,27 +569,18 @@ def ensure_relay(name: str, *, timeout: float | None = None, progress: Progress 
         return start_relay(files)
 
 
-def start_relay(files: KernelFiles, transport: str | None = None) -> Path:
-    """Start the kernel's login-side relay (over ``transport``, else the kernel's own); its
-    connection file once it is ready, or RelayError with the reason and its log's tail."""
-    fd = os.open(files.relay_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "hpc_kernels.relay", "login", str(files.dir), *([transport] if transport else [])],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=fd,
-            start_new_session=True, close_fds=True,
-        )
-    finally:
-        os.close(fd)
-    assert proc.stdout is not None
-    line = proc.stdout.readline().decode(errors="replace").strip()
-    proc.stdout.close()
-    if line.startswith("READY "):
-        return Path(line.split(" ", 1)[1])
-    proc.wait()
+def start_relay(files: KernelFiles, transport: str | None = None, *, record: bool = True) -> Path:
+    """The kernel's login-side relay (over ``transport``, else the kernel's own), started in this
+    user's relay daemon here (:mod:`hpc_kernels.relay_daemon`) unless it runs; its connection
+    file once it is ready, or RelayError with the reason and its log's tail. Without ``record``
+    the kernel's relay.json is left alone (a second relay, beside the one `connect` finds)."""
+    answer = relay_daemon.request({"op": "start", "state_dir": str(files.dir), "transport": transport,
+                                   "record": record}, start=True)
+    assert answer is not None
+    if answer.get("ok"):
+        return Path(answer["connection_file"])
     tail = log_tail(files.relay_log, 10)
-    raise RelayError(f"{line[6:] if line.startswith('ERROR ') else 'the relay exited without a word'}"
-                     + (f"\nlast lines of {files.relay_log}:\n{tail}" if tail else ""))
+    raise RelayError(str(answer.get("error")) + (f"\nlast lines of {files.relay_log}:\n{tail}" if tail else ""))
 
 
 def keep_relay_sockets(name: str) -> None:
@@ -649,9 +639,15 @@ def _relay_socket_names(name: str) -> list[tuple[str, str]]:
 
 def stop_relay(files: KernelFiles) -> None:
     """Stop this kernel's relay (if it runs here) and remove any login-side directory it left."""
-    terminate(read_json(files.relay) or {}, relay_marker(files.dir), RELAY_STOP_SECONDS)
+    relay = read_json(files.relay) or {}
+    if is_running(relay, relay_daemon.DAEMON_MARKER):
+        relay_daemon.stop_at(relay.get("control"), files.dir)
+    relay_daemon.request({"op": "stop", "state_dir": str(files.dir)}, start=False)  # one still starting
     for login_dir in login_dirs_of(files.name):
         shutil.rmtree(login_dir, ignore_errors=True)
+    if relay and not is_running(relay, relay_daemon.DAEMON_MARKER):
+        with contextlib.suppress(FileNotFoundError):
+            files.relay.unlink()
 
 
 # ---------------------------------------------------------------------------------------------

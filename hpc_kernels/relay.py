@@ -1,13 +1,17 @@
 """The socket relay: the kernel's five unix sockets on the compute node, reachable on the login node.
 
-Two processes speak the protocol of :mod:`hpc_kernels.protocol` over one byte stream:
+Two sides speak the protocol of :mod:`hpc_kernels.protocol` over one byte stream:
 
-* the **login side** (``python -m hpc_kernels.relay login STATE_DIR``, a daemon started by
-  ``hpc-kernel``) listens on five unix sockets in a private directory on the login node and writes a
-  connection file pointing at them. It starts the transport, an ``srun --overlap`` step inside the
-  kernel's job, and every client connection becomes a channel of the stream;
-* the **node side** (``python -m hpc_kernels.relay node NODE_DIR``, the srun step) connects each
-  channel to the kernel's own socket in the node-side directory.
+* the **login side** (:func:`serve_kernel`, a task of the user's relay daemon,
+  :mod:`hpc_kernels.relay_daemon`) listens on five unix sockets in a private directory on the
+  login node and writes a connection file pointing at them; every client connection becomes a
+  channel of the stream;
+* the **node side** connects each channel to the kernel's own socket in the node-side directory.
+
+The stream has three transports (``relay.transport``): ``srun``, an ``srun --overlap`` step in the
+kernel's job running ``python -m hpc_kernels.relay node NODE_DIR``, its stdio the stream; ``ssh``,
+the same node side started through OpenSSH; ``tcp``, a mutual-TLS listener that the node agent
+runs in a thread (:class:`NodeListener`, :mod:`hpc_kernels.tls`).
 
 The stream carries raw bytes of each connection (ZMTP, for ZeroMQ), so the relay never parses,
 decrypts or signs Jupyter messages and never needs the key.
@@ -22,12 +26,12 @@ import os
 import random
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 import tty
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
@@ -239,11 +243,6 @@ def login_dirs_of(name: str) -> list[Path]:
     return [d for d in root.iterdir() if d.name.rpartition(LOGIN_DIR_SEPARATOR)[0] == name]
 
 
-def relay_marker(state_dir: Path | str) -> str:
-    """What the login relay's command line contains, to tell it from any other process."""
-    return f"hpc_kernels.relay login {state_dir}"
-
-
 def tcp_tuning_library() -> Path | None:
     """The shim that sets TCP_NODELAY/TCP_QUICKACK on the sockets of srun (or ssh), if it was built."""
     found = sorted(Path(__file__).parent.glob("_srun_tcp_tune*.so"))
@@ -312,10 +311,10 @@ def step_command(transport: str, *, job_id: str, agent: Mapping[str, Any], pytho
     return srun_into_job(job_id, remote, export=NODE_STEP_ENVIRONMENT, node=agent.get("slurm_node"))
 
 
-async def _open_step(argv: list[str], tune_tcp: bool) -> Stream:
+async def _open_step(argv: list[str], *, tune_tcp: bool, stderr: int | None) -> Stream:
     loop = asyncio.get_running_loop()
     transport, step = await loop.subprocess_exec(
-        _Step, *argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None,
+        _Step, *argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
         env=tcp_tuned_environment(os.environ, tune_tcp=tune_tcp),
     )
     assert step.mux is not None
@@ -339,7 +338,16 @@ async def _open_tcp(agent: Mapping[str, Any], files: KernelFiles) -> Stream:
     return mux, close
 
 
-async def _serve_login(files: KernelFiles, ready: Callable[[str], None], transport_name: str | None = None) -> int:
+async def serve_kernel(files: KernelFiles, ready: Callable[[str], None], transport_name: str | None = None, *,
+                       record: Mapping[str, Any] | None = None) -> None:
+    """The login side of one kernel's relay, until its stream ends or this task is cancelled.
+
+    Opens the stream over the kernel's transport (or ``transport_name``), waits for the node
+    side's HELLO, then listens on five unix sockets in a private directory and writes their
+    connection file, and with ``record`` (None: not), ``relay.json`` with ``record`` in it (the
+    relay ``hpc-kernel connect`` finds). ``ready`` is called once, with
+    ``READY <connection file>`` or ``ERROR <why>``. Everything it made is removed when it ends.
+    What it has to say goes to the kernel's relay log."""
     record = read_json(files.record) or {}
     agent = read_json(files.agent) or {}
     launch = read_json(files.launch) or {}
@@ -348,38 +356,34 @@ async def _serve_login(files: KernelFiles, ready: Callable[[str], None], transpo
     key = files.key.read_text().strip()
     login_dir = make_login_dir(files.name)
     base = str(login_dir / "kernel")
-    for path in socket_paths(base):
-        check_socket_path(path, "login-side socket")
-
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        loop.add_signal_handler(sig, stop.set)
-    stopped = asyncio.ensure_future(stop.wait())
     servers: list[asyncio.AbstractServer] = []
     close: Callable[[], Awaitable[None]] | None = None
     where = f"relay ({transport_name}) to {agent.get('node')} (job {record.get('job_id')}) failed"
+    log = os.open(files.relay_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
+        for path in socket_paths(base):
+            check_socket_path(path, "login-side socket")
         try:
             if transport_name == "tcp":
                 mux, close = await _open_tcp(agent, files)
             else:
                 argv = step_command(transport_name, job_id=record["job_id"], agent=agent, python=launch["python"],
                                     ssh_options=settings.get("ssh_options", []))
-                mux, close = await _open_step(argv, tune_tcp=launch.get("tune_srun_tcp", True))
+                # OpenSSH sets TCP_NODELAY itself; Slurm's stdio forwarding needs the shim
+                tune = transport_name == "srun" and launch.get("tune_srun_tcp", True)
+                mux, close = await _open_step(argv, tune_tcp=tune, stderr=log)
         except RelayError as e:
             ready(f"ERROR {where}: {e}")
-            return 1
-        await asyncio.wait([mux.hello, stopped], timeout=HELLO_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
-        if stop.is_set():
-            ready(f"ERROR {where}: stopped before the node side answered")
-            return 1
-        if not mux.hello.done():
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(mux.hello), HELLO_TIMEOUT)
+        except asyncio.TimeoutError:
             ready(f"ERROR {where}: the node side did not answer within {HELLO_TIMEOUT:.0f} s")
-            return 1
-        if mux.hello.exception() is not None:
-            ready(f"ERROR {where}: {mux.hello.exception()}")
-            return 1
+            return
+        except Exception as e:  # the node side's ERROR frame, or the stream ended first
+            ready(f"ERROR {where}: {e}")
+            return
         old_umask = os.umask(0o077)
         try:
             for index, path in enumerate(socket_paths(base)):
@@ -388,14 +392,17 @@ async def _serve_login(files: KernelFiles, ready: Callable[[str], None], transpo
             os.umask(old_umask)
         connection_file = login_dir / "connection.json"
         write_json(connection_file, connection_info(base, key, read_json(files.curve)))
-        write_json(files.relay, {**identity(), "connection_file": str(connection_file), "login_dir": str(login_dir),
-                                 "transport": transport_name})
+        if record is not None:
+            write_json(files.relay, {**identity(), **record, "connection_file": str(connection_file),
+                                     "login_dir": str(login_dir), "transport": transport_name})
         ready(f"READY {connection_file}")
-        await asyncio.wait([mux.ended, stopped], return_when=asyncio.FIRST_COMPLETED)
-        print(f"relay for {files.name}: {'stopped' if stop.is_set() else 'the stream ended'}", file=sys.stderr)
-        return 0
+        _log_line(log, f"relay ({transport_name}) to {agent.get('node')} ready")
+        await mux.ended
+        _log_line(log, f"relay ({transport_name}): the stream ended")
+    except asyncio.CancelledError:
+        _log_line(log, f"relay ({transport_name}): stopped")
+        raise
     finally:
-        stopped.cancel()
         for server in servers:
             server.close()
         if close is not None:
@@ -405,6 +412,12 @@ async def _serve_login(files: KernelFiles, ready: Callable[[str], None], transpo
         if relay and relay.get("pid") == os.getpid() and relay.get("login_dir") == str(login_dir):
             with contextlib.suppress(FileNotFoundError):
                 files.relay.unlink()
+        os.close(log)
+
+
+def _log_line(fd: int, message: str) -> None:
+    with contextlib.suppress(OSError):
+        os.write(fd, f"[hpc-kernels relay {time.strftime('%H:%M:%S')}] {message}\n".encode())
 
 
 async def _stop_step(transport: asyncio.BaseTransport, step: _Step) -> None:
@@ -420,35 +433,11 @@ async def _stop_step(transport: asyncio.BaseTransport, step: _Step) -> None:
     transport.close()
 
 
-def login_main(state_dir: str, transport: str | None = None) -> int:
-    """Run the login-side relay; report READY/ERROR on stdout once, then detach stdout."""
-    files = KernelFiles(Path(state_dir))
-    reported = False
-
-    def ready(line: str) -> None:
-        nonlocal reported
-        if reported:
-            return
-        reported = True
-        print(line, flush=True)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 1)
-        os.close(devnull)
-
-    try:
-        return asyncio.run(_serve_login(files, ready, transport))
-    except Exception as e:  # reported to the waiting command, then the traceback goes to relay.log
-        ready(f"ERROR relay failed: {type(e).__name__}: {e}")
-        raise
-
-
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) == 2 and args[0] == "node":
         return node_main(args[1])
-    if len(args) in (2, 3) and args[0] == "login" and args[2:] in ([], ["srun"], ["tcp"], ["ssh"]):
-        return login_main(args[1], *args[2:])
-    print("usage: python -m hpc_kernels.relay {node NODE_DIR | login STATE_DIR [srun|tcp|ssh]}", file=sys.stderr)
+    print("usage: python -m hpc_kernels.relay node NODE_DIR", file=sys.stderr)
     return 2
 
 

@@ -196,7 +196,8 @@ def test_two_commands_at_once_start_one_relay(cluster: None, workspace: Path) ->
                                   text=True) for _ in range(4)]
         outputs = {p.communicate(timeout=120)[0].strip() for p in procs}
         assert len(outputs) == 1 and all(p.returncode == 0 for p in procs)
-        assert len(processes_mentioning(f"hpc_kernels.relay login {STATE_ROOT / name}")) == 1
+        node_dir = json.loads((STATE_ROOT / name / "agent.json").read_text())["node_dir"]
+        assert len(processes_mentioning(f"hpc_kernels.relay node {node_dir}")) == 1, "one node side: one relay"
     finally:
         hk("shutdown", name)
 

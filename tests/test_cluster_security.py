@@ -61,7 +61,7 @@ def test_second_user_cannot_reach_login_side(kernel: Kernel) -> None:
     login_dir = kernel.connection_file.parent
     sd = state_dir(kernel)
     paths = [str(login_dir), str(kernel.connection_file), str(login_dir / "kernel-1"), str(login_dir / "kernel-4"),
-             str(sd), str(sd / "key"), str(sd / "job.log")]
+             str(sd), str(sd / "key"), str(sd / "job.log"), str(login_dir.parent / "relay.sock")]
     if kernel.relay == "tcp":
         paths += [str(sd / "tls-ca.pem"), str(sd / "tls-node.pem"), str(sd / "tls-login.pem")]
     results = probe_as_second_user(paths)
@@ -104,12 +104,16 @@ try:
 except OSError as e:
     results["plain"] = type(e).__name__
 s.close()
-# Mutual TLS with credentials of one's own making (a valid chain, the right names, another CA).
+# Mutual TLS with credentials of one's own making (a valid chain, the right names, another CA),
+# not caring who the node is: only the node side's check of the client can stop this.
 mine = CredentialFiles(Path(tempfile.mkdtemp()))
 write_credentials(mine, make_credentials("bobs"))
+context = login_context(mine)
+context.check_hostname = False
+context.verify_mode = ssl.CERT_NONE
 try:
     with socket.create_connection((host, port), timeout=10) as raw:
-        with login_context(mine).wrap_socket(raw, server_hostname=NODE_NAME) as t:
+        with context.wrap_socket(raw, server_hostname=NODE_NAME) as t:
             t.sendall(b"x")
             results["own-ca"] = "got " + repr(t.recv(4096)[:40])
 except (OSError, ssl.SSLError) as e:
@@ -130,7 +134,7 @@ def test_second_user_cannot_use_the_tcp_transport(kernel: Kernel) -> None:
     assert proc.returncode == 0, proc.stderr
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not results["plain"].startswith("got b'\\xff"), results  # no ZMTP greeting came back
-    assert "SSLError" in results["own-ca"] or results["own-ca"] in ("got b''",), results
+    assert results["own-ca"] == "got b''" or "alert" in results["own-ca"], results  # refused by the node side
     assert kernel.exec("print('still mine')").stdout.strip() == "still mine"
 
 

@@ -1,0 +1,144 @@
+"""The relay's transports on the real cluster: doctor, refusals, and failures that say why.
+
+The kernel suite itself runs over every transport (conftest.FLAVOURS); this file covers what is
+particular to choosing one."""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import hk, run, start_kernel
+
+STATE_ROOT = Path.home() / ".local/share/hpc-kernels/kernels"
+
+
+def our_jobs() -> set[str]:
+    return set(run(["squeue", "-h", "--me", "-o", "%i"]).stdout.split())
+
+
+def kernel_names() -> set[str]:
+    return {row["name"] for row in json.loads(hk("list", "--json").stdout)}
+
+
+@pytest.fixture
+def profile_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("HPC_KERNELS_PROFILE_PATH", str(tmp_path))
+    return tmp_path
+
+
+def test_doctor_tries_every_transport_the_profile_allows_and_leaves_nothing(cluster: None) -> None:
+    jobs_before = our_jobs()
+    proc = hk("doctor", "--profile", "local", "--json")
+    verdicts = {v["transport"]: v for v in json.loads(proc.stdout)}
+    assert set(verdicts) == {"srun", "tcp", "ssh"}
+    for verdict in verdicts.values():
+        assert verdict["works"], verdict
+        assert 0 < verdict["round_trip_ms"] < 1000, verdict
+    assert our_jobs() == jobs_before, "the test job ended"
+    assert not [n for n in kernel_names() if n.startswith("doctor-")]
+
+
+def test_doctor_says_why_a_transport_fails_in_the_transports_own_words(cluster: None, profile_path: Path) -> None:
+    (profile_path / "wrong-port.yaml").write_text(
+        "extends: local\nrelay:\n  ssh_options: ['-p', '2999']\n")
+    proc = hk("doctor", "--profile", "wrong-port", check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = {line.split()[0]: line for line in proc.stdout.splitlines() if line[:1].isalpha()}
+    assert " works " in lines["srun"] and " works " in lines["tcp"]
+    assert " FAILS " in lines["ssh"]
+    assert "port 2999: Connection refused" in proc.stdout, proc.stdout  # OpenSSH's own message
+    assert not [n for n in kernel_names() if n.startswith("doctor-")]
+
+
+def test_a_transport_the_profile_does_not_allow_is_refused_before_anything_is_submitted(
+        cluster: None, profile_path: Path) -> None:
+    (profile_path / "srun-only.yaml").write_text("extends: local\nrelay:\n  allow: [srun]\n")
+    jobs_before = our_jobs()
+    name = f"deny-{uuid.uuid4().hex[:6]}"
+    proc = hk("submit", "--profile", "srun-only", "--name", name, "--no-workspace", "--relay", "tcp", check=False)
+    assert proc.returncode != 0
+    assert "command line (--relay): relay.transport: tcp is not in relay.allow (srun)" in proc.stderr
+    assert our_jobs() == jobs_before and not (STATE_ROOT / name).exists()
+
+
+def test_a_kernel_its_relay_cannot_reach_is_shut_down_with_the_reason(cluster: None, profile_path: Path) -> None:
+    """Ready on its node but unreachable (here: ssh to a port nobody listens on): submit says
+    what ssh said, and ends the job rather than leave it holding its allocation."""
+    (profile_path / "wrong-port.yaml").write_text(
+        "extends: local\nrelay:\n  transport: ssh\n  ssh_options: ['-p', '2999']\n")
+    jobs_before = our_jobs()
+    name = f"unreach-{uuid.uuid4().hex[:6]}"
+    proc = hk("submit", "--profile", "wrong-port", "--name", name, "--no-workspace", check=False)
+    assert proc.returncode != 0
+    assert "relay (ssh) to c" in proc.stderr and "Connection refused" in proc.stderr, proc.stderr
+    assert f"kernel {name} was shut down" in proc.stderr
+    assert our_jobs() == jobs_before and not (STATE_ROOT / name).exists()
+
+
+def test_a_tcp_kernel_refuses_another_kernels_login_certificate(cluster: None) -> None:
+    """Both kernels are ours; each has its own CA. Kernel B's login certificate, valid and
+    ours, opens nothing on kernel A's listener, and A's own still does."""
+    a = start_kernel(None, prefix="tlsa", relay="tcp")
+    b = start_kernel(None, prefix="tlsb", relay="tcp")
+    try:
+        listener = json.loads((STATE_ROOT / a.name / "agent.json").read_text())["tcp"]
+
+        def hello_with(certificate_of: str | None) -> bytes:
+            """Trusting A's CA (so the node is A's), log in with this kernel's login certificate."""
+            context = ssl.create_default_context(cafile=str(STATE_ROOT / a.name / "tls-ca.pem"))
+            if certificate_of:
+                context.load_cert_chain(str(STATE_ROOT / certificate_of / "tls-login.pem"))
+            with socket.create_connection((listener["host"], listener["port"]), timeout=10) as raw:
+                with context.wrap_socket(raw, server_hostname="hpc-kernels-node") as tls:
+                    return tls.recv(64)
+
+        assert hello_with(a.name).startswith(b"HKR1"), "the kernel's own login side gets the stream's HELLO"
+        for other in (b.name, None):
+            try:
+                got = hello_with(other)
+            except (ssl.SSLError, ConnectionResetError) as e:  # TLS 1.3: the refusal comes after the client's Finished
+                got = repr(e).encode()
+            assert not got.startswith(b"HKR1"), f"{other}'s certificate opened kernel {a.name}'s stream"
+            assert got == b"" or b"alert" in got or b"Reset" in got, got
+        assert a.exec("print('unharmed')").stdout.strip() == "unharmed"
+    finally:
+        hk("shutdown", a.name, b.name)
+
+
+def test_one_relay_daemon_serves_every_kernel_and_ends_after_the_last(cluster: None) -> None:
+    """The login side of all of a user's relays is one process (its memory is paid once, see
+    docs/performance.md); one kernel's shutdown leaves the others' relays alone; the daemon
+    goes away by itself after the last one, and comes back when needed."""
+    a = start_kernel(None, prefix="da")
+    b = start_kernel(None, prefix="db", relay="tcp")
+    try:
+        daemons = {json.loads((STATE_ROOT / k.name / "relay.json").read_text())["pid"] for k in (a, b)}
+        assert len(daemons) == 1
+        daemon = daemons.pop()
+        assert "hpc_kernels.relay_daemon" in Path(f"/proc/{daemon}/cmdline").read_text()
+        hk("shutdown", a.name)
+        assert b.exec("print('b lives')").stdout.strip() == "b lives"
+        assert Path(f"/proc/{daemon}").exists()
+    finally:
+        both = hk("shutdown", a.name, b.name, check=False)
+    assert both.returncode == 1 and f"no kernel named {a.name!r}" in both.stderr, both.stderr
+    assert b.name not in kernel_names(), "a name that is gone does not keep the next one running"
+    control = b.connection_file.parent.parent / "relay.sock"
+    deadline = time.monotonic() + 30
+    while (control.exists() or _alive(daemon)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(daemon) and not control.exists(), "the idle daemon ended and removed its socket"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
