@@ -21,7 +21,7 @@ from typing import Any
 
 from . import relay_daemon
 from .errors import HpcKernelsError, KernelStartError, RelayError
-from .paths import exposes_private_files, private_paths, read_json, write_json, write_private_file
+from .paths import exposes_private_files, private_paths, read_json, runtime_root, write_json, write_private_file
 from .profiles import KernelRequest, Profile, apply_request, check_kernel_name, load_profile
 from .processes import cmdline, identity, is_running, terminate
 from .relay import connection_info, login_dirs_of, socket_paths
@@ -578,7 +578,10 @@ def start_relay(files: KernelFiles, transport: str | None = None, *, record: boo
                                    "record": record}, start=True)
     assert answer is not None
     if answer.get("ok"):
-        return Path(answer["connection_file"])
+        connection_file = Path(answer["connection_file"])
+        if connection_file.parent.parent != runtime_root():  # only a relay directory of ours
+            raise RelayError(f"the relay daemon answered {connection_file}, outside {runtime_root()}")
+        return connection_file
     tail = log_tail(files.relay_log, 10)
     raise RelayError(str(answer.get("error")) + (f"\nlast lines of {files.relay_log}:\n{tail}" if tail else ""))
 

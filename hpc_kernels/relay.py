@@ -33,7 +33,9 @@ import tempfile
 import threading
 import time
 import tty
+import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -105,19 +107,27 @@ async def _serve_node(node_dir: Path) -> int:
     return 0
 
 
-def _no_delay(transport: asyncio.BaseTransport) -> None:
-    """Small writes go out at once: the relay batches frames itself (see docs/performance.md)."""
+def _tune_tcp(transport: asyncio.BaseTransport) -> None:
+    """Small writes go out at once (the relay batches frames itself, see docs/performance.md),
+    and a peer that vanished without a word (a crashed node) is noticed within about a minute."""
     sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, option):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
 async def serve_node_tcp(node_dir: Path, credentials: CredentialFiles, *, host: str = "",
-                         ports: Sequence[int] = (0,)) -> asyncio.AbstractServer:
+                         ports: Sequence[int] = (0,),
+                         connections: set[asyncio.BaseTransport] | None = None) -> asyncio.AbstractServer:
     """The tcp transport's node side: a TLS listener (mutual: see :mod:`hpc_kernels.tls`) whose
     every connection is one relay stream to the kernel's sockets in ``node_dir``, as the srun
     step's stdio is. A peer without the kernel's login certificate is refused in the handshake.
-    It binds the first free port of ``ports`` (0: any)."""
+    It binds the first free port of ``ports`` (0: any); its connections are added to
+    ``connections``, so that whoever stops the server can end them too."""
     loop = asyncio.get_running_loop()
     sockets = socket_paths(str(node_dir / "kernel"))
     context = node_context(credentials)
@@ -126,7 +136,9 @@ async def serve_node_tcp(node_dir: Path, credentials: CredentialFiles, *, host: 
         await loop.create_unix_connection(factory, sockets[index])
 
     def stream(transport: asyncio.BaseTransport) -> Multiplexer:
-        _no_delay(transport)
+        _tune_tcp(transport)
+        if connections is not None:
+            connections.add(transport)
         write = transport.write  # type: ignore[attr-defined]
         write(p.encode_hello({"node": socket.gethostname(), "transport": "tcp"}))
         return Multiplexer(write, connect)
@@ -169,6 +181,7 @@ class NodeListener:
         self._loop = asyncio.new_event_loop()
         self._started: concurrent.futures.Future[int] = concurrent.futures.Future()
         self._thread = threading.Thread(target=self._run, name="relay-tcp", daemon=True)
+        self._connections: set[asyncio.BaseTransport] = weakref.WeakSet()  # type: ignore[assignment]
 
     def start(self) -> int:
         """Listen; the port. Raises what binding or reading the credentials raised."""
@@ -179,7 +192,8 @@ class NodeListener:
         asyncio.set_event_loop(self._loop)
         node_dir, credentials, ports = self._args
         try:
-            server = self._loop.run_until_complete(serve_node_tcp(node_dir, credentials, ports=ports))
+            server = self._loop.run_until_complete(serve_node_tcp(node_dir, credentials, ports=ports,
+                                                                  connections=self._connections))
         except BaseException as e:  # noqa: BLE001 (handed to start())
             self._started.set_exception(e)
             return
@@ -188,6 +202,8 @@ class NodeListener:
             self._loop.run_forever()
         finally:
             server.close()
+            for connection in list(self._connections):  # wait_closed waits for them (Python >= 3.12)
+                connection.abort()  # type: ignore[attr-defined]
             self._loop.run_until_complete(server.wait_closed())
 
     def stop(self) -> None:
@@ -203,7 +219,7 @@ async def connect_login_tcp(host: str, port: int, credentials: CredentialFiles) 
     loop = asyncio.get_running_loop()
 
     def stream(transport: asyncio.BaseTransport) -> Multiplexer:
-        _no_delay(transport)
+        _tune_tcp(transport)
         return Multiplexer(transport.write, expect_hello=True)  # type: ignore[attr-defined]
 
     transport, end = await asyncio.wait_for(
@@ -249,14 +265,19 @@ def tcp_tuning_library() -> Path | None:
     return found[0] if found else None
 
 
-def tcp_tuned_environment(env: Mapping[str, str], *, tune_tcp: bool) -> dict[str, str]:
-    """The environment of srun (or ssh): ours, with the TCP tuning shim preloaded when asked for
-    and built.
+# What srun would take as options from its environment: a relay daemon first started inside an
+# allocation (salloc -c 16) must not pass that allocation's shape to every later kernel's step.
+_SLURM_INPUT_PREFIXES = ("SLURM_", "SALLOC_", "SBATCH_", "SRUN_")
 
-    Without it, Slurm's stdio forwarding (and OpenSSH without a pty) meets Nagle's algorithm and
-    delayed ACKs: see hpc_kernels/_native/srun_tcp_tune.c and docs/performance.md.
+
+def step_environment(env: Mapping[str, str], *, tune_tcp: bool) -> dict[str, str]:
+    """The environment of srun (or ssh): ours without Slurm's input variables (SLURM_CONF
+    stays), with the TCP tuning shim preloaded when asked for and built.
+
+    Without the shim, Slurm's stdio forwarding meets Nagle's algorithm and delayed ACKs: see
+    hpc_kernels/_native/srun_tcp_tune.c and docs/performance.md.
     """
-    out = dict(env)
+    out = {k: v for k, v in env.items() if not k.startswith(_SLURM_INPUT_PREFIXES) or k == "SLURM_CONF"}
     library = tcp_tuning_library() if tune_tcp else None
     if library is not None:
         out["LD_PRELOAD"] = " ".join(filter(None, [str(library), env.get("LD_PRELOAD", "")]))
@@ -265,10 +286,15 @@ def tcp_tuned_environment(env: Mapping[str, str], *, tune_tcp: bool) -> dict[str
     return out
 
 
+# A node that died without a word (no FIN) is noticed within about a minute, not never.
+SSH_KEEPALIVE = ["-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4"]
+
+
 def ssh_argv(node: str, remote: Sequence[str], options: Sequence[str] = ()) -> list[str]:
     """OpenSSH to ``node`` running ``remote`` there, its stdio a clean byte stream: no pty (-T),
-    never a password prompt (BatchMode), the site's ``relay.ssh_options`` before the host."""
-    return ["ssh", "-T", "-o", "BatchMode=yes", *options, "--", node, shlex.join(remote)]
+    never a password prompt (BatchMode, first: ssh keeps the first value of an option), the
+    site's ``relay.ssh_options``, then our keepalive (which the site's may override)."""
+    return ["ssh", "-T", "-o", "BatchMode=yes", *options, *SSH_KEEPALIVE, "--", node, shlex.join(remote)]
 
 
 class _Step(asyncio.SubprocessProtocol):
@@ -315,7 +341,7 @@ async def _open_step(argv: list[str], *, tune_tcp: bool, stderr: int | None) -> 
     loop = asyncio.get_running_loop()
     transport, step = await loop.subprocess_exec(
         _Step, *argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
-        env=tcp_tuned_environment(os.environ, tune_tcp=tune_tcp),
+        env=step_environment(os.environ, tune_tcp=tune_tcp),
     )
     assert step.mux is not None
     return step.mux, partial(_stop_step, transport, step)
@@ -338,40 +364,55 @@ async def _open_tcp(agent: Mapping[str, Any], files: KernelFiles) -> Stream:
     return mux, close
 
 
+@dataclass(frozen=True)
+class _KernelView:
+    """What a relay reads of its kernel's state (on the shared file system: read off the loop)."""
+
+    job_id: str | None
+    agent: Mapping[str, Any]
+    launch: Mapping[str, Any]
+    key: str
+    curve: Mapping[str, str] | None
+
+
+def _read_kernel(files: KernelFiles) -> _KernelView:
+    return _KernelView(job_id=(read_json(files.record) or {}).get("job_id"), agent=read_json(files.agent) or {},
+                       launch=read_json(files.launch) or {}, key=files.key.read_text().strip(),
+                       curve=read_json(files.curve))
+
+
 async def serve_kernel(files: KernelFiles, ready: Callable[[str], None], transport_name: str | None = None, *,
-                       record: Mapping[str, Any] | None = None) -> None:
+                       record: Mapping[str, Any] | None = None, ending: Callable[[], None] = lambda: None) -> None:
     """The login side of one kernel's relay, until its stream ends or this task is cancelled.
 
     Opens the stream over the kernel's transport (or ``transport_name``), waits for the node
     side's HELLO, then listens on five unix sockets in a private directory and writes their
     connection file, and with ``record`` (None: not), ``relay.json`` with ``record`` in it (the
-    relay ``hpc-kernel connect`` finds). ``ready`` is called once, with
-    ``READY <connection file>`` or ``ERROR <why>``. Everything it made is removed when it ends.
-    What it has to say goes to the kernel's relay log."""
-    record = read_json(files.record) or {}
-    agent = read_json(files.agent) or {}
-    launch = read_json(files.launch) or {}
-    settings = launch.get("relay") or {}
-    transport_name = transport_name or settings.get("transport", "srun")
-    key = files.key.read_text().strip()
-    login_dir = make_login_dir(files.name)
-    base = str(login_dir / "kernel")
-    loop = asyncio.get_running_loop()
+    relay ``hpc-kernel connect`` finds). ``ready`` is called once, with ``READY <connection
+    file>`` or ``ERROR <why>``; ``ending`` as soon as the relay is on its way out (its
+    connection file is no use any more). Everything it made is removed when it ends, even if it
+    is cancelled again meanwhile. What it has to say goes to the kernel's relay log."""
+    log = await asyncio.to_thread(os.open, files.relay_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    login_dir: Path | None = None
     servers: list[asyncio.AbstractServer] = []
     close: Callable[[], Awaitable[None]] | None = None
-    where = f"relay ({transport_name}) to {agent.get('node')} (job {record.get('job_id')}) failed"
-    log = os.open(files.relay_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
+        kernel = await asyncio.to_thread(_read_kernel, files)
+        settings = kernel.launch.get("relay") or {}
+        transport_name = transport_name or settings.get("transport") or "srun"
+        where = f"relay ({transport_name}) to {kernel.agent.get('node')} (job {kernel.job_id}) failed"
+        login_dir = make_login_dir(files.name)
+        base = str(login_dir / "kernel")
         for path in socket_paths(base):
             check_socket_path(path, "login-side socket")
         try:
             if transport_name == "tcp":
-                mux, close = await _open_tcp(agent, files)
+                mux, close = await _open_tcp(kernel.agent, files)
             else:
-                argv = step_command(transport_name, job_id=record["job_id"], agent=agent, python=launch["python"],
-                                    ssh_options=settings.get("ssh_options", []))
+                argv = step_command(transport_name, job_id=str(kernel.job_id), agent=kernel.agent,
+                                    python=kernel.launch["python"], ssh_options=settings.get("ssh_options", []))
                 # OpenSSH sets TCP_NODELAY itself; Slurm's stdio forwarding needs the shim
-                tune = transport_name == "srun" and launch.get("tune_srun_tcp", True)
+                tune = transport_name == "srun" and kernel.launch.get("tune_srun_tcp", True)
                 mux, close = await _open_step(argv, tune_tcp=tune, stderr=log)
         except RelayError as e:
             ready(f"ERROR {where}: {e}")
@@ -384,35 +425,52 @@ async def serve_kernel(files: KernelFiles, ready: Callable[[str], None], transpo
         except Exception as e:  # the node side's ERROR frame, or the stream ended first
             ready(f"ERROR {where}: {e}")
             return
-        old_umask = os.umask(0o077)
-        try:
-            for index, path in enumerate(socket_paths(base)):
-                servers.append(await loop.create_unix_server(partial(mux.local_end, index), path=path))
-        finally:
-            os.umask(old_umask)
+        for index, path in enumerate(socket_paths(base)):
+            # login_dir is 0700 already; the socket itself is made 0600 before anyone may connect
+            server = await asyncio.get_running_loop().create_unix_server(partial(mux.local_end, index), path=path)
+            os.chmod(path, 0o600)
+            servers.append(server)
         connection_file = login_dir / "connection.json"
-        write_json(connection_file, connection_info(base, key, read_json(files.curve)))
+        await asyncio.to_thread(write_json, connection_file, connection_info(base, kernel.key, kernel.curve))
         if record is not None:
-            write_json(files.relay, {**identity(), **record, "connection_file": str(connection_file),
-                                     "login_dir": str(login_dir), "transport": transport_name})
+            await asyncio.to_thread(write_json, files.relay, {
+                **identity(), **record, "connection_file": str(connection_file), "login_dir": str(login_dir),
+                "transport": transport_name})
         ready(f"READY {connection_file}")
-        _log_line(log, f"relay ({transport_name}) to {agent.get('node')} ready")
+        _log_line(log, f"relay ({transport_name}) to {kernel.agent.get('node')} ready")
         await mux.ended
         _log_line(log, f"relay ({transport_name}): the stream ended")
     except asyncio.CancelledError:
         _log_line(log, f"relay ({transport_name}): stopped")
         raise
     finally:
+        ending()
+        cleanup = asyncio.ensure_future(_clean_up(files, log, login_dir, servers, close))
+        while not cleanup.done():  # a second cancel must not cut the clean-up short
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(cleanup)
+
+
+async def _clean_up(files: KernelFiles, log: int, login_dir: Path | None, servers: list[asyncio.AbstractServer],
+                    close: Callable[[], Awaitable[None]] | None) -> None:
+    try:
         for server in servers:
             server.close()
         if close is not None:
             await close()
-        shutil.rmtree(login_dir, ignore_errors=True)
-        relay = read_json(files.relay)
-        if relay and relay.get("pid") == os.getpid() and relay.get("login_dir") == str(login_dir):
-            with contextlib.suppress(FileNotFoundError):
-                files.relay.unlink()
+        if login_dir is not None:
+            await asyncio.to_thread(_forget, files, login_dir)
+    finally:
         os.close(log)
+
+
+def _forget(files: KernelFiles, login_dir: Path) -> None:
+    """Remove the relay's directory, and relay.json if it names this relay (and no later one)."""
+    shutil.rmtree(login_dir, ignore_errors=True)
+    relay = read_json(files.relay)
+    if relay and relay.get("pid") == os.getpid() and relay.get("login_dir") == str(login_dir):
+        with contextlib.suppress(FileNotFoundError):
+            files.relay.unlink()
 
 
 def _log_line(fd: int, message: str) -> None:

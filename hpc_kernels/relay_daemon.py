@@ -46,6 +46,8 @@ from .state import KernelFiles
 
 DAEMON_MARKER = "hpc_kernels.relay_daemon"
 IDLE_EXIT_SECONDS = 5.0
+SOCKET_CHECK_SECONDS = 10.0
+REQUEST_READ_SECONDS = 10.0
 START_TIMEOUT = 180.0  # longer than the relay's own wait for its node side
 SPAWN_TIMEOUT = 15.0
 
@@ -68,6 +70,7 @@ class _Relay:
     task: asyncio.Task[None]
     transport: str
     ready: asyncio.Future[str]  # READY <connection file> or ERROR <why>
+    ending: bool = False  # its stream ended or it is being stopped: its connection file is no use
 
 
 class Daemon:
@@ -78,6 +81,7 @@ class Daemon:
         self.done = asyncio.get_running_loop().create_future()
         self.server: asyncio.AbstractServer | None = None
         self.idle_check: asyncio.TimerHandle | None = None
+        self.bound: tuple[int, int] | None = None  # the control socket's (device, inode)
 
     async def serve(self) -> None:
         path = control_socket(self.root)
@@ -88,22 +92,38 @@ class Daemon:
             self.server = await asyncio.start_unix_server(self.answer, path=str(path))
         finally:
             os.umask(old_umask)
+        self.bound = _inode(path)
+        watch = asyncio.ensure_future(self.watch_control_socket(path))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, lambda: self.done.done() or self.done.set_result(None))
         _say(f"serving on {path}")
         self.when_idle()
         await self.done
+        watch.cancel()
         self.close_control()
         await self.stop_all()
         _say("exiting")
+
+    async def watch_control_socket(self, path: Path) -> None:
+        """Removed or replaced (the runtime directory was cleaned, say at logout): nobody can
+        reach us any more, and our relays' sockets went with it. Stop them all and end."""
+        while True:
+            await asyncio.sleep(SOCKET_CHECK_SECONDS)
+            if _inode(path) != self.bound:
+                _say(f"{path} was removed or replaced: stopping every relay")
+                self.server = None  # not ours to unlink any more
+                if not self.done.done():
+                    self.done.set_result(None)
+                return
 
     def close_control(self) -> None:
         if self.server is not None:
             self.server.close()
             self.server = None
-            with contextlib.suppress(FileNotFoundError):
-                control_socket(self.root).unlink()
+            if _inode(control_socket(self.root)) == self.bound:
+                with contextlib.suppress(FileNotFoundError):
+                    control_socket(self.root).unlink()
 
     async def stop_all(self) -> None:
         for relay in self.relays.values():
@@ -125,13 +145,18 @@ class Daemon:
     async def answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.busy += 1
         try:
-            if _peer_uid(writer) != os.getuid():
+            if _peer_uid(writer.get_extra_info("socket")) != os.getuid():
                 return
             try:
-                request = json.loads(await reader.readline())
+                request = json.loads(await asyncio.wait_for(reader.readline(), REQUEST_READ_SECONDS))
                 reply = await self.handle(request)
             except (ValueError, KeyError, TypeError) as e:
                 reply = {"ok": False, "error": f"bad request: {e}"}
+            except asyncio.TimeoutError:
+                return
+            except Exception as e:  # say it, or the client would take us for a daemon on its way out
+                _say(f"request failed: {type(e).__name__}: {e}")
+                reply = {"ok": False, "error": f"the relay daemon failed: {type(e).__name__}: {e}"}
             writer.write(json.dumps(reply).encode() + b"\n")
             with contextlib.suppress(ConnectionError):
                 await writer.drain()
@@ -151,9 +176,9 @@ class Daemon:
         if op != "start":
             raise ValueError(f"unknown op {op!r}")
         files = KernelFiles(Path(state_dir))
-        transport = request.get("transport") or kernel_transport(files)
+        transport = request.get("transport") or await asyncio.to_thread(kernel_transport, files)
         relay = self.relays.get((state_dir, transport))
-        if relay is None or relay.task.done():
+        if relay is None or relay.task.done() or relay.ending:
             relay = self.start(files, transport, record=bool(request.get("record", True)))
         line = await asyncio.shield(relay.ready)
         if line.startswith("READY "):
@@ -169,7 +194,12 @@ class Daemon:
                 ready.set_result(line)
 
         extra = {"control": str(control_socket(self.root))} if record else None
-        task = loop.create_task(serve_kernel(files, report, transport, record=extra))
+        relay: _Relay
+
+        def ending() -> None:
+            relay.ending = True
+
+        task = loop.create_task(serve_kernel(files, report, transport, record=extra, ending=ending))
         key = (str(files.dir), transport)
         relay = self.relays[key] = _Relay(task, transport, ready)
         task.add_done_callback(lambda t: self.ended(key, relay, t))
@@ -200,8 +230,15 @@ def kernel_transport(files: KernelFiles) -> str:
     return str((launch.get("relay") or {}).get("transport") or "srun")
 
 
-def _peer_uid(writer: asyncio.StreamWriter) -> int | None:
-    sock = writer.get_extra_info("socket")
+def _inode(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _peer_uid(sock: socket.socket | None) -> int | None:
     try:
         _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
     except (OSError, AttributeError):
@@ -233,11 +270,16 @@ def main() -> int:
 
 
 def _ask(path: Path, request: dict[str, Any], timeout: float) -> dict[str, Any] | None:
-    """The daemon's answer, or None when no daemon answers at ``path``."""
+    """The daemon's answer, or None when no daemon answers at ``path``. Only a daemon of ours is
+    believed: the socket's directory must be private to us and the peer must run as us (another
+    user who got there first could otherwise hand out a connection file of his kernel)."""
+    ensure_private_dir(path.parent)
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             sock.connect(str(path))
+            if _peer_uid(sock) != os.getuid():
+                raise RelayError(f"{path} is served by another user: refusing it")
             sock.sendall(json.dumps(request).encode() + b"\n")
             data = b""
             while not data.endswith(b"\n"):
@@ -249,7 +291,12 @@ def _ask(path: Path, request: dict[str, Any], timeout: float) -> dict[str, Any] 
         return None
     except socket.timeout:
         raise RelayError(f"the relay daemon at {path} did not answer within {timeout:.0f} s") from None
-    return dict(json.loads(data))
+    except OSError as e:
+        raise RelayError(f"the relay daemon at {path}: {e}") from None
+    try:
+        return dict(json.loads(data))
+    except ValueError:
+        raise RelayError(f"the relay daemon at {path} answered {data[:200]!r}") from None
 
 
 def _spawn() -> None:
@@ -265,7 +312,7 @@ def _spawn() -> None:
 
 def request(message: dict[str, Any], *, start: bool, timeout: float = START_TIMEOUT) -> dict[str, Any] | None:
     """Send ``message`` to this user's daemon here; with ``start``, start one if none answers."""
-    path = control_socket()
+    path = control_socket(ensure_private_dir(runtime_root()))
     answer = _ask(path, message, timeout)
     if answer is not None or not start:
         return answer
@@ -285,7 +332,7 @@ def request(message: dict[str, Any], *, start: bool, timeout: float = START_TIME
 
 def stop_at(control: str | None, state_dir: Path) -> None:
     """Stop the relay of ``state_dir`` in the daemon listening at ``control`` (if it still does)."""
-    if control:
+    if control and Path(control).parent.is_dir():
         _ask(Path(control), {"op": "stop", "state_dir": str(state_dir)}, START_TIMEOUT)
 
 

@@ -1,0 +1,178 @@
+"""The login side of a relay and the relay daemon, on this machine: a kernel of the tcp transport
+stood in for by real echo sockets behind the real TLS listener (no cluster, no mocks of ours).
+
+The cluster tests run the daemon against real kernels (test_cluster_relay.py); these check what
+is hard to provoke there: what a relay writes and removes, a second cancel during its clean-up,
+and the daemon's requests."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_multiplexer import echo_server
+
+from hpc_kernels.paths import write_json, write_private_file
+from hpc_kernels.relay import serve_kernel, serve_node_tcp, socket_paths
+from hpc_kernels.state import KernelFiles
+from hpc_kernels.tls import CredentialFiles, make_credentials, write_credentials
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    return tmp_path
+
+
+def fake_kernel(tmp_path: Path, port: int, node_dir: Path) -> KernelFiles:
+    """A kernel's state directory as submit and the agent leave it, for a tcp kernel on 127.0.0.1."""
+    files = KernelFiles(tmp_path / "data" / "hpc-kernels" / "kernels" / "k1")
+    files.dir.mkdir(parents=True, mode=0o700)
+    write_json(files.record, {"name": "k1", "job_id": "42"})
+    write_json(files.launch, {"python": sys.executable, "relay": {"transport": "tcp"}})
+    write_json(files.agent, {"state": "ready", "node": "here", "node_dir": str(node_dir),
+                             "tcp": {"host": "127.0.0.1", "port": port}})
+    write_private_file(files.key, "k" * 64 + "\n")
+    write_credentials(CredentialFiles(files.dir), make_credentials("k1"))
+    return files
+
+
+async def node_side(tmp_path: Path) -> tuple[list[asyncio.AbstractServer], asyncio.AbstractServer, Path]:
+    node_dir = tmp_path / "node"
+    node_dir.mkdir(exist_ok=True)
+    kernel = [await echo_server(Path(p)) for p in socket_paths(str(node_dir / "kernel"))]
+    credentials = tmp_path / "creds"
+    credentials.mkdir(mode=0o700, exist_ok=True)
+    write_credentials(CredentialFiles(credentials), make_credentials("unused"))
+    return kernel, kernel[0], node_dir
+
+
+def test_a_relay_records_itself_only_when_asked_and_removes_everything_it_made(env: Path) -> None:
+    async def scenario() -> None:
+        kernel, _, node_dir = await node_side(env)
+        files = fake_kernel(env, 0, node_dir)
+        listener = await serve_node_tcp(node_dir, CredentialFiles(files.dir), host="127.0.0.1")
+        agent = json.loads(files.agent.read_text())
+        agent["tcp"]["port"] = listener.sockets[0].getsockname()[1]
+        write_json(files.agent, agent)
+        for record in ({"control": "/run/x/relay.sock"}, None):
+            said: list[str] = []
+            task = asyncio.ensure_future(serve_kernel(files, said.append, record=record))
+            while not said:
+                await asyncio.sleep(0.01)
+            assert said[0].startswith("READY "), said
+            connection_file = Path(said[0][6:])
+            login_dir = connection_file.parent
+            reader, writer = await asyncio.open_unix_connection(json.loads(connection_file.read_text())["ip"] + "-3")
+            writer.write(b"through the relay")
+            assert await reader.readexactly(17) == b"through the relay"
+            if record is None:
+                assert not files.relay.exists(), "an unrecorded relay leaves relay.json alone"
+            else:
+                written = json.loads(files.relay.read_text())
+                assert written["control"] == "/run/x/relay.sock" and written["login_dir"] == str(login_dir)
+                assert written["pid"] == os.getpid() and written["transport"] == "tcp"
+            writer.close()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            assert not login_dir.exists() and not files.relay.exists()
+        listener.close()
+        for server in kernel:
+            server.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_second_cancel_does_not_cut_a_relays_clean_up_short(env: Path) -> None:
+    """Stopped, then stopped again while it waits for its transport to close (a stop followed by
+    the daemon's SIGTERM): its directory, relay.json and log descriptor still go."""
+    async def scenario() -> None:
+        kernel, _, node_dir = await node_side(env)
+        files = fake_kernel(env, 0, node_dir)
+        listener = await serve_node_tcp(node_dir, CredentialFiles(files.dir), host="127.0.0.1")
+        agent = json.loads(files.agent.read_text())
+        agent["tcp"]["port"] = listener.sockets[0].getsockname()[1]
+        write_json(files.agent, agent)
+        fds_before = len(os.listdir("/proc/self/fd"))
+        said: list[str] = []
+        task = asyncio.ensure_future(serve_kernel(files, said.append, record={}))
+        while not said:
+            await asyncio.sleep(0.01)
+        login_dir = Path(said[0][6:]).parent
+        task.cancel()
+        await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert not login_dir.exists() and not files.relay.exists()
+        listener.close()
+        for server in kernel:
+            server.close()
+        await asyncio.sleep(0.1)
+        assert len(os.listdir("/proc/self/fd")) <= fds_before
+
+    asyncio.run(scenario())
+
+
+def ask(message: dict[str, object]) -> dict[str, object] | None:
+    from hpc_kernels import relay_daemon
+
+    return relay_daemon.request(message, start=True, timeout=30)
+
+
+def test_the_daemon_starts_lists_and_stops_relays_and_refuses_a_bad_request(env: Path) -> None:
+    """A real daemon process (started on demand, as hpc-kernel starts it)."""
+    from hpc_kernels import relay_daemon
+
+    async def node() -> None:
+        kernel, _, node_dir = await node_side(env)
+        files = fake_kernel(env, 0, node_dir)
+        listener = await serve_node_tcp(node_dir, CredentialFiles(files.dir), host="127.0.0.1")
+        agent = json.loads(files.agent.read_text())
+        agent["tcp"]["port"] = listener.sockets[0].getsockname()[1]
+        write_json(files.agent, agent)
+        loop = asyncio.get_running_loop()
+        answer = await loop.run_in_executor(None, ask, {"op": "start", "state_dir": str(files.dir)})
+        assert answer and answer["ok"], answer
+        connection_file = Path(str(answer["connection_file"]))
+        again = await loop.run_in_executor(None, ask, {"op": "start", "state_dir": str(files.dir)})
+        assert again == answer, "a running relay is handed out, not started twice"
+        listing = await loop.run_in_executor(None, ask, {"op": "list"})
+        assert listing and listing["relays"] == [[str(files.dir), "tcp"]]
+        assert json.loads(files.relay.read_text())["control"] == str(relay_daemon.control_socket())
+        bad = await loop.run_in_executor(None, ask, {"op": "dance"})
+        assert bad == {"ok": False, "error": "bad request: 'state_dir'"}
+        stopped = await loop.run_in_executor(None, ask, {"op": "stop", "state_dir": str(files.dir)})
+        assert stopped == {"ok": True}
+        assert not connection_file.exists() and not files.relay.exists()
+        pid = listing["pid"]
+        os.kill(int(pid), 15)  # type: ignore[arg-type]
+        deadline = time.monotonic() + 10
+        while relay_daemon.control_socket().exists() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert not relay_daemon.control_socket().exists(), "SIGTERM: it ends and removes its socket"
+        listener.close()
+        for server in kernel:
+            server.close()
+
+    asyncio.run(node())
+
+
+def test_a_control_socket_in_a_directory_we_do_not_own_is_not_trusted(env: Path) -> None:
+    """Another user's runtime directory (test_cluster_security.py squats one as hk-bob) or, here,
+    a symlink planted where ours should be: no request goes there, no daemon is started."""
+    from hpc_kernels.errors import HpcKernelsError
+
+    elsewhere = env / "elsewhere"
+    elsewhere.mkdir()
+    (Path(os.environ["XDG_RUNTIME_DIR"]) / "hpc-kernels").symlink_to(elsewhere)
+    with pytest.raises(HpcKernelsError, match="is not a directory; refusing to use it"):
+        ask({"op": "list"})
+    assert list(elsewhere.iterdir()) == []
