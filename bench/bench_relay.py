@@ -12,8 +12,10 @@ runtime), whose agent also listens for the tcp transport:
 
 Columns: execute round trip of ``x += 1`` (request sent until reply and idle status received),
 median and p90; the time to stream N MB of stdout; the time for one ``display_data`` of an
-M MB image payload; each as a ratio to direct IPC. The clients take turns in batches of 20 against
-the same kernel, so that drift on the machine hits every row alike.
+M MB image payload; each as a ratio to direct IPC. For the round trips the five clients are
+connected at once and take turns in batches of 20 against the same kernel, so that drift on the
+machine hits every row alike. Output goes to every client subscribed to IOPub, so the bulk rows
+connect one client at a time (in turns, twice each).
 
 Then the time from ``hpc-kernel submit`` to kernel ready, next to a bare ``sbatch`` of a no-op
 job (submitted until COMPLETED), alternating, on the same idle cluster.
@@ -191,23 +193,32 @@ def transport_rows(args: argparse.Namespace, name: str) -> tuple[str, dict[str, 
                         "ssh": str(start_relay(files, "ssh", record=False))}
     tunnel, tunnel_file = open_tunnel(agent["node"], agent["node_dir"], files.key.read_text().strip())
     connection_files["tunnel"] = str(tunnel_file)
-    clients = {"direct": Client(["srun", f"--jobid={status['job_id']}", "--overlap", sys.executable, "-c", CLIENT,
-                                 str(Path(agent["node_dir"]) / "kernel.json")])}
+    def client(row: str) -> Client:
+        if row == "direct":
+            return Client(["srun", f"--jobid={status['job_id']}", "--overlap", sys.executable, "-c", CLIENT,
+                           str(Path(agent["node_dir"]) / "kernel.json")])
+        return Client([sys.executable, "-c", CLIENT, connection_files[row]])
+
+    clients: dict[str, Client] = {}
+    results: dict[str, dict[str, list[float]]] = {row: {"rtt": [], "stream": [], "display": []} for row in ROWS}
     try:
-        for row in ROWS[1:]:
-            clients[row] = Client([sys.executable, "-c", CLIENT, connection_files[row]])
-        results: dict[str, dict[str, list[float]]] = {row: {"rtt": [], "stream": [], "display": []} for row in ROWS}
+        clients = {row: client(row) for row in ROWS}
         batch = 20
         for _ in range(max(1, args.runs // batch)):  # taking turns, so drift hits every row alike
             for row in ROWS:
                 results[row]["rtt"] += clients[row].ask(f"rtt {batch}")  # type: ignore[operator]
+        for row in ROWS:
+            clients.pop(row).close()
+        # Bulk output goes to every client subscribed to IOPub: one client at a time here.
         for _ in range(2):
             for row in ROWS:
+                clients[row] = client(row)
                 results[row]["stream"].append(clients[row].ask(f"stream {args.stream_mb}"))  # type: ignore[arg-type]
                 results[row]["display"].append(clients[row].ask(f"display {args.display_mb}"))  # type: ignore[arg-type]
+                clients.pop(row).close()
     finally:
-        for client in clients.values():
-            client.close()
+        for remaining in clients.values():
+            remaining.close()
         tunnel.terminate()
         tunnel.wait(10)
         shutil.rmtree(tunnel_file.parent, ignore_errors=True)

@@ -104,8 +104,8 @@ def measure(transport: str, sizes: list[int], runs: int, holder: str) -> list[di
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             for size in sizes:
                 new = [f"{prefix}-{i}" for i in range(len(names), size)]
+                names += new  # before they start: whatever happens, they are shut down below
                 new_files = list(pool.map(lambda n: start_kernel(n, transport, holder), new))
-                names += new
                 files += new_files
                 if probe is None:
                     probe = Client([sys.executable, "-c", CLIENT, files[0]])
@@ -129,7 +129,7 @@ def measure(transport: str, sizes: list[int], runs: int, holder: str) -> list[di
             clients.communicate("", timeout=120)
         if probe is not None:
             probe.close()
-        for i in range(0, len(names), 20):
+        for i in range(0, len(names), 20):  # names that never started are reported, not fatal
             subprocess.run(["hpc-kernel", "shutdown", *names[i:i + 20]], capture_output=True)
     return rows
 

@@ -29,6 +29,7 @@ import contextlib
 import fcntl
 import json
 import os
+import resource
 import signal
 import socket
 import struct
@@ -251,7 +252,19 @@ def _say(message: str) -> None:
           file=sys.stderr, flush=True)
 
 
+def _raise_open_files_limit() -> None:
+    """Each relay holds about a dozen descriptors (its five listening sockets, its clients'
+    connections, srun's pipes): the usual soft limit of 1024 would stop the daemon near 70
+    kernels. Take what the hard limit allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
 def main() -> int:
+    _raise_open_files_limit()
     root = ensure_private_dir(runtime_root())
     lock = os.open(root / "relay.lock", os.O_WRONLY | os.O_CREAT, 0o600)
     try:

@@ -43,6 +43,16 @@ def kernelspec(jupyter_dirs: Path, runtime_profile: str) -> Iterator[str]:
     hk("kernelspec", "remove", name, check=False)
 
 
+@pytest.fixture
+def flavour_kernelspec(jupyter_dirs: Path, flavour: tuple[str, str]) -> Iterator[str]:
+    """A kernelspec per runtime and relay transport (``kernelspec install --relay``)."""
+    profile, relay = flavour
+    name = f"hk-{profile}-{relay}"
+    hk("kernelspec", "install", "--profile", profile, "--relay", relay, "--name", name, "--user")
+    yield name
+    hk("kernelspec", "remove", name, check=False)
+
+
 def execute(km: KernelManager, code: str, timeout: float = 60) -> str:
     client = km.client()
     client.start_channels()
@@ -88,12 +98,17 @@ def test_kernelspec_install_list_remove(jupyter_dirs: Path) -> None:
     assert missing.returncode == 1 and "no hpc-kernels kernelspec named 'gpu-test'" in missing.stderr
 
 
-def test_a_kernel_manager_runs_interrupts_restarts_and_shuts_down(kernelspec: str, workspace: Path) -> None:
-    """What every frontend does, through jupyter_client's own KernelManager and our provisioner."""
-    km = KernelManager(kernel_name=kernelspec)
+def test_a_kernel_manager_runs_interrupts_restarts_and_shuts_down(flavour_kernelspec: str, workspace: Path) -> None:
+    """What every frontend does, through jupyter_client's own KernelManager and our provisioner,
+    for each runtime and relay transport: a restart in the job keeps the relay (for tcp, the
+    agent's listener) and the frontend's sockets."""
+    km = KernelManager(kernel_name=flavour_kernelspec)
     km.start_kernel(cwd=str(workspace))
     try:
         name = km.provisioner.name
+        relay = json.loads(hk("status", name, "--json").stdout)
+        assert json.loads((Path(str(relay["log"])).parent / "relay.json").read_text())["transport"] == \
+            flavour_kernelspec.rsplit("-", 1)[1]
         job_id = json.loads(hk("status", name, "--json").stdout)["job_id"]
         assert execute(km, "import socket, os; print(socket.gethostname(), os.getcwd())").split() == [
             json.loads(hk("status", name, "--json").stdout)["node"], str(workspace)]
