@@ -60,6 +60,9 @@ except OSError as e:
 '
 step hpc-kernel shutdown demo-gpu
 hpc-kernel shutdown demo-gpu
+# The relay's transports this cluster allows (srun, tcp with mutual TLS, ssh), tried on a test job.
+step hpc-kernel doctor --profile local
+hpc-kernel doctor --profile local
 # A batch: one notebook over a 3 x 2 grid, as one job array, each task in the sandbox on its node.
 cat >"$HOME/demo-workspace/sweep.ipynb" <<'JSON'
 {"nbformat": 4, "nbformat_minor": 5, "metadata": {},

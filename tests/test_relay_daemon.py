@@ -45,24 +45,33 @@ def fake_kernel(tmp_path: Path, port: int, node_dir: Path) -> KernelFiles:
     return files
 
 
-async def node_side(tmp_path: Path) -> tuple[list[asyncio.AbstractServer], asyncio.AbstractServer, Path]:
-    node_dir = tmp_path / "node"
-    node_dir.mkdir(exist_ok=True)
-    kernel = [await echo_server(Path(p)) for p in socket_paths(str(node_dir / "kernel"))]
-    credentials = tmp_path / "creds"
-    credentials.mkdir(mode=0o700, exist_ok=True)
-    write_credentials(CredentialFiles(credentials), make_credentials("unused"))
-    return kernel, kernel[0], node_dir
+class TcpKernel:
+    """A kernel of the tcp transport as the login side sees it: its state directory, and behind
+    the real TLS listener, echo servers standing in for its five sockets."""
+
+    files: KernelFiles
+
+    async def start(self, tmp_path: Path) -> TcpKernel:
+        node_dir = tmp_path / "node"
+        node_dir.mkdir()
+        self.sockets = [await echo_server(Path(p)) for p in socket_paths(str(node_dir / "kernel"))]
+        self.files = fake_kernel(tmp_path, 0, node_dir)
+        self.listener = await serve_node_tcp(node_dir, CredentialFiles(self.files.dir), host="127.0.0.1")
+        agent = json.loads(self.files.agent.read_text())
+        agent["tcp"]["port"] = self.listener.sockets[0].getsockname()[1]
+        write_json(self.files.agent, agent)
+        return self
+
+    def close(self) -> None:
+        self.listener.close()
+        for server in self.sockets:
+            server.close()
 
 
 def test_a_relay_records_itself_only_when_asked_and_removes_everything_it_made(env: Path) -> None:
     async def scenario() -> None:
-        kernel, _, node_dir = await node_side(env)
-        files = fake_kernel(env, 0, node_dir)
-        listener = await serve_node_tcp(node_dir, CredentialFiles(files.dir), host="127.0.0.1")
-        agent = json.loads(files.agent.read_text())
-        agent["tcp"]["port"] = listener.sockets[0].getsockname()[1]
-        write_json(files.agent, agent)
+        kernel = await TcpKernel().start(env)
+        files = kernel.files
         for record in ({"control": "/run/x/relay.sock"}, None):
             said: list[str] = []
             task = asyncio.ensure_future(serve_kernel(files, said.append, record=record))
@@ -84,9 +93,7 @@ def test_a_relay_records_itself_only_when_asked_and_removes_everything_it_made(e
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             assert not login_dir.exists() and not files.relay.exists()
-        listener.close()
-        for server in kernel:
-            server.close()
+        kernel.close()
 
     asyncio.run(scenario())
 
@@ -95,12 +102,8 @@ def test_a_second_cancel_does_not_cut_a_relays_clean_up_short(env: Path) -> None
     """Stopped, then stopped again while it waits for its transport to close (a stop followed by
     the daemon's SIGTERM): its directory, relay.json and log descriptor still go."""
     async def scenario() -> None:
-        kernel, _, node_dir = await node_side(env)
-        files = fake_kernel(env, 0, node_dir)
-        listener = await serve_node_tcp(node_dir, CredentialFiles(files.dir), host="127.0.0.1")
-        agent = json.loads(files.agent.read_text())
-        agent["tcp"]["port"] = listener.sockets[0].getsockname()[1]
-        write_json(files.agent, agent)
+        kernel = await TcpKernel().start(env)
+        files = kernel.files
         fds_before = len(os.listdir("/proc/self/fd"))
         said: list[str] = []
         task = asyncio.ensure_future(serve_kernel(files, said.append, record={}))
@@ -112,9 +115,7 @@ def test_a_second_cancel_does_not_cut_a_relays_clean_up_short(env: Path) -> None
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         assert not login_dir.exists() and not files.relay.exists()
-        listener.close()
-        for server in kernel:
-            server.close()
+        kernel.close()
         await asyncio.sleep(0.1)
         assert len(os.listdir("/proc/self/fd")) <= fds_before
 
@@ -132,12 +133,8 @@ def test_the_daemon_starts_lists_and_stops_relays_and_refuses_a_bad_request(env:
     from hpc_kernels import relay_daemon
 
     async def node() -> None:
-        kernel, _, node_dir = await node_side(env)
-        files = fake_kernel(env, 0, node_dir)
-        listener = await serve_node_tcp(node_dir, CredentialFiles(files.dir), host="127.0.0.1")
-        agent = json.loads(files.agent.read_text())
-        agent["tcp"]["port"] = listener.sockets[0].getsockname()[1]
-        write_json(files.agent, agent)
+        kernel = await TcpKernel().start(env)
+        files = kernel.files
         loop = asyncio.get_running_loop()
         answer = await loop.run_in_executor(None, ask, {"op": "start", "state_dir": str(files.dir)})
         assert answer and answer["ok"], answer
@@ -158,9 +155,7 @@ def test_the_daemon_starts_lists_and_stops_relays_and_refuses_a_bad_request(env:
         while relay_daemon.control_socket().exists() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         assert not relay_daemon.control_socket().exists(), "SIGTERM: it ends and removes its socket"
-        listener.close()
-        for server in kernel:
-            server.close()
+        kernel.close()
 
     asyncio.run(node())
 
