@@ -122,12 +122,11 @@ print(json.dumps(results))
 """
 
 
+@pytest.mark.parametrize("kernel", ["bwrap-tcp"], indirect=True)
 def test_second_user_cannot_use_the_tcp_transport(kernel: Kernel) -> None:
     """The tcp transport's port is reachable from the login node (that is its point), but hk-bob,
     without this kernel's login certificate, gets no byte of the kernel: plain TCP is refused by
     the TLS listener, and a certificate from a CA of his own fails the handshake."""
-    if kernel.relay != "tcp":
-        pytest.skip("only a kernel of the tcp transport listens")
     listener = json.loads((state_dir(kernel) / "agent.json").read_text())["tcp"]
     proc = as_second_user(["/opt/hpc-kernels/venv/bin/python", "-c", TCP_PROBE, listener["host"],
                            str(listener["port"])])
