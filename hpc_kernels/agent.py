@@ -48,7 +48,7 @@ from .runtimes import (
     sandbox_argv,
     sandbox_environment,
 )
-from .state import KernelFiles
+from .state import KernelFiles, forget_secrets
 from .tls import CredentialFiles
 
 STDERR_TAIL_LINES = 40
@@ -297,6 +297,7 @@ class Agent:
                 why = f"signal {signal.Signals(self.stop_signal).name}" if self.stop_signal else f"exit code {code}"
                 _say(f"kernel ended ({why}); cleaning up")
                 self.cleanup()
+                forget_secrets(self.files)
                 self.report("ended", exit_code=code, message=f"kernel ended ({why})")
                 return 0 if code == 0 or self.stop_signal else 1
         finally:
@@ -337,6 +338,7 @@ class Agent:
             message = f"could not start the runtime: {e}"
         _say(f"failed: {message}")
         self.cleanup()
+        forget_secrets(self.files)
         self.report("failed", message=message)
         return 1
 

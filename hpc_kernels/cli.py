@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
-from .errors import HpcKernelsError, ProfileError, RelayError
+from .errors import DamagedState, HpcKernelsError, ProfileError, RelayError
 from .launcher import (
     KernelView,
     ensure_relay,
@@ -19,6 +19,7 @@ from .launcher import (
     kernel_script,
     resolve_request,
     relay_connection_file,
+    remove_damaged,
     shutdown,
     submit,
     view,
@@ -34,7 +35,7 @@ from .profiles import (
     parse_profile,
 )
 from .slurm import sbatch_test_only
-from .state import kernel_files, list_records
+from .state import damaged_kernels, kernel_files, list_records
 
 
 def _progress(line: str) -> None:
@@ -159,15 +160,17 @@ def _summary(current: KernelView) -> dict[str, object]:
 
 def cmd_list(args: argparse.Namespace) -> int:
     rows = [_summary(current) for current in view_all()]
+    damaged = damaged_kernels()
     if args.json:
         print(json.dumps(rows, indent=2))
-        return 0
-    if not rows:
+    elif rows:
+        columns = ["name", "state", "job_id", "node", "profile", "created"]
+        _table(columns, [[str(row[c] or "-") for c in columns] for row in rows])
+    elif not damaged:
         print("no kernels", file=sys.stderr)
-        return 0
-    columns = ["name", "state", "job_id", "node", "profile", "created"]
-    _table(columns, [[str(row[c] or "-") for c in columns] for row in rows])
-    return 0
+    for problem in damaged:
+        print(f"hpc-kernel: error: {problem}", file=sys.stderr)
+    return 1 if damaged else 0
 
 
 def _table(columns: list[str], rows: list[list[str]]) -> None:
@@ -342,7 +345,7 @@ def cmd_kernelspec_remove(args: argparse.Namespace) -> int:
 
 
 def cmd_shutdown(args: argparse.Namespace) -> int:
-    names = [r.name for r in list_records()] if args.all else args.names
+    names = [r.name for r in list_records()] + [d.kernel for d in damaged_kernels()] if args.all else args.names
     if args.all and not names:
         print("no kernels", file=sys.stderr)
         return 0
@@ -351,7 +354,10 @@ def cmd_shutdown(args: argparse.Namespace) -> int:
     failed = False
     for name in names:  # one that cannot be shut down does not keep the others running
         try:
-            shutdown(name, progress=_progress)
+            try:
+                shutdown(name, progress=_progress)
+            except DamagedState:
+                remove_damaged(name, progress=_progress)
         except HpcKernelsError as e:
             print(f"hpc-kernel: error: {e}", file=sys.stderr)
             failed = True

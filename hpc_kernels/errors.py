@@ -21,6 +21,14 @@ class KernelNotFound(HpcKernelsError):
     """No kernel of that name is recorded for this user."""
 
 
+class DamagedState(HpcKernelsError):
+    """A kernel's state directory exists but its record cannot be read."""
+
+    def __init__(self, message: str, kernel: str) -> None:
+        super().__init__(message)
+        self.kernel = kernel
+
+
 class RelayError(HpcKernelsError):
     """The relay between the login node and the compute node could not be started or broke."""
 

@@ -25,7 +25,7 @@ from .paths import exposes_private_files, private_paths, read_json, runtime_root
 from .profiles import KernelRequest, Profile, apply_request, check_kernel_name, load_profile
 from .processes import cmdline, identity, is_running, terminate
 from .relay import connection_info, login_dirs_of, socket_paths
-from .render import render_kernel_script
+from .render import job_name_of, render_kernel_script
 from .slurm import (
     NODE_STEP_ENVIRONMENT,
     JobInfo,
@@ -33,6 +33,7 @@ from .slurm import (
     job_info,
     job_infos,
     job_steps,
+    ours_named,
     srun_into_job,
     submit_batch,
 )
@@ -40,6 +41,7 @@ from .state import (
     KernelFiles,
     KernelRecord,
     create_kernel_dir,
+    forget_secrets,
     kernel_files,
     list_records,
     load_record,
@@ -104,6 +106,16 @@ class KernelView:
         return self.agent.get("node") or (self.job.node if self.job else None) or self.record.node
 
 
+def state_json(path: Path) -> dict[str, Any]:
+    """agent.json or relay.json, {} when missing or unreadable: they say what a process last
+    reported; the record (and Slurm) decide, and a damaged one is written again by its owner."""
+    try:
+        data = read_json(path)
+    except (ValueError, UnicodeDecodeError, IsADirectoryError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def _same_job(record: KernelRecord, job: JobInfo | None) -> JobInfo | None:
     """``job`` if it is the one this record submitted; None for a job that reuses its id."""
     if job is None or (record.submit_time and job.submit_time and job.submit_time != record.submit_time):
@@ -115,7 +127,10 @@ def _view(record: KernelRecord, job: JobInfo | None) -> KernelView:
     files = kernel_files(record.name)
     job = _same_job(record, job)
     step_alive = record.step is None or (job is not None and _step_alive(record))
-    return KernelView(record, job, read_json(files.agent) or {}, read_json(files.relay) or {}, step_alive)
+    current = KernelView(record, job, state_json(files.agent), state_json(files.relay), step_alive)
+    if record.job_id and record.status != "submitting" and not current.job_alive:
+        forget_secrets(files)  # its job is over (however it ended): nothing may connect again
+    return current
 
 
 def _our_steps(record: KernelRecord) -> list[str]:
@@ -547,7 +562,7 @@ def _update_record(name: str, **changes: Any) -> KernelRecord:
 
 def relay_connection_file(files: KernelFiles) -> Path | None:
     """The login-side connection file, if this kernel's relay runs here and has one."""
-    relay = read_json(files.relay) or {}
+    relay = state_json(files.relay)
     connection_file = relay.get("connection_file")
     if connection_file and is_running(relay, relay_daemon.DAEMON_MARKER) and os.path.exists(connection_file):
         return Path(connection_file)
@@ -605,7 +620,7 @@ def _node_client_connection(files: KernelFiles) -> Path:
     directory. jupyter_client removes a kernel's IPC files when it restarts it; so it removes
     these links, and the agent's next kernel keeps its sockets (:func:`restore_relay_sockets`
     puts the links back)."""
-    node_dir = Path((read_json(files.agent) or {})["node_dir"])
+    node_dir = Path(state_json(files.agent)["node_dir"])
     client = node_dir / "client"
     client.mkdir(mode=0o700, exist_ok=True)
     _link_node_sockets(node_dir)
@@ -626,7 +641,7 @@ def restore_relay_sockets(name: str) -> None:
     """Put back the socket names jupyter_client removed in a restart (see keep_relay_sockets)."""
     files = kernel_files(name)
     if load_record(name).on_node:
-        _link_node_sockets(Path((read_json(files.agent) or {})["node_dir"]))
+        _link_node_sockets(Path(state_json(files.agent)["node_dir"]))
         return
     for path, kept in _relay_socket_names(name):
         if not os.path.exists(path) and os.path.exists(kept):
@@ -634,7 +649,7 @@ def restore_relay_sockets(name: str) -> None:
 
 
 def _relay_socket_names(name: str) -> list[tuple[str, str]]:
-    login_dir = (read_json(kernel_files(name).relay) or {}).get("login_dir")
+    login_dir = state_json(kernel_files(name).relay).get("login_dir")
     if not login_dir:
         return []
     return [(path, str(Path(login_dir) / f".kept{Path(path).name}")) for path in socket_paths(f"{login_dir}/kernel")]
@@ -642,7 +657,7 @@ def _relay_socket_names(name: str) -> list[tuple[str, str]]:
 
 def stop_relay(files: KernelFiles) -> None:
     """Stop this kernel's relay (if it runs here) and remove any login-side directory it left."""
-    relay = read_json(files.relay) or {}
+    relay = state_json(files.relay)
     if is_running(relay, relay_daemon.DAEMON_MARKER):
         relay_daemon.stop_at(relay.get("control"), files.dir)
     relay_daemon.request({"op": "stop", "state_dir": str(files.dir)}, start=False)  # one still starting
@@ -741,6 +756,25 @@ def wait_for_generation(name: str, generation: int, *, timeout: float | None = N
 
 # ---------------------------------------------------------------------------------------------
 # Shut down
+
+
+def remove_damaged(name: str, *, progress: Progress = _quiet) -> None:
+    """A kernel whose record cannot be read: end the job or step Slurm still has under its name,
+    stop its relay, remove its state."""
+    files = kernel_files(name)
+    with locked(name):
+        for job in ours_named(job_name_of(name)):
+            cancel(job)
+            progress(f"kernel {name}: cancelled {'step' if '.' in job else 'job'} {job}")
+        deadline = time.monotonic() + 60
+        while ours_named(job_name_of(name)):
+            if time.monotonic() > deadline:
+                raise HpcKernelsError(f"kernel {name}: its job is still in the queue a minute after it was "
+                                      f"cancelled; state kept in {files.dir}")
+            time.sleep(POLL_SECONDS)
+        stop_relay(files)
+        remove_kernel_dir(name)
+    progress(f"kernel {name}: removed its damaged state")
 
 
 def shutdown(name: str, *, graceful_timeout: float = 15, progress: Progress = _quiet) -> None:

@@ -294,7 +294,8 @@ class _AcceptedEnd(LocalEnd):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         sock = transport.get_extra_info("socket")
-        if sock is None or _peer_uid(sock) != os.getuid():
+        # The stream is gone (a relay between two streams): close at once, the client reconnects.
+        if sock is None or _peer_uid(sock) != os.getuid() or self.mux.ended.done():
             self.closed = True
             transport.close()
             return

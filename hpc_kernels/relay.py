@@ -381,53 +381,84 @@ def _read_kernel(files: KernelFiles) -> _KernelView:
                        curve=read_json(files.curve))
 
 
+# A stream that ends while the kernel lives (an srun step killed, a connection cut) is opened
+# again: for this long, with waits growing from RECONNECT_FIRST_WAIT up to RECONNECT_MAX_WAIT.
+RECONNECT_SECONDS = 60.0
+RECONNECT_FIRST_WAIT = 0.2
+RECONNECT_MAX_WAIT = 5.0
+
+
+async def _open_stream(files: KernelFiles, kernel: _KernelView, transport_name: str, log: int) -> Stream:
+    """The stream to the node side over ``transport_name``, its HELLO received; RelayError says why not."""
+    settings = kernel.launch.get("relay") or {}
+    close: Callable[[], Awaitable[None]] | None = None
+    try:
+        if transport_name == "tcp":
+            mux, close = await _open_tcp(kernel.agent, files)
+        else:
+            argv = step_command(transport_name, job_id=str(kernel.job_id), agent=kernel.agent,
+                                python=kernel.launch["python"], ssh_options=settings.get("ssh_options", []))
+            # OpenSSH sets TCP_NODELAY itself; Slurm's stdio forwarding needs the shim
+            tune = transport_name == "srun" and kernel.launch.get("tune_srun_tcp", True)
+            mux, close = await _open_step(argv, tune_tcp=tune, stderr=log)
+        try:
+            await asyncio.wait_for(asyncio.shield(mux.hello), HELLO_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise RelayError(f"the node side did not answer within {HELLO_TIMEOUT:.0f} s") from None
+        except RelayError:
+            raise
+        except Exception as e:  # the node side's ERROR frame, or the stream ended first
+            raise RelayError(str(e)) from None
+    except BaseException:
+        if close is not None:
+            await close()
+        raise
+    return mux, close
+
+
+def kernel_lives(agent: Mapping[str, Any]) -> bool:
+    """What the agent last said: its kernel runs, or is being restarted in the job."""
+    return agent.get("state") in ("ready", "starting")
+
+
 async def serve_kernel(files: KernelFiles, ready: Callable[[str], None], transport_name: str | None = None, *,
                        record: Mapping[str, Any] | None = None, ending: Callable[[], None] = lambda: None) -> None:
-    """The login side of one kernel's relay, until its stream ends or this task is cancelled.
+    """The login side of one kernel's relay, until the kernel is gone or this task is cancelled.
 
     Opens the stream over the kernel's transport (or ``transport_name``), waits for the node
     side's HELLO, then listens on five unix sockets in a private directory and writes their
     connection file, and with ``record`` (None: not), ``relay.json`` with ``record`` in it (the
     relay ``hpc-kernel connect`` finds). ``ready`` is called once, with ``READY <connection
     file>`` or ``ERROR <why>``; ``ending`` as soon as the relay is on its way out (its
-    connection file is no use any more). Everything it made is removed when it ends, even if it
-    is cancelled again meanwhile. What it has to say goes to the kernel's relay log."""
+    connection file is no use any more).
+
+    When the stream ends while the kernel lives (its agent says so), the stream is opened again
+    and the listening sockets stay: clients see their connections close and reconnect, as
+    ZeroMQ does by itself, and the kernel keeps its state. Everything the relay made is removed
+    when it ends, even if it is cancelled again meanwhile. What it has to say goes to the
+    kernel's relay log."""
     log = await asyncio.to_thread(os.open, files.relay_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     login_dir: Path | None = None
     servers: list[asyncio.AbstractServer] = []
-    close: Callable[[], Awaitable[None]] | None = None
+    current: list[Stream] = []  # the stream now (ended, between two); replaced when opened again
+
     try:
         kernel = await asyncio.to_thread(_read_kernel, files)
-        settings = kernel.launch.get("relay") or {}
-        transport_name = transport_name or settings.get("transport") or "srun"
-        where = f"relay ({transport_name}) to {kernel.agent.get('node')} (job {kernel.job_id}) failed"
+        transport_name = transport_name or (kernel.launch.get("relay") or {}).get("transport") or "srun"
+        node = kernel.agent.get("node")
         login_dir = make_login_dir(files.name)
         base = str(login_dir / "kernel")
         for path in socket_paths(base):
             check_socket_path(path, "login-side socket")
         try:
-            if transport_name == "tcp":
-                mux, close = await _open_tcp(kernel.agent, files)
-            else:
-                argv = step_command(transport_name, job_id=str(kernel.job_id), agent=kernel.agent,
-                                    python=kernel.launch["python"], ssh_options=settings.get("ssh_options", []))
-                # OpenSSH sets TCP_NODELAY itself; Slurm's stdio forwarding needs the shim
-                tune = transport_name == "srun" and kernel.launch.get("tune_srun_tcp", True)
-                mux, close = await _open_step(argv, tune_tcp=tune, stderr=log)
+            current.append(await _open_stream(files, kernel, transport_name, log))
         except RelayError as e:
-            ready(f"ERROR {where}: {e}")
-            return
-        try:
-            await asyncio.wait_for(asyncio.shield(mux.hello), HELLO_TIMEOUT)
-        except asyncio.TimeoutError:
-            ready(f"ERROR {where}: the node side did not answer within {HELLO_TIMEOUT:.0f} s")
-            return
-        except Exception as e:  # the node side's ERROR frame, or the stream ended first
-            ready(f"ERROR {where}: {e}")
+            ready(f"ERROR relay ({transport_name}) to {node} (job {kernel.job_id}) failed: {e}")
             return
         for index, path in enumerate(socket_paths(base)):
             # login_dir is 0700 already; the socket itself is made 0600 before anyone may connect
-            server = await asyncio.get_running_loop().create_unix_server(partial(mux.local_end, index), path=path)
+            server = await asyncio.get_running_loop().create_unix_server(
+                lambda index=index: current[0][0].local_end(index), path=path)  # type: ignore[misc]
             os.chmod(path, 0o600)
             servers.append(server)
         connection_file = login_dir / "connection.json"
@@ -437,18 +468,49 @@ async def serve_kernel(files: KernelFiles, ready: Callable[[str], None], transpo
                 **identity(), **record, "connection_file": str(connection_file), "login_dir": str(login_dir),
                 "transport": transport_name})
         ready(f"READY {connection_file}")
-        _log_line(log, f"relay ({transport_name}) to {kernel.agent.get('node')} ready")
-        await mux.ended
-        _log_line(log, f"relay ({transport_name}): the stream ended")
+        _log_line(log, f"relay ({transport_name}) to {node} ready")
+        while True:
+            await current[0][0].ended
+            _log_line(log, f"relay ({transport_name}): the stream ended")
+            await current[0][1]()  # new clients are turned away meanwhile: they retry
+            stream = await _reopen(files, transport_name, log)
+            if stream is None:
+                return
+            current[0] = stream
     except asyncio.CancelledError:
         _log_line(log, f"relay ({transport_name}): stopped")
         raise
     finally:
         ending()
+        close = current[0][1] if current else None
         cleanup = asyncio.ensure_future(_clean_up(files, log, login_dir, servers, close))
         while not cleanup.done():  # a second cancel must not cut the clean-up short
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(cleanup)
+
+
+async def _reopen(files: KernelFiles, transport_name: str, log: int) -> Stream | None:
+    """The stream opened again while the kernel lives; None once it is gone or cannot be
+    reached for RECONNECT_SECONDS."""
+    deadline = time.monotonic() + RECONNECT_SECONDS
+    wait = RECONNECT_FIRST_WAIT
+    while True:
+        kernel = await asyncio.to_thread(_read_kernel, files)
+        if not kernel_lives(kernel.agent):
+            _log_line(log, f"relay ({transport_name}): the kernel is {kernel.agent.get('state', 'gone')}; ending")
+            return None
+        try:
+            stream = await _open_stream(files, kernel, transport_name, log)
+        except RelayError as e:
+            if time.monotonic() + wait > deadline:
+                _log_line(log, f"relay ({transport_name}): giving up after {RECONNECT_SECONDS:.0f} s: {e}")
+                return None
+            _log_line(log, f"relay ({transport_name}): cannot reconnect yet ({e}); again in {wait:.1f} s")
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, RECONNECT_MAX_WAIT)
+            continue
+        _log_line(log, f"relay ({transport_name}): reconnected to {kernel.agent.get('node')}")
+        return stream
 
 
 async def _clean_up(files: KernelFiles, log: int, login_dir: Path | None, servers: list[asyncio.AbstractServer],

@@ -46,6 +46,11 @@ def _plain_path(path: Path, what: str) -> str:
     return text
 
 
+def job_name_of(kernel_name: str) -> str:
+    """The Slurm job (or step) name of kernel ``kernel_name``."""
+    return f"hk-{kernel_name}"
+
+
 def render_kernel_script(
     profile: Profile,
     *,
@@ -63,7 +68,7 @@ def render_kernel_script(
     template = template_environment(template_dir).get_template(STEP_TEMPLATE if allocation else KERNEL_TEMPLATE)
     return template.render(
         job_id=allocation,
-        job_name=f"hk-{kernel_name}",
+        job_name=job_name_of(kernel_name),
         kernel_name=kernel_name,
         state_dir=_plain_path(state_dir, "state directory"),
         log_path=_plain_path(log_path, "log file"),

@@ -187,6 +187,19 @@ def job_steps(job_id: str) -> dict[str, str]:
     return steps
 
 
+def ours_named(job_name: str) -> list[str]:
+    """Our jobs and steps (``JOB.STEP``) still in the queue under the name ``job_name``: how a
+    kernel whose record was lost is still found (its job, or its step in an allocation)."""
+    found = []
+    for options in (["--format=%i %j"], ["--steps", "--format=%i %j"]):
+        proc = _run(["squeue", "--noheader", "--me", *options])
+        if proc.returncode != 0:
+            raise SlurmError(f"squeue failed: {_slurm_message(proc)}")
+        found += [i for i, _, name in (line.strip().partition(" ") for line in proc.stdout.splitlines())
+                  if name.strip() == job_name]
+    return found
+
+
 def cancel(job_id: str) -> None:
     """Cancel the job, or the step ``JOB.STEP``. A job that already ended is not an error."""
     argv = ["scancel", str(job_id)]

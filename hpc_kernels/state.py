@@ -18,6 +18,7 @@ cannot interleave.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
@@ -28,7 +29,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import KernelNotFound
+from .errors import DamagedState, KernelNotFound
 from .paths import ensure_kernels_root, kernels_root, read_json, write_json
 
 
@@ -111,23 +112,64 @@ def save_record(record: KernelRecord) -> None:
 
 
 def load_record(name: str) -> KernelRecord:
-    data = read_json(kernel_files(name).record)
+    data = read_record(kernel_files(name))
     if data is None:
-        known = ", ".join(r.name for r in list_records()) or "none"
+        known = ", ".join([r.name for r in list_records()] + [f"{d.kernel} (damaged)" for d in damaged_kernels()])
+        known = known or "none"
         raise KernelNotFound(f"no kernel named {name!r} (your kernels: {known})")
-    return KernelRecord.from_json(data)
+    return data
+
+
+def read_record(files: KernelFiles) -> KernelRecord | None:
+    """The kernel's record; None when it has none; DamagedState when it cannot be read (a
+    file system that lost a write, a hand edit): records are written atomically, never half."""
+    try:
+        data = read_json(files.record)
+        return None if data is None else KernelRecord.from_json(data)
+    except (ValueError, TypeError, AttributeError, UnicodeDecodeError, IsADirectoryError) as e:
+        raise DamagedState(f"kernel {files.name!r}: its state file {files.record} is damaged ({e}); "
+                           f"`hpc-kernel shutdown {files.name}` ends its job if one runs and removes it",
+                           files.name) from None
 
 
 def list_records() -> list[KernelRecord]:
+    """Every kernel whose record can be read (see :func:`damaged_kernels` for the others)."""
+    records = []
+    for files in _kernel_dirs():
+        with contextlib.suppress(DamagedState):
+            record = read_record(files)
+            if record is not None:
+                records.append(record)
+    return records
+
+
+def damaged_kernels() -> list[DamagedState]:
+    """Why each kernel directory whose record cannot be read is damaged."""
+    damaged = []
+    for files in _kernel_dirs():
+        try:
+            read_record(files)
+        except DamagedState as e:
+            damaged.append(e)
+    return damaged
+
+
+def _kernel_dirs() -> list[KernelFiles]:
     root = kernels_root()
     if not root.is_dir():
         return []
-    records = []
-    for entry in sorted(root.iterdir()):
-        data = read_json(entry / "record.json") if entry.is_dir() else None
-        if data is not None:
-            records.append(KernelRecord.from_json(data))
-    return records
+    return [KernelFiles(entry) for entry in sorted(root.iterdir()) if entry.is_dir()]
+
+
+SECRET_FILES = ("key", "curve.json", "tls-ca.pem", "tls-node.pem", "tls-login.pem")
+
+
+def forget_secrets(files: KernelFiles) -> None:
+    """Remove the kernel's HMAC key, CurveZMQ keys and TLS credentials: once its kernel has ended
+    for good, nothing may connect to it again, and no secret should outlive it on disk."""
+    for name in SECRET_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            (files.dir / name).unlink()
 
 
 def remove_kernel_dir(name: str) -> None:

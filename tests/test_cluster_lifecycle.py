@@ -386,3 +386,78 @@ def test_state_lives_where_paths_state_says(cluster: None, workspace: Path) -> N
     finally:
         hk("shutdown", name, env=env, check=False)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_damaged_record_is_named_and_shutdown_still_ends_the_job(cluster: None) -> None:
+    """record.json lost its end (a file system that dropped a write): every command says which
+    file is damaged and what to do, with exit 1; `shutdown` finds the job by its name, ends it
+    and removes the state. A damaged agent.json only costs what the agent said."""
+    k = start_kernel(None, prefix="dmg")
+    state = STATE_ROOT / k.name
+    (state / "agent.json").write_text('{"state": "rea')
+    assert json.loads(hk("status", k.name, "--json").stdout)["slurm_state"] == "RUNNING"
+    record = (state / "record.json").read_text()
+    (state / "record.json").write_text(record[: len(record) // 2])
+    for command in (["list"], ["status", k.name], ["exec", k.name, "1"], ["connect", k.name]):
+        proc = hk(*command, check=False)
+        assert proc.returncode == 1, (command, proc.stderr)
+        assert f"kernel '{k.name}': its state file {state / 'record.json'} is damaged" in proc.stderr, proc.stderr
+        assert f"`hpc-kernel shutdown {k.name}`" in proc.stderr and "Traceback" not in proc.stderr
+    assert f"{k.name} (damaged)" in hk("status", "nosuch", check=False).stderr
+    proc = hk("shutdown", k.name)
+    assert f"cancelled job {k.job_id}" in proc.stderr and "removed its damaged state" in proc.stderr
+    assert k.job_id not in squeue_ids() and not state.exists()
+    assert not k.connection_file.parent.exists(), "its relay stopped, its login-side directory gone"
+
+
+def _gone_everywhere(state: Path, node_dir: str) -> None:
+    assert processes_mentioning(str(state)) == [], "no agent or relay process"
+    assert processes_mentioning(node_dir) == [], "no node side, runtime or kernel"
+    assert not [name for name in ("key", "curve.json", "tls-ca.pem", "tls-node.pem", "tls-login.pem")
+                if (state / name).exists()], "no secret left once the kernel is over"
+
+
+def test_a_kernel_that_crashes_is_reported_dead_and_leaves_no_process_or_secret(cluster: None) -> None:
+    """`os._exit(1)` in a cell: exec says the kernel died, status says it ended and why, the job
+    is over, the relay has ended and removed its sockets, and the key is gone from disk."""
+    k = start_kernel(None, prefix="crash", relay="tcp")
+    state = STATE_ROOT / k.name
+    node_dir = json.loads((state / "agent.json").read_text())["node_dir"]
+    proc = k.exec("import os; os._exit(1)", check=False, timeout=120)
+    assert proc.returncode != 0
+    deadline = time.monotonic() + 30
+    while k.job_id in squeue_ids() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    status = json.loads(hk("status", k.name, "--json").stdout)
+    assert status["state"] == "ended" and "exit code 1" in status["message"], status
+    assert k.job_id not in squeue_ids()
+    deadline = time.monotonic() + 15
+    while k.connection_file.parent.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not k.connection_file.parent.exists(), "the relay saw the kernel end and removed its sockets"
+    _gone_everywhere(state, node_dir)
+    hk("shutdown", k.name)
+    assert not state.exists()
+
+
+def test_a_job_cancelled_behind_our_back_is_reported_and_leaves_nothing(cluster: None) -> None:
+    """`scancel` by hand (or an admin, or preemption): status says so at once, nothing runs on
+    either side, and the key is gone once anyone has looked."""
+    k = start_kernel(None, prefix="scan")
+    state = STATE_ROOT / k.name
+    node_dir = json.loads((state / "agent.json").read_text())["node_dir"]
+    run(["scancel", k.job_id])
+    deadline = time.monotonic() + 30
+    while k.job_id in squeue_ids() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    status = json.loads(hk("status", k.name, "--json").stdout)
+    assert status["state"] == "ended" and status["slurm_state"] in ("CANCELLED", "(gone)"), status
+    assert "SIGTERM" in status["message"] or status["slurm_state"] == "CANCELLED", status
+    deadline = time.monotonic() + 15
+    while k.connection_file.parent.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not k.connection_file.parent.exists()
+    _gone_everywhere(state, node_dir)
+    proc = hk("exec", k.name, "1", check=False)
+    assert proc.returncode == 1 and "ended" in proc.stderr, proc.stderr
+    hk("shutdown", k.name)

@@ -6,6 +6,8 @@ particular to choosing one."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import ssl
 import time
@@ -142,3 +144,38 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+@pytest.mark.parametrize("relay", ["srun", "ssh"])
+def test_a_killed_transport_is_replaced_and_a_connected_client_goes_on(cluster: None, relay: str) -> None:
+    """The process carrying the stream (the relay's srun, or its ssh) is killed under a client
+    that stays connected: the relay opens a new stream by itself, the client's ZeroMQ sockets
+    reconnect, and the kernel still has what it had. (Cutting a tcp kernel's connection needs
+    privileges the tests do not have here; test_relay_daemon.py cuts one on this machine.)"""
+    from jupyter_client import BlockingKernelClient
+
+    k = start_kernel(None, prefix=f"cut{relay}", relay=relay)
+    client = BlockingKernelClient()
+    try:
+        client.load_connection_file(str(k.connection_file))
+        client.start_channels()
+        client.wait_for_ready(timeout=60)
+        assert client.execute_interactive("x = 41", timeout=60)["content"]["status"] == "ok"
+        state = STATE_ROOT / k.name
+        daemon = json.loads((state / "relay.json").read_text())["pid"]
+        node_dir = json.loads((state / "agent.json").read_text())["node_dir"]
+        carriers = [int(pid) for pid in Path(f"/proc/{daemon}/task/{daemon}/children").read_text().split()
+                    if node_dir in Path(f"/proc/{pid}/cmdline").read_text()]
+        assert len(carriers) == 1
+        os.kill(carriers[0], signal.SIGKILL)
+        started = time.monotonic()
+        out: list[str] = []
+        reply = client.execute_interactive("x += 1; print(x)", timeout=60, output_hook=lambda m: out.append(
+            m["content"].get("text", "")) if m["msg_type"] == "stream" else None)
+        assert reply["content"]["status"] == "ok" and "".join(out).strip() == "42"
+        assert time.monotonic() - started < 15, "back within a few seconds"
+        assert json.loads((state / "relay.json").read_text())["pid"] == daemon, "the same relay, a new stream"
+        assert "reconnected" in (state / "relay.log").read_text()
+    finally:
+        client.stop_channels()
+        hk("shutdown", k.name)

@@ -268,3 +268,19 @@ def test_a_state_directory_under_another_users_directory_is_refused() -> None:
         assert not os.path.exists(f"{theirs}/state")
     finally:
         as_second_user(["rm", "-rf", theirs])
+
+
+def test_second_user_cannot_signal_the_kernels_processes(kernel: Kernel) -> None:
+    """Not the relay daemon on the login node, not the agent or the kernel on the node (from a
+    job of his own there): the kernel runs on, its state intact."""
+    sd = state_dir(kernel)
+    daemon = json.loads((sd / "relay.json").read_text())["pid"]
+    agent = json.loads((sd / "agent.json").read_text())["pid"]
+    proc = as_second_user(["kill", "-TERM", str(daemon)])
+    assert proc.returncode != 0 and "Operation not permitted" in proc.stderr, proc.stderr
+    proc = as_second_user(["srun", f"--nodelist={kernel.node}", "--nodes=1", "--ntasks=1", "--mem=100M", "--time=1",
+                           "/usr/bin/python3", "-c",
+                           f"import os\ntry:\n    os.kill({agent}, 15)\nexcept OSError as e:\n    print(type(e).__name__)"],
+                          timeout=120)
+    assert proc.stdout.strip() == "PermissionError", proc.stdout + proc.stderr
+    assert kernel.exec("print('unharmed')").stdout.strip() == "unharmed"

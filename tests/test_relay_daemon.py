@@ -56,7 +56,9 @@ class TcpKernel:
         node_dir.mkdir()
         self.sockets = [await echo_server(Path(p)) for p in socket_paths(str(node_dir / "kernel"))]
         self.files = fake_kernel(tmp_path, 0, node_dir)
-        self.listener = await serve_node_tcp(node_dir, CredentialFiles(self.files.dir), host="127.0.0.1")
+        self.connections: set[asyncio.BaseTransport] = set()
+        self.listener = await serve_node_tcp(node_dir, CredentialFiles(self.files.dir), host="127.0.0.1",
+                                             connections=self.connections)
         agent = json.loads(self.files.agent.read_text())
         agent["tcp"]["port"] = self.listener.sockets[0].getsockname()[1]
         write_json(self.files.agent, agent)
@@ -118,6 +120,53 @@ def test_a_second_cancel_does_not_cut_a_relays_clean_up_short(env: Path) -> None
         kernel.close()
         await asyncio.sleep(0.1)
         assert len(os.listdir("/proc/self/fd")) <= fds_before
+
+    asyncio.run(scenario())
+
+
+def test_a_cut_stream_is_opened_again_while_the_kernel_lives_and_not_after(env: Path) -> None:
+    """The TLS connection is cut under a connected client (as a dropped network would): the
+    client's connection closes, a new one through the same login-side socket works, and the
+    relay lives on. Once the agent says the kernel ended, a cut ends the relay and its files."""
+    async def echo_through(path: str, data: bytes) -> bytes:
+        reader, writer = await asyncio.open_unix_connection(path)
+        writer.write(data)
+        got = await reader.readexactly(len(data))
+        writer.close()
+        return got
+
+    async def scenario() -> None:
+        kernel = await TcpKernel().start(env)
+        said: list[str] = []
+        task = asyncio.ensure_future(serve_kernel(kernel.files, said.append, record={}))
+        while not said:
+            await asyncio.sleep(0.01)
+        socket_path = json.loads(Path(said[0][6:]).read_text())["ip"] + "-1"
+        reader, writer = await asyncio.open_unix_connection(socket_path)
+        writer.write(b"before")
+        assert await reader.readexactly(6) == b"before"
+        for connection in list(kernel.connections):
+            connection.abort()  # the stream is cut
+        assert await asyncio.wait_for(reader.read(), 5) == b"", "the client's connection closes"
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert await echo_through(socket_path, b"after") == b"after"
+                break
+            except (ConnectionError, asyncio.IncompleteReadError):
+                assert time.monotonic() < deadline, "no new stream within 10 s"
+                await asyncio.sleep(0.1)
+        assert not task.done()
+        assert "reconnected" in kernel.files.relay_log.read_text()
+
+        agent = json.loads(kernel.files.agent.read_text())
+        write_json(kernel.files.agent, {**agent, "state": "ended"})
+        for connection in list(kernel.connections):
+            connection.abort()
+        await asyncio.wait_for(task, 10)
+        assert not Path(said[0][6:]).exists() and not kernel.files.relay.exists()
+        assert "the kernel is ended; ending" in kernel.files.relay_log.read_text()
+        kernel.close()
 
     asyncio.run(scenario())
 

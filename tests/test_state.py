@@ -114,3 +114,20 @@ def test_private_files_are_found_through_symlinks(tmp_path: Path) -> None:
     assert exposes_private_files(str(tmp_path / "gpfs"), home, [state]), "a parent of the real home"
     assert exposes_private_files(f"{real_home}/.local/share/hpc-kernels/kernels", home, [state]), "inside the state"
     assert exposes_private_files(str(real_home / "project"), home, [state]) is None
+
+
+@pytest.mark.parametrize("damage", ['{"name": "k2", "job_', "[1, 2]", "\udcff"])
+def test_a_damaged_record_is_reported_by_name_and_does_not_hide_the_others(damage: str) -> None:
+    from hpc_kernels.errors import DamagedState
+
+    for name in ("k1", "k2", "k3"):
+        state.create_kernel_dir(name)
+        state.save_record(state.KernelRecord(name=name, profile="local", status="submitted"))
+    state.kernel_files("k2").record.write_bytes(damage.encode(errors="surrogateescape"))
+    assert [r.name for r in state.list_records()] == ["k1", "k3"]
+    [problem] = state.damaged_kernels()
+    assert problem.kernel == "k2" and "record.json is damaged" in str(problem)
+    with pytest.raises(DamagedState, match="`hpc-kernel shutdown k2` ends its job if one runs and removes it"):
+        state.load_record("k2")
+    with pytest.raises(KernelNotFound, match=r"your kernels: k1, k3, k2 \(damaged\)"):
+        state.load_record("nope")
