@@ -15,6 +15,7 @@ from .errors import DamagedState, HpcKernelsError, ProfileError, RelayError
 from .launcher import (
     KernelView,
     ensure_relay,
+    gone_reason,
     interrupt,
     kernel_script,
     resolve_request,
@@ -129,7 +130,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
     code = sys.stdin.read() if args.code == "-" else args.code
     connection_file = ensure_relay(args.name, timeout=args.wait_timeout, progress=_progress)
-    return 0 if execute(connection_file, code, timeout=args.timeout) else 1
+    return 0 if execute(connection_file, code, timeout=args.timeout, gone=lambda: gone_reason(args.name)) else 1
 
 
 def cmd_connect(args: argparse.Namespace) -> int:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import getpass
+import queue
 import re
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -42,11 +46,21 @@ def print_output(msg: dict[str, Any]) -> None:
                      sys.stderr), file=sys.stderr, flush=True)
 
 
-def execute(connection_file: Path, code: str, *, timeout: float | None = None) -> bool:
+GONE_CHECK_SECONDS = 2.0
+
+
+def _never_gone() -> str | None:
+    return None
+
+
+def execute(connection_file: Path, code: str, *, timeout: float | None = None,
+            gone: Callable[[], str | None] = _never_gone) -> bool:
     """Run ``code``; print stdout, stderr, results and tracebacks as Jupyter does.
 
     Returns True when the code ran without raising. Ctrl-C interrupts the code in the kernel
-    (an ``interrupt_request``) and the kernel lives on.
+    (an ``interrupt_request``) and the kernel lives on. While it waits, ``gone`` is asked every
+    few seconds whether the kernel is still there: its answer (why not) ends the wait, instead
+    of a wait for a reply that will never come.
     """
     client = BlockingKernelClient()
     client.load_connection_file(str(connection_file))
@@ -55,13 +69,14 @@ def execute(connection_file: Path, code: str, *, timeout: float | None = None) -
         try:
             client.wait_for_ready(timeout=READY_TIMEOUT)
         except RuntimeError as e:
-            raise HpcKernelsError(f"the kernel did not answer through {connection_file}: {e}") from None
+            raise HpcKernelsError(gone() or f"the kernel did not answer through {connection_file}: {e}") from None
         try:
-            reply = _run(client, code, timeout)
+            msg_id = client.execute(code, allow_stdin=sys.stdin.isatty())
+            reply = _wait_for_reply(client, msg_id, timeout, gone)
         except KeyboardInterrupt:
             client.control_channel.send(client.session.msg("interrupt_request", {}))
             print("\n(interrupted: sent interrupt_request to the kernel)", file=sys.stderr)
-            reply = _run_after_interrupt(client, timeout)
+            reply = _wait_for_reply(client, msg_id, timeout, gone)
         except TimeoutError:
             raise HpcKernelsError(f"no reply within {timeout} s; the code may still be running") from None
         return bool(reply["content"].get("status") == "ok")
@@ -69,15 +84,48 @@ def execute(connection_file: Path, code: str, *, timeout: float | None = None) -
         client.stop_channels()
 
 
-def _run(client: BlockingKernelClient, code: str, timeout: float | None) -> dict[str, Any]:
-    return client.execute_interactive(
-        code, timeout=timeout, allow_stdin=sys.stdin.isatty(), output_hook=print_output
-    )
+def _wait_for_reply(client: BlockingKernelClient, msg_id: str, timeout: float | None,
+                    gone: Callable[[], str | None]) -> dict[str, Any]:
+    """Show the request's output as it comes, answer its input requests, and return its
+    execute_reply once the kernel is idle again."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    next_check = time.monotonic() + GONE_CHECK_SECONDS
+    while True:
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError
+        _answer_input_requests(client, msg_id)
+        try:
+            msg = client.get_iopub_msg(timeout=0.2)
+        except queue.Empty:
+            if time.monotonic() >= next_check:
+                why = gone()
+                if why:
+                    raise HpcKernelsError(why)
+                next_check = time.monotonic() + GONE_CHECK_SECONDS
+            continue
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        if msg["msg_type"] == "status" and msg["content"].get("execution_state") == "idle":
+            break
+        print_output(msg)
+    while True:
+        reply: dict[str, Any] = client.get_shell_msg(timeout=READY_TIMEOUT)
+        if reply["parent_header"].get("msg_id") == msg_id:
+            return reply
 
 
-def _run_after_interrupt(client: BlockingKernelClient, timeout: float | None) -> dict[str, Any]:
-    # The execute_reply of the interrupted request is still to come on the shell channel.
-    msg: dict[str, Any] = client.get_shell_msg(timeout=timeout or 30)
-    while msg["msg_type"] != "execute_reply":
-        msg = client.get_shell_msg(timeout=timeout or 30)
-    return msg
+def _answer_input_requests(client: BlockingKernelClient, msg_id: str) -> None:
+    """``input()`` and ``getpass()`` in the code, answered from the terminal."""
+    while True:
+        try:
+            request = client.get_stdin_msg(timeout=0)
+        except queue.Empty:
+            return
+        if request["msg_type"] != "input_request" or request["parent_header"].get("msg_id") != msg_id:
+            continue
+        content = request["content"]
+        try:
+            value = getpass.getpass(content.get("prompt", "")) if content.get("password") else input(content.get("prompt", ""))
+        except EOFError:
+            value = ""
+        client.input(value)

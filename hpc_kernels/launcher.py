@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import relay_daemon
-from .errors import HpcKernelsError, KernelStartError, RelayError
+from .errors import HpcKernelsError, KernelNotFound, KernelStartError, RelayError
 from .paths import exposes_private_files, private_paths, read_json, runtime_root, write_json, write_private_file
 from .profiles import KernelRequest, Profile, apply_request, check_kernel_name, load_profile
 from .processes import cmdline, identity, is_running, terminate
@@ -733,6 +733,18 @@ def ended_report(name: str) -> str:
     return str(_start_failure(view(name), kernel_files(name),
                               "has ended and did not come back from the restart; it is not submitted again "
                               "(start a new kernel)"))
+
+
+def gone_reason(name: str) -> str | None:
+    """None while kernel ``name`` runs (or restarts in its job); else why it is gone, for a
+    client that was waiting on it: Slurm's state and reason, the agent's last word, the log."""
+    try:
+        current = view(name)
+    except KernelNotFound:
+        return f"kernel {name!r} was shut down"
+    if current.job_alive and current.agent_state not in ("ended", "failed"):
+        return None
+    return str(_start_failure(current, kernel_files(name), "has ended"))
 
 
 def kernel_generation(name: str) -> int:

@@ -170,6 +170,51 @@ except OSError as e:
     assert "Network is unreachable" in out
 
 
+SANDBOX_PROBE = """
+import json, os, socket
+found = {}
+def attempt(what, action):
+    try:
+        found[what] = action() or "ok"
+    except OSError as e:
+        found[what] = e.strerror or type(e).__name__
+attempt("tcp", lambda: socket.create_connection(("%(login)s", 6817), timeout=5) and "connected")
+attempt("udp", lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", ("%(login)s", 53)) and "sent")
+attempt("dns", lambda: socket.getaddrinfo("pypi.org", 443) and "resolved")
+attempt("write /opt", lambda: open("/opt/hk-probe", "w") and "written")
+attempt("write /etc", lambda: open("/etc/hk-probe", "w") and "written")
+attempt("write /usr", lambda: open("/usr/hk-probe", "w") and "written")
+attempt("write /tmp", lambda: open("/tmp/hk-probe", "w").write("x") and "written")
+status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+found["capabilities"] = status["CapEff"].strip()
+names = set()
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        names.add(open(f"/proc/{pid}/comm").read().strip())
+    except OSError:
+        pass
+found["host processes"] = sorted(names & {"slurmd", "slurmstepd", "sshd", "munged", "slurmctld"})
+print(json.dumps(found))
+"""
+
+
+def test_the_sandbox_has_no_network_no_host_processes_no_capabilities_and_a_read_only_system(
+        kernel: Kernel) -> None:
+    """From inside the kernel: TCP and UDP to the login node fail, no name resolves, the node's
+    daemons (slurmd, sshd, munged) are not in its process list, it holds no capability, and the
+    system is read-only: outside the workspace only the sandbox's own tmpfs mounts (/tmp, and
+    the hidden /home, /var/tmp, ...) take writes, and they vanish with it."""
+    found = json.loads(kernel.exec(SANDBOX_PROBE % {"login": LOGIN_ADDRESS}).stdout.strip().splitlines()[-1])
+    assert found["tcp"] == "Network is unreachable" and found["udp"] == "Network is unreachable", found
+    assert found["dns"] != "resolved", found
+    assert found["host processes"] == [], found
+    assert found["capabilities"] == "0000000000000000", found
+    for path in ("/opt", "/etc", "/usr"):
+        assert found[f"write {path}"] in ("Read-only file system", "Permission denied",
+                                          "No such file or directory"), found
+    assert found["write /tmp"] == "written", found
+
+
 def test_home_is_hidden_and_workspace_is_read_only(kernel: Kernel) -> None:
     home = str(Path.home())
     out = kernel.exec(f"""
