@@ -37,7 +37,7 @@ def cut(data: bytes, points: list[int]) -> list[bytes]:
     return [data[a:b] for a, b in zip(edges, edges[1:])]
 
 
-@settings(max_examples=600, deadline=None)
+@settings(max_examples=600, deadline=None, database=None)  # the tests run from a read-only copy
 @given(data=streams, points=st.lists(st.integers(0, 2000), max_size=6))
 def test_the_decoder_yields_frames_or_a_protocol_error_and_buffers_at_most_one_frame(
         data: bytes, points: list[int]) -> None:
@@ -65,7 +65,7 @@ def _login_side(sent: list[bytes]) -> Multiplexer:
     return mux
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, database=None)
 @given(garbage=streams, points=st.lists(st.integers(0, 2000), max_size=4))
 def test_garbage_ends_the_stream_with_its_reason_and_never_raises(garbage: bytes, points: list[int]) -> None:
     async def scenario() -> None:
