@@ -461,3 +461,21 @@ def test_a_job_cancelled_behind_our_back_is_reported_and_leaves_nothing(cluster:
     proc = hk("exec", k.name, "1", check=False)
     assert proc.returncode == 1 and "ended" in proc.stderr, proc.stderr
     hk("shutdown", k.name)
+
+
+def test_a_job_at_its_time_limit_is_reported_and_leaves_nothing(cluster: None) -> None:
+    """`--time 1`: Slurm ends the job after a minute (SIGTERM, then SIGKILL after KillWait).
+    status says TIMEOUT; exec, waiting on a cell when it happens, says why; nothing is left."""
+    k = start_kernel(None, "--time", "1", prefix="tl")
+    state = STATE_ROOT / k.name
+    node_dir = json.loads((state / "agent.json").read_text())["node_dir"]
+    proc = k.exec("import time\nwhile True: time.sleep(1)", check=False, timeout=150)
+    assert proc.returncode == 1 and "has ended" in proc.stderr, proc.stderr
+    deadline = time.monotonic() + 30
+    while (k.job_id in squeue_ids() or k.connection_file.parent.exists()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert k.job_id not in squeue_ids() and not k.connection_file.parent.exists()
+    status = json.loads(hk("status", k.name, "--json").stdout)
+    assert status["state"] == "ended" and status["slurm_state"] == "TIMEOUT", status
+    _gone_everywhere(state, node_dir)
+    hk("shutdown", k.name)
