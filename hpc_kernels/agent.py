@@ -48,7 +48,7 @@ from .runtimes import (
     sandbox_argv,
     sandbox_environment,
 )
-from .state import KernelFiles, forget_secrets
+from .state import KernelFiles, forget_secrets, kernel_lives, state_json
 from .tls import CredentialFiles
 
 STDERR_TAIL_LINES = 40
@@ -426,8 +426,8 @@ def signal_agent(state_dir: Path, action: str) -> str | None:
     which restarts the kernel in the job. Only the agent is signalled, whichever way the kernel
     runs; Slurm's own signalling of a step would reach every process in it (bubblewrap dies of
     SIGINT). Returns why it could not, or None."""
-    agent = read_json(KernelFiles(state_dir).agent) or {}
-    if agent.get("state") not in ("ready", "starting") or not is_running(agent, f"{AGENT_MARKER} {state_dir}"):
+    agent = state_json(KernelFiles(state_dir).agent)
+    if not kernel_lives(agent) or not is_running(agent, f"{AGENT_MARKER} {state_dir}"):
         return f"no running agent of {state_dir} on {socket.gethostname()} (agent.json: {agent.get('state')})"
     os.kill(int(agent["pid"]), AGENT_SIGNALS[action])
     return None

@@ -45,7 +45,7 @@ from .kernelspecs import kernelspec
 from .notebooks import inject_parameters, skip_iri_format_checker
 from .paths import kernels_root, read_json, write_file_atomically
 from .profiles import load_profile
-from .state import kernel_files, remove_kernel_dir
+from .state import kernel_files, remove_kernel_dir, state_json
 
 # After a timeout or a signal, how long the execution may take to notice its kernel is gone.
 EXECUTION_STOP_SECONDS = 30.0
@@ -313,8 +313,7 @@ class TaskRunner:
         return found
 
     def _agent_message(self) -> str:
-        agent = read_json(kernel_files(self.kernel_name).agent) or {}
-        return str(agent.get("message", ""))
+        return str(state_json(kernel_files(self.kernel_name).agent).get("message", ""))
 
     def write_notebook(self, outcome: Outcome) -> Path | None:
         """The executed notebook: under its final name only when every cell ran; as far as it ran

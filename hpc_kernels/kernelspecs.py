@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import HpcKernelsError
-from .profiles import Profile, check_kernel_name
+from .profiles import KernelRequest, Profile, apply_request, check_kernel_name
 
 PROVISIONER_NAME = "hpc-kernels"
 INTERRUPT_MODES = ("signal", "message")
@@ -47,9 +47,7 @@ def kernelspec(profile: Profile, *, display_name: str | None = None, interrupt_m
                                   "not in an image")
         config["image"] = image
     if relay:
-        if relay not in profile.get("relay", "allow"):
-            raise HpcKernelsError(f"--relay {relay}: profile {profile.name} allows only "
-                                  f"{', '.join(profile.get('relay', 'allow'))} (relay.allow)")
+        apply_request(profile, KernelRequest(name=profile.name, relay=relay))  # refused as submit would refuse it
         config["relay"] = relay
     if mode != "auto":
         config["mode"] = mode

@@ -43,11 +43,13 @@ from .state import (
     create_kernel_dir,
     forget_secrets,
     kernel_files,
+    kernel_lives,
     list_records,
     load_record,
     locked,
     remove_kernel_dir,
     save_record,
+    state_json,
 )
 
 Progress = Callable[[str], None]
@@ -106,16 +108,6 @@ class KernelView:
         return self.agent.get("node") or (self.job.node if self.job else None) or self.record.node
 
 
-def state_json(path: Path) -> dict[str, Any]:
-    """agent.json or relay.json, {} when missing or unreadable: they say what a process last
-    reported; the record (and Slurm) decide, and a damaged one is written again by its owner."""
-    try:
-        data = read_json(path)
-    except (ValueError, UnicodeDecodeError, IsADirectoryError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _same_job(record: KernelRecord, job: JobInfo | None) -> JobInfo | None:
     """``job`` if it is the one this record submitted; None for a job that reuses its id."""
     if job is None or (record.submit_time and job.submit_time and job.submit_time != record.submit_time):
@@ -144,7 +136,7 @@ def _step_alive(record: KernelRecord) -> bool:
     assert record.step is not None
     if record.on_node:
         if not _on_this_host(record):  # only the agent's own node can look at it: trust its report
-            return (read_json(kernel_files(record.name).agent) or {}).get("state") in ("starting", "ready")
+            return kernel_lives(state_json(kernel_files(record.name).agent))
         return is_running(record.step, _step_marker(kernel_files(record.name)))
     return bool(_our_steps(record)) or is_running(record.step, _step_marker(kernel_files(record.name)))
 
@@ -225,8 +217,10 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
 # Submit
 
 
-def launch_spec(profile: Profile, request: KernelRequest, python: str) -> dict[str, Any]:
-    """What the node agent needs (launch.json). No secrets: the key has its own 0600 file."""
+def launch_spec(profile: Profile, request: KernelRequest, python: str, *,
+                listen_tcp: bool | None = None) -> dict[str, Any]:
+    """What the node agent needs (launch.json). No secrets: the key has its own 0600 file.
+    ``listen_tcp`` overrides whether the agent listens for the relay's tcp transport."""
     home, state = private_paths()
     return {
         "profile": profile.name,
@@ -245,7 +239,7 @@ def launch_spec(profile: Profile, request: KernelRequest, python: str) -> dict[s
         "workspace": request.workspace,
         "workspace_rw": profile.get("workspace", "mode") == "rw",
         "tune_srun_tcp": profile.get("relay", "tune_srun_tcp"),
-        "relay": relay_spec(profile),
+        "relay": relay_spec(profile, listen_tcp=listen_tcp),
     }
 
 
@@ -396,9 +390,7 @@ def submit(profile_name: str, request: KernelRequest, *, listen_tcp: bool | None
         )
         try:
             save_record(record)
-            launch = launch_spec(profile, request, python)
-            if listen_tcp is not None:
-                launch["relay"] = relay_spec(profile, listen_tcp=listen_tcp)
+            launch = launch_spec(profile, request, python, listen_tcp=listen_tcp)
             _write_secrets(files, curve=request.curve, tls=launch["relay"]["listen_tcp"])
             write_json(files.launch, launch)
             script = kernel_script(profile, name, request.allocation)
@@ -450,8 +442,7 @@ def start_on_node(profile_name: str, request: KernelRequest) -> KernelRecord:
                               job_id=os.environ.get("SLURM_JOB_ID"))
         try:
             save_record(record)
-            launch = launch_spec(profile, request, python)
-            launch["relay"] = relay_spec(profile, listen_tcp=False)  # no relay on the node
+            launch = launch_spec(profile, request, python, listen_tcp=False)  # no relay on the node
             _write_secrets(files, curve=request.curve)
             write_json(files.launch, launch)
             write_private_file(files.log, "")
@@ -749,7 +740,7 @@ def gone_reason(name: str) -> str | None:
 
 def kernel_generation(name: str) -> int:
     """How many times the kernel was restarted in its job (agent.json)."""
-    return int((read_json(kernel_files(name).agent) or {}).get("generation", 0))
+    return int(state_json(kernel_files(name).agent).get("generation", 0))
 
 
 def wait_for_generation(name: str, generation: int, *, timeout: float | None = None) -> None:

@@ -52,7 +52,7 @@ from .paths import (
 )
 from .processes import identity
 from .slurm import NODE_STEP_ENVIRONMENT, srun_into_job
-from .state import KernelFiles
+from .state import KernelFiles, kernel_lives, state_json
 from .tls import NODE_NAME, CredentialFiles, login_context, node_context
 
 HELLO_TIMEOUT = 60.0
@@ -260,7 +260,7 @@ def login_dirs_of(name: str) -> list[Path]:
 
 
 def tcp_tuning_library() -> Path | None:
-    """The shim that sets TCP_NODELAY/TCP_QUICKACK on the sockets of srun (or ssh), if it was built."""
+    """The shim that sets TCP_NODELAY/TCP_QUICKACK on srun's stdio sockets, if it was built."""
     found = sorted(Path(__file__).parent.glob("_srun_tcp_tune*.so"))
     return found[0] if found else None
 
@@ -376,7 +376,7 @@ class _KernelView:
 
 
 def _read_kernel(files: KernelFiles) -> _KernelView:
-    return _KernelView(job_id=(read_json(files.record) or {}).get("job_id"), agent=read_json(files.agent) or {},
+    return _KernelView(job_id=(read_json(files.record) or {}).get("job_id"), agent=state_json(files.agent),
                        launch=read_json(files.launch) or {}, key=files.key.read_text().strip(),
                        curve=read_json(files.curve))
 
@@ -416,9 +416,10 @@ async def _open_stream(files: KernelFiles, kernel: _KernelView, transport_name: 
     return mux, close
 
 
-def kernel_lives(agent: Mapping[str, Any]) -> bool:
-    """What the agent last said: its kernel runs, or is being restarted in the job."""
-    return agent.get("state") in ("ready", "starting")
+def launch_transport(launch: Mapping[str, Any]) -> str:
+    """The transport a kernel was started with (launch.json); srun for kernels from before there
+    was a choice."""
+    return str((launch.get("relay") or {}).get("transport") or "srun")
 
 
 async def serve_kernel(files: KernelFiles, ready: Callable[[str], None], transport_name: str | None = None, *,
@@ -444,7 +445,7 @@ async def serve_kernel(files: KernelFiles, ready: Callable[[str], None], transpo
 
     try:
         kernel = await asyncio.to_thread(_read_kernel, files)
-        transport_name = transport_name or (kernel.launch.get("relay") or {}).get("transport") or "srun"
+        transport_name = transport_name or launch_transport(kernel.launch)
         node = kernel.agent.get("node")
         login_dir = make_login_dir(files.name)
         base = str(login_dir / "kernel")

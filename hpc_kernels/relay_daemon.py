@@ -41,9 +41,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RelayError
-from .paths import ensure_private_dir, read_json, runtime_root, state_root
-from .relay import serve_kernel
-from .state import KernelFiles
+from .paths import ensure_private_dir, runtime_root, state_root
+from .relay import launch_transport, serve_kernel
+from .state import KernelFiles, state_json
 
 DAEMON_MARKER = "hpc_kernels.relay_daemon"
 IDLE_EXIT_SECONDS = 5.0
@@ -177,7 +177,7 @@ class Daemon:
         if op != "start":
             raise ValueError(f"unknown op {op!r}")
         files = KernelFiles(Path(state_dir))
-        transport = request.get("transport") or await asyncio.to_thread(kernel_transport, files)
+        transport = request.get("transport") or launch_transport(await asyncio.to_thread(state_json, files.launch))
         relay = self.relays.get((state_dir, transport))
         if relay is None or relay.task.done() or relay.ending:
             relay = self.start(files, transport, record=bool(request.get("record", True)))
@@ -223,12 +223,6 @@ class Daemon:
         for relay in relays:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await relay.task
-
-
-def kernel_transport(files: KernelFiles) -> str:
-    """The transport the kernel was started with (launch.json), srun for older kernels."""
-    launch = read_json(files.launch) or {}
-    return str((launch.get("relay") or {}).get("transport") or "srun")
 
 
 def _inode(path: Path) -> tuple[int, int] | None:

@@ -161,6 +161,21 @@ def _kernel_dirs() -> list[KernelFiles]:
     return [KernelFiles(entry) for entry in sorted(root.iterdir()) if entry.is_dir()]
 
 
+def state_json(path: Path) -> dict[str, Any]:
+    """agent.json or relay.json, {} when missing or unreadable: they say what a process last
+    reported; the record (and Slurm) decide, and a damaged one is written again by its owner."""
+    try:
+        data = read_json(path)
+    except (ValueError, UnicodeDecodeError, IsADirectoryError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def kernel_lives(agent: dict[str, Any]) -> bool:
+    """What the agent last said (agent.json): its kernel runs, or is being restarted in the job."""
+    return agent.get("state") in ("ready", "starting")
+
+
 SECRET_FILES = ("key", "curve.json", "tls-ca.pem", "tls-node.pem", "tls-login.pem")
 
 
