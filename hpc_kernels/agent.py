@@ -49,6 +49,7 @@ from .runtimes import (
     sandbox_environment,
 )
 from .state import KernelFiles, forget_secrets, kernel_lives, state_json
+from .time_limit import DeadlineWriter, install_warning
 from .tls import CredentialFiles
 
 STDERR_TAIL_LINES = 40
@@ -107,6 +108,7 @@ class Agent:
         self.kernel_ready = False
         self.listener: NodeListener | None = None
         self.tcp: dict[str, Any] | None = None  # where the relay's tcp transport listens
+        self.deadline: DeadlineWriter | None = None  # tells the kernel when the job's time is up
 
     def report(self, state: str, **extra: Any) -> None:
         """Write agent.json; a failure to write (quota, a removed state dir) is said, not raised."""
@@ -209,7 +211,8 @@ class Agent:
             raise AgentError(f"runtime {kind}: {executable!r} is not installed on {self.node} (not found on "
                              f"PATH={os.environ.get('PATH', '')}); set runtime.executable, or load its module "
                              "with slurm.modules")
-        env = sandbox_environment(os.environ, launch.get("kernel_env", {}))
+        kernel_env = launch.get("kernel_env", {})
+        env = sandbox_environment(os.environ, {**self.time_warning(kernel_env), **kernel_env})
         if kind == "bwrap":
             return sandbox_argv(kind, spec, command, executable=found), env
         image = launch["image"]
@@ -220,6 +223,21 @@ class Agent:
         empty.mkdir(mode=0o500)
         argv = sandbox_argv(kind, spec, command, executable=found, image=image, empty_dir=str(empty))
         return argv, apptainer_process_environment(os.environ, env)
+
+    def time_warning(self, kernel_env: dict[str, str]) -> dict[str, str]:
+        """Set up the kernel's warning before the time limit (``kernel.time_warning``): the
+        variables the kernel needs for it."""
+        assert self.node_dir is not None
+        warn_before = float(self.launch.get("time_warning") or 0)
+        if warn_before <= 0 or not self.job_id:
+            return {}
+        variables = install_warning(self.node_dir, kernel_env)
+        if not variables:
+            _say("time limit: kernel.env sets IPYTHONDIR, so the kernel gives no warning before the time limit")
+            return {}
+        self.deadline = DeadlineWriter(self.node_dir, self.job_id, warn_before, _say)
+        self.deadline.start()
+        return variables
 
     def listen_tcp(self, port_range: list[int] | None) -> None:
         """The relay's tcp transport: its node side listens in a thread of ours, for the whole job."""
@@ -386,6 +404,9 @@ class Agent:
                 self.kernel.kill()
                 self.kernel.wait()
         end_leftovers()
+        if self.deadline is not None:
+            self.deadline.stop()
+            self.deadline = None
         if self.listener is not None:
             self.listener.stop()
             self.listener = None

@@ -41,7 +41,7 @@ from .paths import (
     write_json,
     write_private_file,
 )
-from .profiles import KernelRequest, Profile, check_kernel_name
+from .profiles import KernelRequest, Profile, check_kernel_name, duration_seconds
 from .render import render_batch_script
 from .slurm import ArrayTaskInfo, array_spec, array_tasks, cancel, submit_batch
 from .state import file_lock
@@ -59,8 +59,6 @@ _FROM_SLURM = {"TIMEOUT": TIMEOUT, "NODE_FAIL": NODE_FAIL, "BOOT_FAIL": NODE_FAI
 # array's Slurm time limit is derived from it.
 START_MARGIN_SECONDS = 300
 CANCEL_WAIT_SECONDS = 60.0
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,15 +100,7 @@ def plan_tasks(notebooks: Sequence[Path], parameter_sets: Sequence[Parameters]) 
 
 def parse_duration(text: str, what: str) -> float:
     """``90``, ``90s``, ``10m``, ``1h30m``, ``2d`` or ``1:30:00`` (h:m:s) / ``10:00`` (m:s), in seconds."""
-    value = text.strip()
-    seconds: float | None = None
-    if re.fullmatch(r"\d+(\.\d+)?", value):
-        seconds = float(value)
-    elif re.fullmatch(r"(\d+(\.\d+)?[smhd])+", value):
-        seconds = sum(float(n) * _UNITS[unit] for n, unit in _DURATION.findall(value))
-    elif re.fullmatch(r"\d+(:\d{1,2}){1,2}", value):
-        parts = [int(p) for p in value.split(":")]
-        seconds = float(sum(p * 60 ** i for i, p in enumerate(reversed(parts))))
+    seconds = duration_seconds(text)
     if not seconds or seconds <= 0:
         raise BatchError(f"{what} {text!r}: expected a duration such as 90s, 10m, 1h30m or 1:30:00")
     return seconds

@@ -82,6 +82,7 @@ def _request(args: argparse.Namespace, profile_name: str) -> KernelRequest:
         workspace_rw=args.rw,
         allocation=None if args.new_job else os.environ.get("SLURM_JOB_ID") or None,
         relay=args.relay,
+        time_warning=args.time_warning,
     )
 
 
@@ -389,6 +390,8 @@ def add_resource_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workspace", "-w", help="directory bound into the sandbox (default: the current one)")
     p.add_argument("--no-workspace", action="store_true", help="bind no workspace")
     p.add_argument("--rw", action="store_true", help="bind the workspace read-write (default: read-only)")
+    p.add_argument("--time-warning", metavar="DURATION",
+                   help="warn in the kernel's output this long before the time limit, e.g. 10m (0: never)")
 
 
 def build_parser() -> argparse.ArgumentParser:

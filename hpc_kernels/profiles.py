@@ -114,6 +114,34 @@ def _positive_number(value: Any) -> float:
     return float(value)
 
 
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration_seconds(text: str) -> float | None:
+    """``90``, ``90s``, ``10m``, ``1h30m``, ``2d``, or ``1:30:00`` (h:m:s) / ``10:00`` (m:s), in
+    seconds; None if ``text`` is not a duration."""
+    value = text.strip()
+    if re.fullmatch(r"\d+(\.\d+)?", value):
+        return float(value)
+    if re.fullmatch(r"(\d+(\.\d+)?[smhd])+", value):
+        return float(sum(float(n) * _DURATION_UNITS[unit] for n, unit in _DURATION_PART.findall(value)))
+    if re.fullmatch(r"\d+(:\d{1,2}){1,2}", value):
+        parts = [int(p) for p in value.split(":")]
+        return float(sum(p * 60 ** i for i, p in enumerate(reversed(parts))))
+    return None
+
+
+def _duration(value: Any) -> float:
+    """A duration (see :func:`duration_seconds`) or a number of seconds; 0 for none."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    seconds = duration_seconds(value) if isinstance(value, str) else None
+    if seconds is None:
+        raise ValueError("expected a duration such as 10m, 90s, 1h30m or 1:30:00 (0 for none)")
+    return seconds
+
+
 def _bool(value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError("expected true or false")
@@ -282,6 +310,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "env": (_env, {}),
         "start_timeout": (_positive_number, 60.0),
         "on_node": (_bool, True),
+        "time_warning": (_duration, 600.0),
     },
     "paths": {
         "node_tmp": (_opt(_node_tmp), None),
@@ -334,6 +363,7 @@ class KernelRequest:
     allocation: str | None = None  # run as a step of this job (the user's salloc) instead of a new job
     curve: bool = False  # CurveZMQ on the kernel's sockets (the frontend asked, the kernel supports it)
     relay: str | None = None  # one of relay.allow (--relay)
+    time_warning: str | None = None  # how long before the time limit the kernel warns (--time-warning)
 
 
 def check_kernel_name(name: str) -> str:
@@ -696,6 +726,7 @@ def apply_request(profile: Profile, request: KernelRequest) -> Profile:
         ("runtime", "image"): request.image,
         ("workspace", "mode"): "rw" if request.workspace_rw else None,
         ("relay", "transport"): request.relay,
+        ("kernel", "time_warning"): request.time_warning,
     }
     settings = {section: dict(values) for section, values in profile.settings.items()}
     origins = dict(profile.origins)
@@ -703,7 +734,7 @@ def apply_request(profile: Profile, request: KernelRequest) -> Profile:
         if value is None:
             continue
         check = SCHEMA[section][key][0]
-        flag = {"mode": "--rw", "transport": "--relay"}.get(key, f"--{key}")
+        flag = {"mode": "--rw", "transport": "--relay"}.get(key, f"--{key.replace('_', '-')}")
         try:
             settings[section][key] = check(value)
         except ValueError as e:

@@ -463,14 +463,20 @@ def test_a_job_cancelled_behind_our_back_is_reported_and_leaves_nothing(cluster:
     hk("shutdown", k.name)
 
 
-def test_a_job_at_its_time_limit_is_reported_and_leaves_nothing(cluster: None) -> None:
-    """`--time 1`: Slurm ends the job after a minute (SIGTERM, then SIGKILL after KillWait).
-    status says TIMEOUT; exec, waiting on a cell when it happens, says why; nothing is left."""
-    k = start_kernel(None, "--time", "1", prefix="tl")
+def test_a_job_at_its_time_limit_warns_then_is_reported_and_leaves_nothing(cluster: None, runtime_profile: str) -> None:
+    """`--time 1 --time-warning 40s`: the cell that runs when the time comes gets the warning in
+    its output (ipykernel 6 in the Apptainer image, 7 under bubblewrap). Slurm then ends the job
+    after the minute (SIGTERM, then SIGKILL after KillWait): status says TIMEOUT; exec, waiting
+    on the cell, says why; nothing is left."""
+    k = start_kernel(None, "--time", "1", "--time-warning", "40s", prefix="tl", profile=runtime_profile)
     state = STATE_ROOT / k.name
     node_dir = json.loads((state / "agent.json").read_text())["node_dir"]
     proc = k.exec("import time\nwhile True: time.sleep(1)", check=False, timeout=150)
     assert proc.returncode == 1 and "has ended" in proc.stderr, proc.stderr
+    warning = f"[hpc-kernels] WARNING: job {k.job_id} reaches its time limit in"
+    assert proc.stderr.count(warning) == 1, proc.stderr
+    assert "save your work" in proc.stderr.split(warning)[1].split("has ended")[0]
+    assert "time limit: the job ends at" in hk("logs", k.name).stdout
     deadline = time.monotonic() + 30
     while (k.job_id in squeue_ids() or k.connection_file.parent.exists()) and time.monotonic() < deadline:
         time.sleep(0.2)

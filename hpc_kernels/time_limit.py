@@ -1,0 +1,91 @@
+"""The job's time limit, as the node agent tells the kernel about it.
+
+The agent asks Slurm for the job's end time (again every minute: a user or an admin may change
+the limit with ``scontrol update``) and writes it with the profile's ``kernel.time_warning``
+into ``deadline.json`` in the node-side directory. The kernel reads that file
+(:mod:`hpc_kernels.kernel_time_warning`, installed as an IPython startup file) and warns its
+users in their output a configured time before the end.
+"""
+
+from __future__ import annotations
+
+import calendar
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import SlurmError
+from .paths import write_file_atomically, write_json
+from .slurm import job_info
+
+REFRESH_SECONDS = 60.0
+DEADLINE_FILE = "deadline.json"
+CODE_FILE = "hpc_kernels_time_warning.py"
+STARTUP_FILE = "00-hpc-kernels-time-warning.py"
+
+
+def end_time(fields: dict[str, str]) -> float | None:
+    """The job's end as a Unix time, from ``scontrol show job`` fields printed in UTC (as
+    :mod:`hpc_kernels.slurm` has them printed); None without a limit or before the job runs."""
+    text = fields.get("EndTime", "")
+    try:
+        return float(calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%S")))
+    except ValueError:
+        return None  # Unknown, None, or a limit of UNLIMITED
+
+
+def install_warning(node_dir: Path, kernel_env: dict[str, str]) -> dict[str, str]:
+    """Put the warning's code and IPython startup file in ``node_dir``; the variables the kernel
+    needs to find them. A profile that sets ``IPYTHONDIR`` itself keeps it (and gets no warning)."""
+    from . import kernel_time_warning
+
+    if "IPYTHONDIR" in kernel_env:
+        return {}
+    code = node_dir / CODE_FILE
+    write_file_atomically(code, Path(kernel_time_warning.__file__).read_bytes(), 0o600)
+    startup = node_dir / "ipython" / "profile_default" / "startup"
+    startup.mkdir(parents=True, mode=0o700)
+    write_file_atomically(startup / STARTUP_FILE,
+                          kernel_time_warning.startup_file(str(code), str(node_dir / DEADLINE_FILE)), 0o600)
+    return {"IPYTHONDIR": str(node_dir / "ipython")}
+
+
+class DeadlineWriter:
+    """A thread that keeps ``deadline.json`` true to Slurm's end time for the job."""
+
+    def __init__(self, node_dir: Path, job_id: str, warn_before: float, say: Callable[[str], None]) -> None:
+        self.path = node_dir / DEADLINE_FILE
+        self.job_id = job_id
+        self.warn_before = warn_before
+        self.say = say
+        self.written: float | None = None
+        self.stop_event = threading.Event()
+
+    def refresh(self) -> None:
+        try:
+            job = job_info(self.job_id)
+        except SlurmError as e:
+            self.say(f"time limit: cannot ask Slurm for the end time: {e}")
+            return
+        end = end_time(job.fields) if job else None
+        if end is None or end == self.written:
+            return
+        write_json(self.path, {"job_id": self.job_id, "end": end, "warn_before": self.warn_before})
+        if self.written is None:
+            self.say(f"time limit: the job ends at {time.strftime('%H:%M:%S', time.localtime(end))}; "
+                     f"the kernel warns {self.warn_before:.0f} s before")
+        else:
+            self.say(f"time limit changed: the job now ends at {time.strftime('%H:%M:%S', time.localtime(end))}")
+        self.written = end
+
+    def start(self) -> None:
+        self.refresh()
+        threading.Thread(target=self._run, name="deadline", daemon=True).start()
+
+    def _run(self) -> None:
+        while not self.stop_event.wait(REFRESH_SECONDS):
+            self.refresh()
+
+    def stop(self) -> None:
+        self.stop_event.set()
