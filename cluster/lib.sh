@@ -20,6 +20,7 @@ HK_VENV=/opt/hpc-kernels/venv
 HK_APPTAINER_PREFIX=/opt/hpc-kernels/apptainer  # Apptainer, unpacked from Debian sid (install-apptainer.sh)
 HK_IMAGES=/opt/hpc-kernels/images           # kernel images every node can read
 HK_CACHE=/var/cache/hpc-kernels             # downloads and built images kept between runs
+HK_FAULT_TOOLS=/opt/hpc-kernels/cluster-tools  # root-owned copies the tests run through sudo (setup.sh)
 HK_SSH=$HK_STATE/ssh                       # the nodes' sshd: configs, host keys (up.sh)
 HK_KNOWN_HOSTS=/etc/ssh/ssh_known_hosts    # the nodes' host keys, lines marked $HK_HOSTS_MARK
 # Daemons are started with a clean, predictable environment.

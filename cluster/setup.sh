@@ -78,12 +78,25 @@ install_openssh_server() {
     fi
 }
 
+# The fault tests power nodes off and on (node-power.sh) as root, through sudo: a root-owned copy
+# of the cluster scripts it needs, so that the rule names files no test user can change.
+install_fault_tools() {
+    local f
+    mkdir -p "$HK_FAULT_TOOLS"
+    chmod 0755 "$HK_FAULT_TOOLS"
+    for f in lib.sh up.sh node-power.sh ssh-authorized-keys.sh; do
+        cmp -s "$HERE/$f" "$HK_FAULT_TOOLS/$f" || install -m 0755 -o root -g root "$HERE/$f" "$HK_FAULT_TOOLS/$f"
+    done
+}
+
 install_sudoers() {
     local dst=/etc/sudoers.d/hpc-kernels-test tmp
     tmp=$(mktemp)
-    cat >"$tmp" <<'SUDO'
-# hpc-kernels test suite: hk-alice may act as hk-bob (tests that a second user cannot reach a kernel).
+    cat >"$tmp" <<SUDO
+# hpc-kernels test suite: hk-alice may act as hk-bob (tests that a second user cannot reach a kernel),
+# and power a test node off and on as a node failure does (tests of faults).
 hk-alice ALL=(hk-bob) NOPASSWD: ALL
+hk-alice ALL=(root) NOPASSWD: $HK_FAULT_TOOLS/node-power.sh
 SUDO
     if ! cmp -s "$tmp" "$dst"; then
         visudo -cqf "$tmp" || { rm -f "$tmp"; hk_die "sudoers drop-in did not validate"; }
@@ -151,6 +164,7 @@ main() {
     hk_install_packages "${PACKAGES[@]}"
     install_openssh_server
     create_users
+    install_fault_tools
     install_sudoers
     make_venv
     install_repo "${1:-}"

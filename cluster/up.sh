@@ -140,6 +140,9 @@ DefMemPerCPU=500
 SchedulerType=sched/backfill
 SchedulerParameters=batch_sched_delay=0,sched_min_interval=0
 ReturnToService=2
+# A node that stops answering is DOWN after this many seconds (Slurm's default, 300, is too long
+# for the node-failure tests); its jobs then end with NODE_FAIL, or are requeued.
+SlurmdTimeout=20
 MinJobAge=300
 # scancel: SIGTERM, then SIGKILL after KillWait seconds (default 30; short for tests)
 KillWait=5

@@ -39,6 +39,7 @@ from typing import Any
 from .paths import check_socket_path, exposes_private_files, read_json, write_json
 from .processes import cmdline, descendants, identity, is_running
 from .relay import NodeListener, connection_info, socket_paths
+from .errors import SlurmError
 from .runtimes import (
     SandboxSpec,
     apptainer_process_environment,
@@ -48,6 +49,7 @@ from .runtimes import (
     sandbox_argv,
     sandbox_environment,
 )
+from .slurm import job_info
 from .state import KernelFiles, forget_secrets, kernel_lives, state_json
 from .time_limit import DeadlineWriter, install_warning
 from .tls import CredentialFiles
@@ -109,6 +111,9 @@ class Agent:
         self.listener: NodeListener | None = None
         self.tcp: dict[str, Any] | None = None  # where the relay's tcp transport listens
         self.deadline: DeadlineWriter | None = None  # tells the kernel when the job's time is up
+        # A job Slurm requeued (its node failed, it was preempted) runs this agent again on a new node.
+        self.restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+        self.submit_time: str | None = None  # Slurm resets it at a requeue: names this run of the job
 
     def report(self, state: str, **extra: Any) -> None:
         """Write agent.json; a failure to write (quota, a removed state dir) is said, not raised."""
@@ -120,7 +125,9 @@ class Agent:
                  # Slurm's name for the node (srun --nodelist); the host name may differ (a FQDN)
                  "slurm_node": os.environ.get("SLURMD_NODENAME"),
                  "node_dir": str(self.node_dir) if self.node_dir else None, "time": time.time(),
-                 **({"tcp": self.tcp} if self.tcp else {}), **extra},
+                 **({"tcp": self.tcp} if self.tcp else {}),
+                 **({"restarts": self.restarts, "submit_time": self.submit_time} if self.restarts else {}),
+                 **extra},
             )
         except OSError as e:
             _say(f"could not write {self.files.agent}: {e}")
@@ -224,6 +231,18 @@ class Agent:
         argv = sandbox_argv(kind, spec, command, executable=found, image=image, empty_dir=str(empty))
         return argv, apptainer_process_environment(os.environ, env)
 
+    def note_requeue(self) -> None:
+        """This job ran before and Slurm requeued it: say so in the log, and learn its new
+        SubmitTime, by which the login side tells this run's reports from the last one's."""
+        try:
+            job = job_info(self.job_id)
+        except SlurmError as e:
+            _say(f"cannot ask Slurm about this job: {e}")
+            job = None
+        self.submit_time = job.submit_time if job else None
+        _say(f"Slurm requeued this job (restart {self.restarts}: a node failed, or it was preempted): "
+             "starting a new kernel; the earlier kernel and its variables are lost")
+
     def time_warning(self, kernel_env: dict[str, str]) -> dict[str, str]:
         """Set up the kernel's warning before the time limit (``kernel.time_warning``): the
         variables the kernel needs for it."""
@@ -235,7 +254,9 @@ class Agent:
         if not variables:
             _say("time limit: kernel.env sets IPYTHONDIR, so the kernel gives no warning before the time limit")
             return {}
-        self.deadline = DeadlineWriter(self.node_dir, self.job_id, warn_before, _say)
+        notice = (f"Slurm requeued job {self.job_id} (restart {self.restarts}: its node failed, or it was preempted), "
+                  "so this is a new kernel: variables from before are lost.") if self.restarts else None
+        self.deadline = DeadlineWriter(self.node_dir, self.job_id, warn_before, _say, notice=notice)
         self.deadline.start()
         return variables
 
@@ -297,6 +318,8 @@ class Agent:
         signal.signal(signal.SIGINT, self.on_interrupt)
         signal.signal(signal.SIGUSR1, self.on_restart)
         try:
+            if self.restarts:
+                self.note_requeue()
             try:
                 argv, env = self.prepare()
             except Exception as e:
@@ -309,6 +332,8 @@ class Agent:
                     return 1  # it failed to start: reported
                 if self.stop_signal is None and self.take_restart_request():
                     end_leftovers()
+                    if self.deadline is not None:
+                        self.deadline.clear_notice()  # said to the kernel the requeue replaced
                     self.generation += 1
                     _say(f"kernel ended (exit code {code}); restarting it in this job (restart {self.generation})")
                     continue

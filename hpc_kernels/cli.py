@@ -17,6 +17,7 @@ from .launcher import (
     ensure_relay,
     gone_reason,
     interrupt,
+    job_submit_time,
     kernel_script,
     resolve_request,
     relay_connection_file,
@@ -131,12 +132,17 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
     code = sys.stdin.read() if args.code == "-" else args.code
     connection_file = ensure_relay(args.name, timeout=args.wait_timeout, progress=_progress)
-    return 0 if execute(connection_file, code, timeout=args.timeout, gone=lambda: gone_reason(args.name)) else 1
+    since = job_submit_time(args.name)
+    return 0 if execute(connection_file, code, timeout=args.timeout, gone=lambda: gone_reason(args.name, since)) else 1
 
 
 def cmd_connect(args: argparse.Namespace) -> int:
     print(ensure_relay(args.name, timeout=args.timeout, progress=_progress))
     return 0
+
+
+REQUEUED_MESSAGE = ("Slurm requeued the job (its node failed, or it was preempted): the kernel that ran before is "
+                    "gone with its variables; this is a new kernel in the same job")
 
 
 def _summary(current: KernelView) -> dict[str, object]:
@@ -156,7 +162,8 @@ def _summary(current: KernelView) -> dict[str, object]:
         "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created)),
         "connection_file": str(relay_connection_file(files) or ""),
         "log": str(files.log),
-        "message": record.message or current.agent.get("message", ""),
+        "message": record.message or current.agent.get("message", "") or (REQUEUED_MESSAGE if current.requeued else ""),
+        "requeued": current.requeued,
     }
 
 

@@ -7,7 +7,8 @@ alone: it runs under the kernel's Python (an Apptainer image has only ipykernel)
 
 A cell that is running when the time comes gets the warning in its stderr stream, sent on
 IOPub with that cell's request as parent, so every client shows it where the user looks.
-A warning that comes while no cell runs is also shown at the start of the next cell.
+A warning that comes while no cell runs is shown at the start of the next cell, and so is the
+agent's ``notice`` (that this kernel replaces one lost when Slurm requeued the job).
 """
 
 from __future__ import annotations
@@ -33,16 +34,20 @@ def warning_times(warn_before: float) -> list[float]:
 
 def due_warning(deadline: dict[str, Any], now: float, given: set[tuple[float, float]]) -> tuple[float, float] | None:
     """The warning to give now, as (end, threshold), or None. ``given`` holds those already given:
-    a new end time (the limit was changed) arms them again."""
+    a new end time (the limit was changed) arms them again. ``deadline`` is what the agent wrote:
+    ``end`` and ``start`` (Unix times; ``end`` None without a limit) and ``warn_before``."""
     try:
         end = float(deadline["end"])
         warn_before = float(deadline.get("warn_before", 0))
+        length = end - float(deadline["start"]) if deadline.get("start") is not None else None
     except (KeyError, TypeError, ValueError):
         return None
     left = end - now
     if left <= 0:
         return None
-    due = [t for t in warning_times(warn_before) if left <= t and (end, t) not in given]
+    # A job shorter than a warning's lead time is not warned at its start: its user chose the time.
+    due = [t for t in warning_times(warn_before)
+           if left <= t and (end, t) not in given and (length is None or t < length)]
     return (end, min(due)) if due else None
 
 
@@ -98,8 +103,12 @@ class TimeWarning:
             self.running_parent = None
 
     def watch(self) -> None:
+        notice_given = False
         while True:
             deadline = read_deadline(self.path)
+            if deadline and deadline.get("notice") and not notice_given:
+                notice_given = True
+                self.say(f"\n[hpc-kernels] {deadline['notice']}\n")
             now = time.time()
             due = due_warning(deadline, now, self.given) if deadline else None
             if due is not None:

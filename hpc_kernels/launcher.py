@@ -80,7 +80,16 @@ class KernelView:
 
     @property
     def agent_state(self) -> str:
+        if self.requeued and self.agent.get("submit_time") != self.job.submit_time:  # type: ignore[union-attr]
+            return ""  # a report of the kernel that ran before the requeue
         return str(self.agent.get("state", ""))
+
+    @property
+    def requeued(self) -> bool:
+        """Slurm requeued the job since it was submitted (its node failed, it was preempted): the
+        kernel that ran before is gone with its variables, and a new one starts in the job."""
+        return bool(self.job and self.record.submit_time and self.job.submit_time
+                    and self.job.submit_time != self.record.submit_time)
 
     @property
     def job_alive(self) -> bool:
@@ -109,8 +118,10 @@ class KernelView:
 
 
 def _same_job(record: KernelRecord, job: JobInfo | None) -> JobInfo | None:
-    """``job`` if it is the one this record submitted; None for a job that reuses its id."""
-    if job is None or (record.submit_time and job.submit_time and job.submit_time != record.submit_time):
+    """``job`` if it is the one this record submitted; None for a job that reuses its id. A
+    requeue resets SubmitTime too: a job of another SubmitTime is ours if it has our name."""
+    if job is None or (record.submit_time and job.submit_time and job.submit_time != record.submit_time
+                       and job.name != job_name_of(record.name)):
         return None
     return job
 
@@ -727,16 +738,29 @@ def ended_report(name: str) -> str:
                               "(start a new kernel)"))
 
 
-def gone_reason(name: str) -> str | None:
+def gone_reason(name: str, submit_time: str | None = None) -> str | None:
     """None while kernel ``name`` runs (or restarts in its job); else why it is gone, for a
-    client that was waiting on it: Slurm's state and reason, the agent's last word, the log."""
+    client that was waiting on it: Slurm's state and reason, the agent's last word, the log.
+    ``submit_time`` (see :func:`job_submit_time`): the job's when the client began; a job
+    requeued since then runs another kernel."""
     try:
         current = view(name)
     except KernelNotFound:
         return f"kernel {name!r} was shut down"
+    if submit_time is not None and current.job is not None and current.job.submit_time != submit_time:
+        return (f"kernel {name!r}: Slurm requeued job {current.record.job_id} (its node failed, or it was "
+                f"preempted); the kernel that ran the code is gone with its variables. A new kernel starts in "
+                "the job: `hpc-kernel status` follows it")
     if current.job_alive and current.agent_state not in ("ended", "failed"):
         return None
     return str(_start_failure(current, kernel_files(name), "has ended"))
+
+
+def job_submit_time(name: str) -> str | None:
+    """The SubmitTime of kernel ``name``'s job now: what :func:`gone_reason` compares with, to
+    tell that the job was requeued (and the kernel replaced) while a client waited on it."""
+    current = view(name)
+    return current.job.submit_time if current.job else None
 
 
 def kernel_generation(name: str) -> int:

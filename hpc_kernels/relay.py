@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from . import protocol as p
-from .errors import RelayError
+from .errors import RelayError, SlurmError
 from .multiplexer import LocalEnd, Multiplexer, StreamEnd
 from .paths import (
     check_socket_path,
@@ -51,7 +51,7 @@ from .paths import (
     write_json,
 )
 from .processes import identity
-from .slurm import NODE_STEP_ENVIRONMENT, srun_into_job
+from .slurm import NODE_STEP_ENVIRONMENT, job_info, srun_into_job
 from .state import KernelFiles, kernel_lives, state_json
 from .tls import NODE_NAME, CredentialFiles, login_context, node_context
 
@@ -369,6 +369,7 @@ class _KernelView:
     """What a relay reads of its kernel's state (on the shared file system: read off the loop)."""
 
     job_id: str | None
+    own_job: bool  # the kernel's own job (not a step of the user's allocation)
     agent: Mapping[str, Any]
     launch: Mapping[str, Any]
     key: str
@@ -376,7 +377,8 @@ class _KernelView:
 
 
 def _read_kernel(files: KernelFiles) -> _KernelView:
-    return _KernelView(job_id=(read_json(files.record) or {}).get("job_id"), agent=state_json(files.agent),
+    record = read_json(files.record) or {}
+    return _KernelView(job_id=record.get("job_id"), own_job=record.get("step") is None, agent=state_json(files.agent),
                        launch=read_json(files.launch) or {}, key=files.key.read_text().strip(),
                        curve=read_json(files.curve))
 
@@ -496,7 +498,11 @@ async def _reopen(files: KernelFiles, transport_name: str, log: int) -> Stream |
     deadline = time.monotonic() + RECONNECT_SECONDS
     wait = RECONNECT_FIRST_WAIT
     while True:
-        kernel = await asyncio.to_thread(_read_kernel, files)
+        try:
+            kernel = await asyncio.to_thread(_read_kernel, files)
+        except FileNotFoundError as e:  # the key, removed when the kernel ended or was shut down
+            _log_line(log, f"relay ({transport_name}): the kernel is gone ({e.filename} was removed); ending")
+            return None
         if not kernel_lives(kernel.agent):
             _log_line(log, f"relay ({transport_name}): the kernel is {kernel.agent.get('state', 'gone')}; ending")
             return None
@@ -504,14 +510,33 @@ async def _reopen(files: KernelFiles, transport_name: str, log: int) -> Stream |
             stream = await _open_stream(files, kernel, transport_name, log)
         except RelayError as e:
             if time.monotonic() + wait > deadline:
-                _log_line(log, f"relay ({transport_name}): giving up after {RECONNECT_SECONDS:.0f} s: {e}")
-                return None
+                waiting = await asyncio.to_thread(_job_still_coming, kernel)
+                if waiting is None:
+                    _log_line(log, f"relay ({transport_name}): giving up after {RECONNECT_SECONDS:.0f} s: {e}")
+                    return None
+                _log_line(log, f"relay ({transport_name}): {waiting}; waiting for its kernel")
+                deadline = time.monotonic() + RECONNECT_SECONDS
             _log_line(log, f"relay ({transport_name}): cannot reconnect yet ({e}); again in {wait:.1f} s")
             await asyncio.sleep(wait)
             wait = min(wait * 2, RECONNECT_MAX_WAIT)
             continue
         _log_line(log, f"relay ({transport_name}): reconnected to {kernel.agent.get('node')}")
         return stream
+
+
+def _job_still_coming(kernel: _KernelView) -> str | None:
+    """Why a relay that cannot reach its kernel should go on trying: the kernel's own job is
+    still in Slurm's queue, as when Slurm requeued it after its node failed (for minutes), and
+    will start a new kernel. None: it will not."""
+    if not kernel.own_job or not kernel.job_id:
+        return None
+    try:
+        job = job_info(kernel.job_id)
+    except SlurmError:
+        return None
+    if job is None or job.finished:
+        return None
+    return f"job {kernel.job_id} is {job.state}" + (f" ({job.reason})" if job.reason else "")
 
 
 async def _clean_up(files: KernelFiles, log: int, login_dir: Path | None, servers: list[asyncio.AbstractServer],

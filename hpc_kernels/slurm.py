@@ -47,6 +47,10 @@ class JobInfo:
         return start.replace("T", " ") + " UTC"
 
     @property
+    def name(self) -> str:
+        return self.fields.get("JobName", "")
+
+    @property
     def submit_time(self) -> str:
         """With the id, what names a job: Slurm reuses ids (after a controller loses its state)."""
         return self.fields.get("SubmitTime", "")
@@ -142,7 +146,7 @@ def job_info(job_id: str) -> JobInfo | None:
 
 # squeue fields for job_infos, in the names scontrol uses (so one parser serves both).
 _SQUEUE_FIELDS = (("JobId", "%i"), ("JobState", "%T"), ("Reason", "%r"), ("NodeList", "%N"),
-                  ("BatchHost", "%B"), ("SubmitTime", "%V"), ("StartTime", "%S"))
+                  ("BatchHost", "%B"), ("SubmitTime", "%V"), ("StartTime", "%S"), ("JobName", "%j"))
 
 
 def job_infos(job_ids: Sequence[str]) -> dict[str, JobInfo]:

@@ -25,10 +25,11 @@ CODE_FILE = "hpc_kernels_time_warning.py"
 STARTUP_FILE = "00-hpc-kernels-time-warning.py"
 
 
-def end_time(fields: dict[str, str]) -> float | None:
-    """The job's end as a Unix time, from ``scontrol show job`` fields printed in UTC (as
-    :mod:`hpc_kernels.slurm` has them printed); None without a limit or before the job runs."""
-    text = fields.get("EndTime", "")
+def end_time(fields: dict[str, str], field: str = "EndTime") -> float | None:
+    """The job's end (or another of its times) as a Unix time, from ``scontrol show job`` fields
+    printed in UTC (as :mod:`hpc_kernels.slurm` has them printed); None without a limit or
+    before the job runs."""
+    text = fields.get(field, "")
     try:
         return float(calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%S")))
     except ValueError:
@@ -54,13 +55,34 @@ def install_warning(node_dir: Path, kernel_env: dict[str, str]) -> dict[str, str
 class DeadlineWriter:
     """A thread that keeps ``deadline.json`` true to Slurm's end time for the job."""
 
-    def __init__(self, node_dir: Path, job_id: str, warn_before: float, say: Callable[[str], None]) -> None:
+    def __init__(self, node_dir: Path, job_id: str, warn_before: float, say: Callable[[str], None], *,
+                 notice: str | None = None) -> None:
         self.path = node_dir / DEADLINE_FILE
         self.job_id = job_id
         self.warn_before = warn_before
         self.say = say
+        self.notice = notice  # said once, at the kernel's first cell (a requeued job's new kernel)
         self.written: float | None = None
+        self.start_time: float | None = None
+        self.has_written = False
+        self.lock = threading.Lock()
         self.stop_event = threading.Event()
+
+    def _write(self, end: float | None, start: float | None = None) -> None:
+        with self.lock:
+            write_json(self.path, {"job_id": self.job_id, "end": end, "start": start, "warn_before": self.warn_before,
+                                   **({"notice": self.notice} if self.notice else {})})
+            self.written = end
+            self.start_time = start
+            self.has_written = True
+
+    def clear_notice(self) -> None:
+        """The kernel is restarted in the job: the next one is not news."""
+        if self.notice is None:
+            return
+        self.notice = None
+        if self.has_written:
+            self._write(self.written, self.start_time)
 
     def refresh(self) -> None:
         try:
@@ -69,15 +91,17 @@ class DeadlineWriter:
             self.say(f"time limit: cannot ask Slurm for the end time: {e}")
             return
         end = end_time(job.fields) if job else None
-        if end is None or end == self.written:
+        if self.has_written and end == self.written:
             return
-        write_json(self.path, {"job_id": self.job_id, "end": end, "warn_before": self.warn_before})
-        if self.written is None:
+        first = not self.has_written
+        self._write(end, end_time(job.fields, "StartTime") if job else None)
+        if end is None:
+            self.say("time limit: Slurm gives this job no end time: no warning")
+        elif first:
             self.say(f"time limit: the job ends at {time.strftime('%H:%M:%S', time.localtime(end))}; "
                      f"the kernel warns {self.warn_before:.0f} s before")
         else:
             self.say(f"time limit changed: the job now ends at {time.strftime('%H:%M:%S', time.localtime(end))}")
-        self.written = end
 
     def start(self) -> None:
         self.refresh()

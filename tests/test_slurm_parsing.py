@@ -69,6 +69,26 @@ def test_a_reused_job_id_is_not_our_job() -> None:
     assert _same_job(record, reused) is None
 
 
+def test_a_requeued_job_is_still_ours_and_its_old_reports_are_not_believed() -> None:
+    """Slurm resets SubmitTime when it requeues a job; the name says it is still ours. The
+    agent.json of the kernel that ran before the requeue says nothing of the new one."""
+    from hpc_kernels.launcher import KernelView, _same_job
+    from hpc_kernels.state import KernelRecord
+
+    record = KernelRecord(name="k", profile="local", status="ready", job_id="7", submit_time="2026-11-23T10:00:00")
+    requeued = job_info_from_fields({"JobId": "7", "JobState": "RUNNING", "SubmitTime": "2026-11-23T11:00:00",
+                                     "JobName": "hk-k"})
+    assert _same_job(record, requeued) is requeued
+    before = KernelView(record, requeued, {"state": "ready", "node": "c1"}, {})
+    assert before.requeued and before.agent_state == "" and before.state == "starting"
+    after = KernelView(record, requeued, {"state": "ready", "node": "c2", "restarts": 1,
+                                          "submit_time": "2026-11-23T11:00:00"}, {})
+    assert after.requeued and after.state == "ready"
+    first = job_info_from_fields({"JobId": "7", "JobState": "RUNNING", "SubmitTime": "2026-11-23T10:00:00",
+                                  "JobName": "hk-k"})
+    assert not KernelView(record, first, {"state": "ready"}, {}).requeued
+
+
 def test_expected_start_of_a_pending_job() -> None:
     pending = job_info_from_fields({"JobState": "PENDING", "StartTime": "2026-11-23T21:00:00"})
     assert pending.expected_start == "2026-11-23 21:00:00 UTC"
@@ -79,11 +99,11 @@ def test_expected_start_of_a_pending_job() -> None:
 def test_squeue_lines_become_job_infos() -> None:
     from hpc_kernels.slurm import parse_squeue_jobs
 
-    out = ("12|RUNNING|None|c1|c1|2026-11-23T19:00:00|2026-11-23T19:00:01\n"
-           "13|PENDING|Resources||n/a|2026-11-23T19:00:02|2026-11-23T20:00:00\n"
+    out = ("12|RUNNING|None|c1|c1|2026-11-23T19:00:00|2026-11-23T19:00:01|hk-a\n"
+           "13|PENDING|Resources||n/a|2026-11-23T19:00:02|2026-11-23T20:00:00|hk-b\n"
            "garbage line\n")
     infos = parse_squeue_jobs(out)
     assert set(infos) == {"12", "13"}
     assert infos["12"].running and infos["12"].node == "c1" and infos["12"].submit_time == "2026-11-23T19:00:00"
-    assert infos["13"].reason == "Resources" and infos["13"].node is None
+    assert infos["13"].reason == "Resources" and infos["13"].node is None and infos["13"].name == "hk-b"
     assert infos["13"].expected_start == "2026-11-23 20:00:00 UTC"

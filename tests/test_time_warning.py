@@ -26,6 +26,13 @@ def test_warning_times() -> None:
     assert warning_times(600) == [600, 60]
 
 
+def test_a_job_shorter_than_the_warning_is_not_warned_at_its_start() -> None:
+    deadline = {"start": 0.0, "end": 300.0, "warn_before": 600}  # a 5-minute job, a 10-minute warning
+    assert due_warning(deadline, 10.0, set()) is None
+    assert due_warning(deadline, 245.0, set()) == (300.0, 60)  # a minute before still is
+    assert due_warning({"start": None, "end": None, "warn_before": 600}, 0.0, set()) is None  # no limit
+
+
 def test_due_warning_once_per_threshold_and_again_after_a_new_end() -> None:
     deadline = {"end": 1000.0, "warn_before": 600}
     given: set[tuple[float, float]] = set()
@@ -121,6 +128,15 @@ time.sleep(8)
             "POLL_SECONDS", "namespace", "startup_file"]
     names = run_cell(km, f"import sys; print(sorted(n for n in globals() if n in {ours!r} or 'hpc' in n), file=sys.stderr)")
     assert names.strip() == "[]"
+
+
+def test_a_notice_is_shown_once_at_the_first_cell(kernel_with_warning: tuple[KernelManager, Path]) -> None:
+    """What the agent of a requeued job says to its new kernel's users."""
+    km, deadline = kernel_with_warning
+    write_json(deadline, {"job_id": "7", "end": time.time() + 3600, "warn_before": 60, "notice": "Slurm requeued job 7"})
+    time.sleep(6)
+    assert "[hpc-kernels] Slurm requeued job 7" in run_cell(km, "x = 1")
+    assert "requeued" not in run_cell(km, "x = 2")
 
 
 def test_a_warning_while_idle_is_shown_at_the_next_cell(kernel_with_warning: tuple[KernelManager, Path]) -> None:
