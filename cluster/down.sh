@@ -12,7 +12,7 @@ source "$HERE/lib.sh"
 # The nodes' sshd first (no new logins), with their sessions (children of the listener).
 stop_sshd() {
     local n pidfile pid pids
-    for n in "${HK_NODES[@]}"; do
+    for n in "${HK_NODES[@]}" "$HK_LOGIN2"; do
         pidfile=$(hk_sshd_pidfile "$n")
         if pid=$(hk_pid_from_file "$pidfile" sshd); then
             pids=$(hk_with_descendants "$pid")
@@ -47,7 +47,7 @@ stop_daemons() {
 # slurmstepd and job processes survive their slurmd: end everything left in the nodes.
 kill_node_leftovers() {
     local n pids
-    for n in "${HK_NODES[@]}"; do
+    for n in "${HK_NODES[@]}" "$HK_LOGIN2"; do
         pids=$(hk_node_pids "$n")
         [[ -n $pids ]] || continue
         hk_log "ending processes left on $n: ${pids//$'\n'/ }"
@@ -62,7 +62,7 @@ kill_node_leftovers() {
 
 remove_network() {
     local n
-    for n in "${HK_NODES[@]}"; do
+    for n in "${HK_NODES[@]}" "$HK_LOGIN2"; do
         if ip link show "veth-$n" >/dev/null 2>&1; then ip link del "veth-$n"; fi
         if [[ -e /run/netns/$n ]]; then hk_log "deleting netns $n"; ip netns del "$n"; fi
     done

@@ -58,26 +58,31 @@ setup_network() {
     fi
     ip -br addr show dev "$HK_BRIDGE" | grep -qw "$HK_LOGIN_IP/24" || ip addr add "$HK_LOGIN_IP/24" dev "$HK_BRIDGE"
     ip link set "$HK_BRIDGE" up
-    local n ip
-    for n in "${HK_NODES[@]}"; do
-        ip=$(hk_node_ip "$n")
-        [[ -e /run/netns/$n ]] || { hk_log "creating netns $n ($ip)"; ip netns add "$n"; }
-        if ! ip link show "veth-$n" >/dev/null 2>&1; then
-            # Host end veth-cN joins the bridge; the other end is eth0 inside the node.
-            ip -n "$n" link del eth0 2>/dev/null || true
-            ip link add "veth-$n" type veth peer name eth0 netns "$n"
-        fi
-        ip link set "veth-$n" master "$HK_BRIDGE" up
-        ip -n "$n" -br addr show dev eth0 | grep -qw "$ip/24" || ip -n "$n" addr add "$ip/24" dev eth0
-        ip -n "$n" link set lo up
-        ip -n "$n" link set eth0 up
-    done
+    local n
+    for n in "${HK_NODES[@]}"; do add_host_netns "$n" "$(hk_node_ip "$n")"; done
+    add_host_netns "$HK_LOGIN2" "$HK_LOGIN2_IP"
+}
+
+# add_host_netns NAME IP: a network namespace on the bridge, as another host.
+add_host_netns() {
+    local n=$1 ip=$2
+    [[ -e /run/netns/$n ]] || { hk_log "creating netns $n ($ip)"; ip netns add "$n"; }
+    if ! ip link show "veth-$n" >/dev/null 2>&1; then
+        # Host end veth-NAME joins the bridge; the other end is eth0 inside the namespace.
+        ip -n "$n" link del eth0 2>/dev/null || true
+        ip link add "veth-$n" type veth peer name eth0 netns "$n"
+    fi
+    ip link set "veth-$n" master "$HK_BRIDGE" up
+    ip -n "$n" -br addr show dev eth0 | grep -qw "$ip/24" || ip -n "$n" addr add "$ip/24" dev eth0
+    ip -n "$n" link set lo up
+    ip -n "$n" link set eth0 up
 }
 
 # --- /etc/hosts: our lines, each marked so down.sh can remove them ------------------------
 update_hosts() {
     local want n cur
     want=$(printf '%s %s %s\n' "$HK_LOGIN_IP" "$LOGIN_HOST" "$HK_HOSTS_MARK"
+           printf '%s %s %s\n' "$HK_LOGIN2_IP" "$HK_LOGIN2" "$HK_HOSTS_MARK"
            for n in "${HK_NODES[@]}"; do printf '%s %s %s\n' "$(hk_node_ip "$n")" "$n" "$HK_HOSTS_MARK"; done)
     cur=$(grep -F -- "$HK_HOSTS_MARK" /etc/hosts || true)
     [[ $cur == "$want" ]] && return 0
@@ -273,9 +278,10 @@ install_keys_command() {
     install -m 0755 -o root -g root "$HERE/ssh-authorized-keys.sh" "$dst"
 }
 
-# write_sshd_config NODE: host key (made once) and sshd_config; false if the config changed.
+# write_sshd_config HOST ADDRESS: host key (made once) and sshd_config; false if the config changed.
+# A compute node lets users in only during a job there; the second login node lets them in always.
 write_sshd_config() {
-    local n=$1 dir=$HK_SSH/$1 tmp
+    local n=$1 address=$2 dir=$HK_SSH/$1 tmp access
     mkdir -p "$dir"
     chmod 0755 "$dir"
     if [[ ! -s $dir/ssh_host_ed25519_key ]]; then
@@ -284,11 +290,20 @@ write_sshd_config() {
         ssh-keygen -q -t ed25519 -N '' -C "root@$n" -f "$dir/ssh_host_ed25519_key" ||
             hk_die "ssh-keygen failed for $n"
     fi
+    if [[ $n == "$HK_LOGIN2" ]]; then
+        access="# A login node: the users' own keys.
+AuthorizedKeysFile .ssh/authorized_keys"
+    else
+        access="# pam_slurm_adopt's rule: a user's keys count only while they have a running job on this node.
+AuthorizedKeysFile none
+AuthorizedKeysCommand $HK_SSH/authorized-keys-command $n %u $HK_LOG/sshd-$n.log
+AuthorizedKeysCommandUser root"
+    fi
     tmp=$(mktemp)
     cat >"$tmp" <<CONF
-# Written by hpc-kernels cluster/up.sh: the sshd of compute node $n. Do not edit by hand.
+# Written by hpc-kernels cluster/up.sh: the sshd of host $n. Do not edit by hand.
 # Only this file is read (not /etc/ssh/sshd_config, nor its sshd_config.d).
-ListenAddress $(hk_node_ip "$n"):22
+ListenAddress $address:22
 HostKey $dir/ssh_host_ed25519_key
 PidFile $(hk_sshd_pidfile "$n")
 LogLevel VERBOSE
@@ -298,10 +313,7 @@ PasswordAuthentication no
 KbdInteractiveAuthentication no
 PermitRootLogin no
 AllowUsers ${HK_USERS[*]}
-# pam_slurm_adopt's rule: a user's keys count only while they have a running job on this node.
-AuthorizedKeysFile none
-AuthorizedKeysCommand $HK_SSH/authorized-keys-command $n %u $HK_LOG/sshd-$n.log
-AuthorizedKeysCommandUser root
+$access
 # No PAM: Debian's sshd PAM stack expects a full login system (pam_loginuid, motd, ...).
 UsePAM no
 X11Forwarding no
@@ -318,11 +330,13 @@ CONF
     write_if_changed "$tmp" "$dir/sshd_config"
 }
 
+host_ip() { if [[ $1 == "$HK_LOGIN2" ]]; then echo "$HK_LOGIN2_IP"; else hk_node_ip "$1"; fi; }
+
 # The nodes' host keys in the system-wide known hosts, so that a plain "ssh c1" checks them.
 update_known_hosts() {
     local want n cur rest
-    want=$(for n in "${HK_NODES[@]}"; do
-               printf '%s,%s %s %s\n' "$n" "$(hk_node_ip "$n")" \
+    want=$(for n in "${HK_NODES[@]}" "$HK_LOGIN2"; do
+               printf '%s,%s %s %s\n' "$n" "$(host_ip "$n")" \
                    "$(cut -d' ' -f1,2 "$HK_SSH/$n/ssh_host_ed25519_key.pub")" "$HK_HOSTS_MARK"
            done)
     cur=$(grep -F -- "$HK_HOSTS_MARK" "$HK_KNOWN_HOSTS" 2>/dev/null || true)
@@ -344,7 +358,7 @@ same_namespaces() {
 start_sshd() {
     local n=$1 changed=0 pidfile conf log slurmd pid
     pidfile=$(hk_sshd_pidfile "$n") conf=$HK_SSH/$n/sshd_config log=$HK_LOG/sshd-$n.log
-    write_sshd_config "$n" || changed=1
+    write_sshd_config "$n" "$(hk_node_ip "$n")" || changed=1
     slurmd=$(hk_pid_from_file "$(hk_slurmd_pidfile "$n")" slurmd) || hk_die "slurmd on $n is not running"
     if pid=$(hk_pid_from_file "$pidfile" sshd); then
         # A running sshd is kept unless its config changed or slurmd was restarted (a new slurmd
@@ -364,6 +378,33 @@ start_sshd() {
     # shellcheck disable=SC2094  # the log is read only after sshd's start has failed
     (cd / && "${HK_DAEMON_ENV[@]}" nsenter --target "$slurmd" --net --mount --uts \
         /usr/sbin/sshd -f "$conf" -E "$log") </dev/null >>"$log" 2>&1 ||
+        hk_die "sshd $n failed: $(tail -n 20 "$log")"
+    wait_pidfile "$pidfile" sshd "$log"
+}
+
+# --- a second login node ------------------------------------------------------------------------
+# login2 (10.77.7.2): another host on the cluster network, as a site's second login node. Users
+# reach it with "ssh login2" (their own keys). Sessions there have hostname login2, and a /tmp and
+# /run/user of their own (where the relay daemon's socket and the login-side kernel sockets live),
+# and share /home (the kernels' state), /etc (slurm.conf) and munge's socket with this host.
+start_login2() {
+    local n=$HK_LOGIN2 changed=0 pidfile conf log pid
+    pidfile=$(hk_sshd_pidfile "$n") conf=$HK_SSH/$n/sshd_config log=$HK_LOG/sshd-$n.log
+    write_sshd_config "$n" "$HK_LOGIN2_IP" || changed=1
+    if pid=$(hk_pid_from_file "$pidfile" sshd); then
+        (( changed == 0 )) && return 0
+        hk_log "restarting sshd on $n (config changed)"
+        hk_stop_pidfile "$pidfile" sshd
+    fi
+    mkdir -p /run/sshd /run/user
+    chmod 0755 /run/sshd /run/user
+    /usr/sbin/sshd -t -f "$conf" 2>>"$log" || hk_die "sshd config $conf is invalid: $(tail -n 5 "$log")"
+    hk_log "starting $n: sshd on $HK_LOGIN2_IP:22"
+    rm -f "$pidfile"
+    # shellcheck disable=SC2094
+    (cd / && "${HK_DAEMON_ENV[@]}" nsenter --net="/run/netns/$n" unshare --mount --uts --propagation private \
+        sh -c "hostname $n; mount -t tmpfs -o mode=1777 tmpfs /tmp; mount -t tmpfs -o mode=0755 tmpfs /run/user
+               exec /usr/sbin/sshd -f $conf -E $log") </dev/null >>"$log" 2>&1 ||
         hk_die "sshd $n failed: $(tail -n 20 "$log")"
     wait_pidfile "$pidfile" sshd "$log"
 }
@@ -423,8 +464,9 @@ main() {
     wait_nodes
     install_keys_command
     for n in "${HK_NODES[@]}"; do start_sshd "$n"; done
+    start_login2
     update_known_hosts
-    echo "hk cluster up: slurmctld on $LOGIN_HOST ($HK_LOGIN_IP), nodes: $(sinfo -h -N -o '%N=%T' | sort -u | tr '\n' ' ')partitions: $(sinfo -h -o '%P' | tr '\n' ' ')ssh: ${HK_NODES[*]} (during a job there)"
+    echo "hk cluster up: slurmctld on $LOGIN_HOST ($HK_LOGIN_IP), nodes: $(sinfo -h -N -o '%N=%T' | sort -u | tr '\n' ' ')partitions: $(sinfo -h -o '%P' | tr '\n' ' ')ssh: ${HK_NODES[*]} (during a job there), $HK_LOGIN2 (a second login node)"
 }
 
 main "$@"

@@ -591,7 +591,7 @@ def start_relay(files: KernelFiles, transport: str | None = None, *, record: boo
     """The kernel's login-side relay (over ``transport``, else the kernel's own), started in this
     user's relay daemon here (:mod:`hpc_kernels.relay_daemon`) unless it runs; its connection
     file once it is ready, or RelayError with the reason and its log's tail. Without ``record``
-    the kernel's relay.json is left alone (a second relay, beside the one `connect` finds)."""
+    the kernel's relay record is left alone (a second relay, beside the one `connect` finds)."""
     answer = relay_daemon.request({"op": "start", "state_dir": str(files.dir), "transport": transport,
                                    "record": record}, start=True)
     assert answer is not None

@@ -103,8 +103,23 @@ async def _serve_node(node_dir: Path) -> int:
     stream = StreamEnd(lambda _: Multiplexer(out.write, connect))
     await loop.connect_read_pipe(lambda: stream, os.fdopen(0, "rb", 0))
     assert stream.mux is not None
-    await stream.mux.ended
+    gone = asyncio.ensure_future(_removed(node_dir))
+    await asyncio.wait([stream.mux.ended, gone], return_when=asyncio.FIRST_COMPLETED)
+    if gone.done():  # the kernel ended: a session that outlives the job (ssh) must not hold the stream
+        print(f"relay node side: {node_dir} on {socket.gethostname()} was removed (the kernel ended); "
+              "ending the stream", file=sys.stderr, flush=True)
+        out.close()
+    gone.cancel()
     return 0
+
+
+NODE_DIR_POLL_SECONDS = 2.0
+
+
+async def _removed(node_dir: Path) -> None:
+    """Returns once the agent has removed the kernel's node-side directory (at the kernel's end)."""
+    while node_dir.is_dir():
+        await asyncio.sleep(NODE_DIR_POLL_SECONDS)
 
 
 def _tune_tcp(transport: asyncio.BaseTransport) -> None:
@@ -430,7 +445,7 @@ async def serve_kernel(files: KernelFiles, ready: Callable[[str], None], transpo
 
     Opens the stream over the kernel's transport (or ``transport_name``), waits for the node
     side's HELLO, then listens on five unix sockets in a private directory and writes their
-    connection file, and with ``record`` (None: not), ``relay.json`` with ``record`` in it (the
+    connection file, and with ``record`` (None: not), ``relay-<host>.json`` with ``record`` in it (the
     relay ``hpc-kernel connect`` finds). ``ready`` is called once, with ``READY <connection
     file>`` or ``ERROR <why>``; ``ending`` as soon as the relay is on its way out (its
     connection file is no use any more).
@@ -553,7 +568,7 @@ async def _clean_up(files: KernelFiles, log: int, login_dir: Path | None, server
 
 
 def _forget(files: KernelFiles, login_dir: Path) -> None:
-    """Remove the relay's directory, and relay.json if it names this relay (and no later one)."""
+    """Remove the relay's directory, and this login node's relay record if it names this relay (and no later one)."""
     shutil.rmtree(login_dir, ignore_errors=True)
     relay = read_json(files.relay)
     if relay and relay.get("pid") == os.getpid() and relay.get("login_dir") == str(login_dir):

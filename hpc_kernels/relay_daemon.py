@@ -13,7 +13,7 @@ answer per connection:
   T (default: the kernel's own transport), started unless it runs; answered ``{"ok": true,
   "connection_file": F}`` once it is ready, or ``{"ok": false, "error": why}``. One relay per
   kernel and transport: ``hpc-kernel doctor`` and ``make bench`` run several side by side, with
-  ``"record": false`` so that the kernel's ``relay.json`` keeps naming its own;
+  ``"record": false`` so that the kernel's ``relay-<host>.json`` keeps naming its own;
 * ``{"op": "stop", "state_dir": D, "transport": T|null}``: the kernel's relays (over T only, if
   given) stopped and cleaned up; ``{"ok": true}``;
 * ``{"op": "list"}``: ``{"ok": true, "pid": P, "relays": [[D, T], ...]}``.

@@ -8,8 +8,9 @@ One private directory per kernel, ``<state root>/kernels/<name>/``::
     job.sh        the rendered batch script, as submitted
     job.log       the job's output: agent messages and the kernel's stderr
     agent.json    written by the node agent: node, node-side directory, readiness or failure
-    relay.json    written by the login-side relay: its pid and the login-side connection file
-    relay.log     the login-side relay's messages
+    relay-<host>.json  written by the login-side relay on login node <host>: its daemon's pid
+                  and the login-side connection file (each login node relays on its own)
+    relay.log     the login-side relays' messages
 
 Every file is written atomically (temp file + rename). Commands that create, change or remove a
 kernel hold an exclusive lock on ``<state root>/kernels/.<name>.lock``, so two commands at once
@@ -22,6 +23,7 @@ import contextlib
 import fcntl
 import os
 import shutil
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -71,7 +73,8 @@ class KernelFiles:
     script = property(lambda self: self.dir / "job.sh")
     log = property(lambda self: self.dir / "job.log")
     agent = property(lambda self: self.dir / "agent.json")
-    relay = property(lambda self: self.dir / "relay.json")
+    # Each login node has its own relay of the kernel (its sockets are in that node's runtime dir).
+    relay = property(lambda self: self.dir / f"relay-{socket.gethostname()}.json")
     relay_log = property(lambda self: self.dir / "relay.log")
     curve = property(lambda self: self.dir / "curve.json")  # CurveZMQ keys of the kernel's sockets (0600)
     restart_request = property(lambda self: self.dir / "restart")  # the provisioner asks for a restart in the job
@@ -162,7 +165,7 @@ def _kernel_dirs() -> list[KernelFiles]:
 
 
 def state_json(path: Path) -> dict[str, Any]:
-    """agent.json or relay.json, {} when missing or unreadable: they say what a process last
+    """agent.json or a relay record, {} when missing or unreadable: they say what a process last
     reported; the record (and Slurm) decide, and a damaged one is written again by its owner."""
     try:
         data = read_json(path)

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -22,6 +23,9 @@ import pytest
 
 SECOND_USER = "hk-bob"
 # The shipped test-cluster profile of each sandbox runtime: the kernel tests run for both.
+# This login node's relay record in a kernel's state directory (each login node has its own).
+RELAY_RECORD = f"relay-{socket.gethostname()}.json"
+
 RUNTIME_PROFILES = {"bwrap": "local", "apptainer": "local-apptainer"}
 # Kernels the whole kernel suite runs against: each sandbox runtime over the default (srun)
 # transport, and bubblewrap over the relay's other transports (the relay does not depend on the

@@ -19,7 +19,7 @@ from typing import Any
 
 import nbformat
 import pytest
-from conftest import hk, run
+from conftest import RELAY_RECORD, hk, run
 from jupyter_client import KernelManager
 from nbclient import NotebookClient
 from test_cluster_lifecycle import STATE_ROOT, squeue_ids
@@ -107,7 +107,7 @@ def test_a_kernel_manager_runs_interrupts_restarts_and_shuts_down(flavour_kernel
     try:
         name = km.provisioner.name
         relay = json.loads(hk("status", name, "--json").stdout)
-        assert json.loads((Path(str(relay["log"])).parent / "relay.json").read_text())["transport"] == \
+        assert json.loads((Path(str(relay["log"])).parent / RELAY_RECORD).read_text())["transport"] == \
             flavour_kernelspec.rsplit("-", 1)[1]
         job_id = json.loads(hk("status", name, "--json").stdout)["job_id"]
         assert execute(km, "import socket, os; print(socket.gethostname(), os.getcwd())").split() == [

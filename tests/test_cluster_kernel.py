@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from jupyter_client import BlockingKernelClient
 
-from conftest import Kernel, default_sigint, hk, run, sigints_from_one_interrupt, start_kernel
+from conftest import RELAY_RECORD, Kernel, default_sigint, hk, run, sigints_from_one_interrupt, start_kernel
 
 LOGIN_ADDRESS = "10.77.7.1"
 
@@ -243,7 +243,7 @@ def test_workspace_is_writable_when_asked(cluster: None, workspace: Path, runtim
 
 def test_relay_is_restarted_by_connect_and_the_kernel_keeps_its_state(kernel: Kernel) -> None:
     kernel.exec("survivor = 'still here'")
-    relay_pid = json.loads((Path(kernel.status()["log"]).parent / "relay.json").read_text())["pid"]
+    relay_pid = json.loads((Path(kernel.status()["log"]).parent / RELAY_RECORD).read_text())["pid"]
     os.kill(relay_pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
     while Path(f"/proc/{relay_pid}").exists() and time.monotonic() < deadline:
@@ -251,7 +251,7 @@ def test_relay_is_restarted_by_connect_and_the_kernel_keeps_its_state(kernel: Ke
             break
         time.sleep(0.05)
     connection_file = hk("connect", kernel.name).stdout.strip()
-    new_pid = json.loads((Path(kernel.status()["log"]).parent / "relay.json").read_text())["pid"]
+    new_pid = json.loads((Path(kernel.status()["log"]).parent / RELAY_RECORD).read_text())["pid"]
     assert new_pid != relay_pid
     assert Path(connection_file).exists()
     assert kernel.exec("print(survivor)").stdout.strip() == "still here"
@@ -276,7 +276,7 @@ def test_only_the_srun_transport_carries_the_tcp_tuning_and_never_the_node_side(
     on the node, a task of the relay daemon here); no node-side process ever has LD_PRELOAD."""
     hk("connect", kernel.name)
     state = Path(kernel.status()["log"]).parent
-    daemon = json.loads((state / "relay.json").read_text())["pid"]
+    daemon = json.loads((state / RELAY_RECORD).read_text())["pid"]
     node_dir = json.loads((state / "agent.json").read_text())["node_dir"]
     children = Path(f"/proc/{daemon}/task/{daemon}/children").read_text().split()
     carriers = [pid for pid in children if node_dir in Path(f"/proc/{pid}/cmdline").read_text()]

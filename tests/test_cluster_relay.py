@@ -9,14 +9,16 @@ import json
 import os
 import signal
 import socket
+import shlex
 import ssl
+import subprocess
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-from conftest import hk, run, start_kernel
+from conftest import RELAY_RECORD, hk, run, start_kernel
 
 STATE_ROOT = Path.home() / ".local/share/hpc-kernels/kernels"
 
@@ -121,7 +123,7 @@ def test_one_relay_daemon_serves_every_kernel_and_ends_after_the_last(cluster: N
     a = start_kernel(None, prefix="da")
     b = start_kernel(None, prefix="db", relay="tcp")
     try:
-        daemons = {json.loads((STATE_ROOT / k.name / "relay.json").read_text())["pid"] for k in (a, b)}
+        daemons = {json.loads((STATE_ROOT / k.name / RELAY_RECORD).read_text())["pid"] for k in (a, b)}
         assert len(daemons) == 1
         daemon = daemons.pop()
         assert "hpc_kernels.relay_daemon" in Path(f"/proc/{daemon}/cmdline").read_text()
@@ -162,7 +164,7 @@ def test_a_killed_transport_is_replaced_and_a_connected_client_goes_on(cluster: 
         client.wait_for_ready(timeout=60)
         assert client.execute_interactive("x = 41", timeout=60)["content"]["status"] == "ok"
         state = STATE_ROOT / k.name
-        daemon = json.loads((state / "relay.json").read_text())["pid"]
+        daemon = json.loads((state / RELAY_RECORD).read_text())["pid"]
         node_dir = json.loads((state / "agent.json").read_text())["node_dir"]
         carriers = [int(pid) for pid in Path(f"/proc/{daemon}/task/{daemon}/children").read_text().split()
                     if node_dir in Path(f"/proc/{pid}/cmdline").read_text()]
@@ -181,7 +183,47 @@ def test_a_killed_transport_is_replaced_and_a_connected_client_goes_on(cluster: 
             m["content"].get("text", "")) if m["msg_type"] == "stream" else None)
         assert reply["content"]["status"] == "ok" and "".join(out).strip() == "42"
         assert time.monotonic() - started < 15, "back within a few seconds"
-        assert json.loads((state / "relay.json").read_text())["pid"] == daemon, "the same relay, a new stream"
+        assert json.loads((state / RELAY_RECORD).read_text())["pid"] == daemon, "the same relay, a new stream"
     finally:
         client.stop_channels()
         hk("shutdown", k.name)
+
+
+LOGIN2 = "login2"
+
+
+def on_login2(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """A command in a session on the second login node (cluster/up.sh: its own network, /tmp and
+    /run/user; /home shared), as a user who logs in there."""
+    return run(["ssh", "-o", "BatchMode=yes", LOGIN2, "--", shlex.join(argv)], check=check)
+
+
+def test_a_second_login_node_reaches_the_same_kernel(cluster: None, flavour: tuple[str, str]) -> None:
+    """A kernel started on this login node is reached from login2 over every transport: login2
+    runs its own relay (its own daemon, sockets and connection file; this node's relay goes on),
+    both see the same variables, and a shutdown from here ends login2's relay too."""
+    profile, transport = flavour
+    k = start_kernel(None, prefix="l2", profile=profile, relay=transport)
+    k.exec("x = 41")
+    assert on_login2("hostname").stdout.strip() == LOGIN2
+    there = Path(on_login2("hpc-kernel", "connect", k.name).stdout.strip().splitlines()[-1])
+    assert there != k.connection_file and not there.exists(), "login2's sockets are in its own /tmp"
+    assert on_login2("test", "-S", str(there.parent / "kernel-1")).returncode == 0
+    assert on_login2("hpc-kernel", "exec", k.name, "x += 1; print(x)").stdout.strip() == "42"
+    assert k.exec("print(x)").stdout.strip() == "42", "this node's relay is still the one connect gives here"
+    assert hk("connect", k.name).stdout.strip() == str(k.connection_file)
+    status_there = json.loads(on_login2("hpc-kernel", "status", k.name, "--json").stdout)
+    assert status_there["state"] == "ready" and status_there["connection_file"] == str(there)
+    records = sorted(p.name for p in (STATE_ROOT / k.name).glob("relay-*.json"))
+    assert records == sorted([RELAY_RECORD, f"relay-{LOGIN2}.json"]), records
+
+    hk("shutdown", k.name)
+    deadline = time.monotonic() + 30
+    while on_login2("test", "-e", str(there.parent), check=False).returncode == 0:
+        assert time.monotonic() < deadline, "login2's relay ended and removed its sockets"
+        time.sleep(0.5)
+    # login2's relay daemon, with nothing left to relay, ends and removes its control socket.
+    control = there.parent.parent / "relay.sock"
+    while on_login2("test", "-e", str(control), check=False).returncode == 0:
+        assert time.monotonic() < deadline + 15, f"login2's relay daemon ended ({control})"
+        time.sleep(0.5)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SECOND_USER, Kernel, as_second_user, run
+from conftest import RELAY_RECORD, SECOND_USER, Kernel, as_second_user, run
 
 PROBE = r"""
 import json, os, socket, sys
@@ -274,7 +274,7 @@ def test_second_user_cannot_signal_the_kernels_processes(kernel: Kernel) -> None
     """Not the relay daemon on the login node, not the agent or the kernel on the node (from a
     job of his own there): the kernel runs on, its state intact."""
     sd = state_dir(kernel)
-    daemon = json.loads((sd / "relay.json").read_text())["pid"]
+    daemon = json.loads((sd / RELAY_RECORD).read_text())["pid"]
     agent = json.loads((sd / "agent.json").read_text())["pid"]
     proc = as_second_user(["kill", "-TERM", str(daemon)])
     assert proc.returncode != 0 and "Operation not permitted" in proc.stderr, proc.stderr
