@@ -159,6 +159,8 @@ def test_key_is_nowhere_to_be_seen(kernel: Kernel) -> None:
 
     for log in ("job.log", "relay.log"):
         assert key not in (state_dir(kernel) / log).read_text()
+    for log in state_dir(kernel).parent.parent.glob("relay-daemon-*.log"):
+        assert key not in log.read_text()
 
     # Every process visible here: the login node and, the nodes sharing this kernel's /proc, the job's.
     dump = r"""
