@@ -33,13 +33,19 @@ import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from types import FrameType
+from types import FrameType, ModuleType
 from typing import Any
 
 from .paths import check_socket_path, exposes_private_files, read_json, write_json
 from .processes import cmdline, descendants, identity, is_running
 from .relay import NodeListener, connection_info, socket_paths
+from . import kernel_egress, kernel_hibernate, kernel_limits, kernel_startup, kernel_time_warning
+from .egress import SOCKET_NAME as EGRESS_SOCKET
+from .egress import EgressProxy, parse_allowed
 from .errors import SlurmError
+from .hibernation import IdleWatch, snapshot_dir
+from .kernel_hibernate import RESTORE
+from .limits import SandboxWatch, human, memory_limit
 from .runtimes import (
     SandboxSpec,
     apptainer_process_environment,
@@ -51,7 +57,7 @@ from .runtimes import (
 )
 from .slurm import job_info
 from .state import KernelFiles, forget_secrets, kernel_lives, state_json
-from .time_limit import DeadlineWriter, install_warning
+from .time_limit import DEADLINE_FILE, DeadlineWriter
 from .tls import CredentialFiles
 
 STDERR_TAIL_LINES = 40
@@ -111,6 +117,12 @@ class Agent:
         self.listener: NodeListener | None = None
         self.tcp: dict[str, Any] | None = None  # where the relay's tcp transport listens
         self.deadline: DeadlineWriter | None = None  # tells the kernel when the job's time is up
+        self.egress: EgressProxy | None = None  # the proxy to runtime.allow_hosts
+        self.memory_limit: int | None = None  # limits.memory, in bytes, for the sandbox's processes together
+        self.process_limit: int | None = None  # limits.processes
+        self.limit_reason: str | None = None  # why the watch ended the kernel
+        self.idle_timeout = 0.0  # limits.idle_timeout, in seconds (0: never)
+        self.hibernation: dict[str, Any] | None = None  # what was saved, once the idle kernel was
         # A job Slurm requeued (its node failed, it was preempted) runs this agent again on a new node.
         self.restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
         self.submit_time: str | None = None  # Slurm resets it at a requeue: names this run of the job
@@ -219,7 +231,7 @@ class Agent:
                              f"PATH={os.environ.get('PATH', '')}); set runtime.executable, or load its module "
                              "with slurm.modules")
         kernel_env = launch.get("kernel_env", {})
-        env = sandbox_environment(os.environ, {**self.time_warning(kernel_env), **kernel_env})
+        env = sandbox_environment(os.environ, {**self.kernel_startup(kernel_env), **kernel_env})
         if kind == "bwrap":
             return sandbox_argv(kind, spec, command, executable=found), env
         image = launch["image"]
@@ -243,21 +255,47 @@ class Agent:
         _say(f"Slurm requeued this job (restart {self.restarts}: a node failed, or it was preempted): "
              "starting a new kernel; the earlier kernel and its variables are lost")
 
-    def time_warning(self, kernel_env: dict[str, str]) -> dict[str, str]:
-        """Set up the kernel's warning before the time limit (``kernel.time_warning``): the
-        variables the kernel needs for it."""
+    def kernel_startup(self, kernel_env: dict[str, str]) -> dict[str, str]:
+        """What runs in the kernel as it starts (:mod:`hpc_kernels.kernel_startup`): the warning
+        before the time limit (``kernel.time_warning``) and the bridge to the egress proxy
+        (``runtime.allow_hosts``), with the proxy itself and the deadline writer. The variables
+        the kernel needs for them."""
         assert self.node_dir is not None
+        parts: list[tuple[ModuleType, list[str]]] = []
         warn_before = float(self.launch.get("time_warning") or 0)
-        if warn_before <= 0 or not self.job_id:
+        if warn_before > 0 and self.job_id:
+            parts.append((kernel_time_warning, [str(self.node_dir / DEADLINE_FILE)]))
+        self.memory_limit = memory_limit(str(self.launch.get("limits_memory") or "job"), os.environ)
+        processes = self.launch.get("limits_processes")
+        self.process_limit = int(processes) if processes else None
+        if self.memory_limit or self.process_limit:
+            parts.append((kernel_limits, [str(self.process_limit or ""), str(self.memory_limit or "")]))
+            _say(f"limits: memory {human(self.memory_limit) if self.memory_limit else 'none'}, "
+                 f"processes {self.process_limit or 'none'}")
+        self.idle_timeout = float(self.launch.get("idle_timeout") or 0)
+        restore = self.launch.get("restore")
+        if self.idle_timeout > 0 or restore:
+            parts.append((kernel_hibernate, [str(self.node_dir)]))
+        if restore:
+            shutil.copyfile(restore, self.node_dir / RESTORE)
+            os.chmod(self.node_dir / RESTORE, 0o600)
+        allow_hosts = [parse_allowed(entry) for entry in self.launch.get("allow_hosts") or []]
+        if allow_hosts:
+            parts.append((kernel_egress, [str(self.node_dir / EGRESS_SOCKET)]))
+        variables = kernel_startup.install(self.node_dir, kernel_env, parts)
+        if parts and not variables:
+            _say("kernel.env sets IPYTHONDIR: the kernel gets no warning before the time limit, no way to "
+                 "the allowed hosts and no limits of its own (the agent's watch still ends it over a limit)")
             return {}
-        variables = install_warning(self.node_dir, kernel_env)
-        if not variables:
-            _say("time limit: kernel.env sets IPYTHONDIR, so the kernel gives no warning before the time limit")
-            return {}
-        notice = (f"Slurm requeued job {self.job_id} (restart {self.restarts}: its node failed, or it was preempted), "
-                  "so this is a new kernel: variables from before are lost.") if self.restarts else None
-        self.deadline = DeadlineWriter(self.node_dir, self.job_id, warn_before, _say, notice=notice)
-        self.deadline.start()
+        if allow_hosts:
+            self.egress = EgressProxy(self.node_dir, allow_hosts, _say)
+            self.egress.start()
+            _say("egress: a proxy for " + ", ".join(f"{h}:{p}" for h, p in allow_hosts) + " (everything else: 403)")
+        if warn_before > 0 and self.job_id:
+            notice = (f"Slurm requeued job {self.job_id} (restart {self.restarts}: its node failed, or it was "
+                      "preempted), so this is a new kernel: variables from before are lost.") if self.restarts else None
+            self.deadline = DeadlineWriter(self.node_dir, self.job_id, warn_before, _say, notice=notice)
+            self.deadline.start()
         return variables
 
     def listen_tcp(self, port_range: list[int] | None) -> None:
@@ -330,14 +368,25 @@ class Agent:
                 code = self.run_kernel(argv, env)
                 if code is None:
                     return 1  # it failed to start: reported
-                if self.stop_signal is None and self.take_restart_request():
+                if self.hibernation is not None:
+                    self.cleanup()
+                    forget_secrets(self.files)
+                    unsaved = self.hibernation["unsaved"]
+                    self.report("hibernated", **self.hibernation, message=(
+                        f"hibernated after {self.idle_timeout:.0f} s without a cell or a client: "
+                        f"{len(self.hibernation['saved'])} variables saved in {self.hibernation['snapshot']}"
+                        + (f" (not saved: {', '.join(sorted(unsaved))})" if unsaved else "")
+                        + f"; `hpc-kernel submit --resume {self.files.name}` brings them back on a new job"))
+                    return 0
+                if self.stop_signal is None and self.limit_reason is None and self.take_restart_request():
                     end_leftovers()
                     if self.deadline is not None:
                         self.deadline.clear_notice()  # said to the kernel the requeue replaced
                     self.generation += 1
                     _say(f"kernel ended (exit code {code}); restarting it in this job (restart {self.generation})")
                     continue
-                why = f"signal {signal.Signals(self.stop_signal).name}" if self.stop_signal else f"exit code {code}"
+                why = (f"over a limit: {self.limit_reason}" if self.limit_reason else
+                       f"signal {signal.Signals(self.stop_signal).name}" if self.stop_signal else f"exit code {code}")
                 _say(f"kernel ended ({why}); cleaning up")
                 self.cleanup()
                 forget_secrets(self.files)
@@ -372,7 +421,41 @@ class Agent:
         self.report("ready", startup_seconds=round(time.monotonic() - started, 3))
         _say(f"kernel ready after {time.monotonic() - started:.2f} s")
         self.kernel_ready = True
-        return self.kernel.wait()
+        watches: list[SandboxWatch | IdleWatch] = []
+        if self.memory_limit or self.process_limit:
+            watches.append(SandboxWatch(self.kernel.pid, self.memory_limit, self.process_limit, self.on_limit))
+        if self.idle_timeout > 0 or self.launch.get("restore"):
+            restore = self.launch.get("restore")
+            watches.append(IdleWatch(self.node_dir, self.idle_timeout, self.snapshot_dir,
+                                     lambda: self.listener.shell_clients() if self.listener else 0,
+                                     self.on_hibernated, _say, Path(restore) if restore else None))
+        for watch in watches:
+            watch.start()
+        try:
+            return self.kernel.wait()
+        finally:
+            for watch in watches:
+                watch.stop()
+
+    def snapshot_dir(self) -> Path:
+        return snapshot_dir(self.launch.get("workspace"), self.files.dir.parent.parent, self.files.name)
+
+    def on_hibernated(self, snapshot: Path, report: dict[str, Any]) -> None:
+        """The idle kernel's variables are saved: end it, and the job."""
+        self.hibernation = {"snapshot": str(snapshot), "saved": report.get("saved", []),
+                            "unsaved": report.get("unsaved", {})}
+        unsaved = report.get("unsaved", {})
+        _say(f"hibernated: {len(report.get('saved', []))} variables saved to {snapshot}"
+             + (f"; not saved: {', '.join(sorted(unsaved))}" if unsaved else ""))
+        if self.kernel is not None and self.kernel.poll() is None:
+            self.kernel.terminate()
+
+    def on_limit(self, reason: str) -> None:
+        """The watch found the sandbox over a limit: end the kernel, and say why."""
+        self.limit_reason = reason
+        _say(f"ending the kernel: {reason}")
+        if self.kernel is not None and self.kernel.poll() is None:
+            self.kernel.kill()  # a fork bomb or a memory hog gets no grace period
 
     def fail(self, e: Exception) -> int:
         """Every failure before readiness is reported the same way."""
@@ -432,6 +515,9 @@ class Agent:
         if self.deadline is not None:
             self.deadline.stop()
             self.deadline = None
+        if self.egress is not None:
+            self.egress.stop()
+            self.egress = None
         if self.listener is not None:
             self.listener.stop()
             self.listener = None

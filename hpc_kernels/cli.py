@@ -18,6 +18,7 @@ from .launcher import (
     gone_reason,
     interrupt,
     job_submit_time,
+    resume_request,
     kernel_script,
     resolve_request,
     relay_connection_file,
@@ -84,6 +85,8 @@ def _request(args: argparse.Namespace, profile_name: str) -> KernelRequest:
         allocation=None if args.new_job else os.environ.get("SLURM_JOB_ID") or None,
         relay=args.relay,
         time_warning=args.time_warning,
+        allow_hosts=tuple(args.allow_host or ()),
+        idle_timeout=getattr(args, "idle_timeout", None),
     )
 
 
@@ -103,8 +106,14 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    profile_name = _profile_name(args)
-    record = submit(profile_name, _request(args, profile_name))
+    if args.resume:
+        profile_name, request = resume_request(args.resume, _request(args, args.resume))
+        profile_name = args.profile or profile_name
+        _progress(f"resuming kernel {args.resume} from {request.restore}")
+    else:
+        profile_name = _profile_name(args)
+        request = _request(args, profile_name)
+    record = submit(profile_name, request)
     _say_workspace_note(args)
     if args.no_wait:
         print(record.job_id)
@@ -397,6 +406,9 @@ def add_resource_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workspace", "-w", help="directory bound into the sandbox (default: the current one)")
     p.add_argument("--no-workspace", action="store_true", help="bind no workspace")
     p.add_argument("--rw", action="store_true", help="bind the workspace read-write (default: read-only)")
+    p.add_argument("--allow-host", action="append", metavar="HOST[:PORT]",
+                   help="let the kernel reach this host over https through the node's proxy (repeatable; "
+                        "adds to the profile's runtime.allow_hosts; default port 443)")
     p.add_argument("--time-warning", metavar="DURATION",
                    help="warn in the kernel's output this long before the time limit, e.g. 10m (0: never)")
 
@@ -423,6 +435,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("submit", help="submit a kernel job and wait until the kernel is ready")
     add_request_arguments(p)
     p.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
+    p.add_argument("--idle-timeout", metavar="DURATION",
+                   help="hibernate after this long without a cell or a client, e.g. 30m (0: never); "
+                        "saves the variables and ends the job")
+    p.add_argument("--resume", metavar="NAME",
+                   help="start hibernated kernel NAME again on a new job, with its variables")
     p.add_argument("--timeout", type=float, help="give up (and cancel the job) after this many seconds")
     p.set_defaults(func=cmd_submit)
 

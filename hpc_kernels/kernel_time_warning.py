@@ -1,8 +1,8 @@
 """Runs inside the kernel: warns the kernel's users before its job reaches its time limit.
 
-The node agent copies this file into the kernel's IPython startup directory (``IPYTHONDIR`` is
-set to the node-side directory, see :func:`startup_file`) and keeps a small JSON file there up
-to date from Slurm: the job's end time and how long before it to warn. This file must stand
+The node agent installs this file in the kernel (:mod:`hpc_kernels.kernel_startup`) and keeps a
+small JSON file in the node-side directory up to date from Slurm: the job's end time and how
+long before it to warn. This file must stand
 alone: it runs under the kernel's Python (an Apptainer image has only ipykernel), not ours.
 
 A cell that is running when the time comes gets the warning in its stderr stream, sent on
@@ -134,19 +134,3 @@ def install(shell: Any, path: str) -> TimeWarning | None:
     warning = TimeWarning(shell, path)
     warning.start()
     return warning
-
-
-def startup_file(code_path: str, deadline_path: str) -> str:
-    """The IPython startup file that installs this file's code (copied to ``code_path``) in a
-    namespace of its own: IPython runs startup files in the user's namespace, which must stay
-    as the user left it."""
-    return (
-        "# Written by hpc-kernels' node agent: the time-limit warning (hpc_kernels/kernel_time_warning.py).\n"
-        "def _hpc_kernels_time_warning():\n"
-        f"    namespace = {{'__name__': 'hpc_kernels_time_warning', '__file__': {code_path!r}}}\n"
-        f"    with open({code_path!r}, encoding='utf-8') as f:\n"
-        f"        exec(compile(f.read(), {code_path!r}, 'exec'), namespace)\n"
-        f"    namespace['install'](get_ipython(), {deadline_path!r})\n"
-        "_hpc_kernels_time_warning()\n"
-        "del _hpc_kernels_time_warning\n"
-    )

@@ -98,7 +98,7 @@ class KernelView:
 
     @property
     def state(self) -> str:
-        """One word for people: pending, starting, ready, failed or ended."""
+        """One word for people: pending, starting, ready, failed, hibernated or ended."""
         if self.record.status == "failed":
             return "failed"
         if self.job_alive:
@@ -107,10 +107,10 @@ class KernelView:
                 return "pending"
             if self.agent_state == "ready":
                 return "ready"
-            if self.agent_state in ("failed", "ended"):
+            if self.agent_state in ("failed", "ended", "hibernated"):
                 return self.agent_state
             return "starting"
-        return "failed" if self.agent_state == "failed" else "ended"
+        return self.agent_state if self.agent_state in ("failed", "hibernated") else "ended"
 
     @property
     def node(self) -> str | None:
@@ -247,6 +247,11 @@ def launch_spec(profile: Profile, request: KernelRequest, python: str, *,
         "node_tmp": profile.get("paths", "node_tmp"),
         "hide": [*profile.get("runtime", "hide"), home, *state],
         "binds": profile.get("runtime", "binds"),
+        "allow_hosts": profile.get("runtime", "allow_hosts"),
+        "limits_memory": profile.get("limits", "memory"),
+        "limits_processes": profile.get("limits", "processes"),
+        "idle_timeout": profile.get("limits", "idle_timeout"),
+        "restore": request.restore,
         "private": [home, *state],  # the home first: what a workspace or bind must not show
         "workspace": request.workspace,
         "workspace_rw": profile.get("workspace", "mode") == "rw",
@@ -431,6 +436,24 @@ def submit(profile_name: str, request: KernelRequest, *, listen_tcp: bool | None
             remove_kernel_dir(name)
             raise
     return record
+
+
+def resume_request(name: str, request: KernelRequest) -> tuple[str, KernelRequest]:
+    """The profile and request that resume hibernated kernel ``name`` on a new job: its profile,
+    name and workspace, its saved variables to load, and what ``request`` sets besides."""
+    current = view(name)
+    if current.state == "hibernated":
+        snapshot = str(current.agent.get("snapshot") or "")
+    elif current.state in ("failed", "ended") and (read_json(kernel_files(name).launch) or {}).get("restore"):
+        snapshot = str(read_json(kernel_files(name).launch)["restore"])  # a resume that did not start: again
+    else:
+        raise HpcKernelsError(f"kernel {name!r} is {current.state}, not hibernated: there is nothing to resume")
+    if not snapshot or not os.path.isfile(snapshot):
+        raise HpcKernelsError(f"kernel {name!r} hibernated, but its saved variables ({snapshot or 'no file'}) "
+                              "are gone; start a new kernel")
+    record = current.record
+    return record.profile, replace(request, name=name, restore=snapshot, workspace=record.workspace,
+                                   workspace_rw=record.workspace_rw or request.workspace_rw)
 
 
 def on_a_node_of_a_job(environ: dict[str, str] | None = None) -> bool:

@@ -34,6 +34,7 @@ class LocalEnd(asyncio.Protocol):
     def __init__(self, mux: Multiplexer, channel: int) -> None:
         self.mux = mux
         self.channel = channel
+        self.index: int | None = None  # which of the kernel's five sockets (p.SOCKET_NAMES) it is for
         self.transport: asyncio.Transport | None = None
         self.credit = p.INITIAL_WINDOW  # bytes we may still send to the far side
         self.consumed = 0  # bytes written locally and not yet returned as CREDIT
@@ -253,6 +254,7 @@ class Multiplexer:
         return end
 
     def _register_accepted(self, end: LocalEnd, index: int) -> None:
+        end.index = index
         self._channels[end.channel] = end
         self.send(p.encode(p.FrameType.OPEN, end.channel, bytes([index])))
 
@@ -260,6 +262,7 @@ class Multiplexer:
         if self._connect is None or len(frame.payload) != 1 or frame.channel in self._channels:
             raise p.ProtocolError(f"unexpected OPEN frame on channel {frame.channel}")
         end = LocalEnd(self, frame.channel)
+        end.index = frame.payload[0]
         self._channels[end.channel] = end
         task = asyncio.ensure_future(self._connect_end(end, frame.payload[0]))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
@@ -283,6 +286,10 @@ class Multiplexer:
     @property
     def open_channels(self) -> int:
         return len(self._channels)
+
+    def open_on(self, index: int) -> int:
+        """How many channels are open to kernel socket ``index`` (0: shell, one per client)."""
+        return sum(1 for end in list(self._channels.values()) if end.index == index)
 
 
 class _AcceptedEnd(LocalEnd):

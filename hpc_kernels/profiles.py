@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from .egress import parse_allowed
 from .errors import HpcKernelsError, ProfileError
 from .resources import data_dir
 from .runtimes import RUNTIME_KINDS
@@ -225,6 +226,28 @@ def _image(value: Any) -> str:
     return text
 
 
+def _allowed_host(value: Any) -> str:
+    text = _str(value)
+    host, port = parse_allowed(text)
+    return f"{host}:{port}"
+
+
+def _memory_limit(value: Any) -> str:
+    """``job`` (the allocation), ``none``, or a Slurm size that tightens the allocation."""
+    text = str(value) if isinstance(value, int) and not isinstance(value, bool) else _str(value)
+    if text in ("job", "none") or _SLURM_MEM.match(text):
+        return text
+    raise ValueError("expected job (the job's memory), none, or a size such as 4G or 500M")
+
+
+def _process_limit(value: Any) -> int | None:
+    if value in (None, "none"):
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 16:
+        raise ValueError("expected a whole number of at least 16, or none")
+    return value
+
+
 def _port_range(value: Any) -> list[int]:
     """``20000-20999`` (or one port): where the tcp transport's listener may bind."""
     text = str(value) if isinstance(value, int) and not isinstance(value, bool) else _str(value)
@@ -301,6 +324,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "network": (_one_of("none"), "none"),
         "hide": (_list_of(_abs_path, "absolute paths"), ["/home", "/root", "/run", "/var/tmp", "/srv", "/mnt", "/media"]),
         "binds": (_list_of(_bind, "paths"), []),
+        "allow_hosts": (_list_of(_allowed_host, "host names"), []),
     },
     "kernel": {
         "command": (_kernel_command, _DEFAULT_KERNEL_COMMAND),
@@ -327,6 +351,11 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     },
     "workspace": {
         "mode": (_one_of("ro", "rw"), "ro"),
+    },
+    "limits": {
+        "memory": (_memory_limit, "job"),
+        "processes": (_process_limit, 1024),
+        "idle_timeout": (_duration, 0.0),
     },
 }
 _TOP_LEVEL = {"description"} | set(SCHEMA)
@@ -364,6 +393,9 @@ class KernelRequest:
     curve: bool = False  # CurveZMQ on the kernel's sockets (the frontend asked, the kernel supports it)
     relay: str | None = None  # one of relay.allow (--relay)
     time_warning: str | None = None  # how long before the time limit the kernel warns (--time-warning)
+    allow_hosts: tuple[str, ...] = ()  # added to runtime.allow_hosts (--allow-host)
+    idle_timeout: str | None = None  # hibernate after this long without a cell or a client (--idle-timeout)
+    restore: str | None = None  # the snapshot of a hibernated kernel to load (submit --resume)
 
 
 def check_kernel_name(name: str) -> str:
@@ -727,6 +759,7 @@ def apply_request(profile: Profile, request: KernelRequest) -> Profile:
         ("workspace", "mode"): "rw" if request.workspace_rw else None,
         ("relay", "transport"): request.relay,
         ("kernel", "time_warning"): request.time_warning,
+        ("limits", "idle_timeout"): request.idle_timeout,
     }
     settings = {section: dict(values) for section, values in profile.settings.items()}
     origins = dict(profile.origins)
@@ -740,5 +773,12 @@ def apply_request(profile: Profile, request: KernelRequest) -> Profile:
         except ValueError as e:
             raise ProfileError(f"{flag}: {value!r} is not valid: {e}") from None
         origins[f"{section}.{key}"] = f"command line ({flag})"
+    if request.allow_hosts:
+        try:
+            added = _list_of(_allowed_host, "host names")(list(request.allow_hosts))
+        except ValueError as e:
+            raise ProfileError(f"--allow-host: {e}") from None
+        settings["runtime"]["allow_hosts"] = list(dict.fromkeys([*settings["runtime"]["allow_hosts"], *added]))
+        origins["runtime.allow_hosts"] = "command line (--allow-host)"
     _check_together(settings, lambda *keys: origins.get(".".join(keys), str(profile.source)))
     return replace(profile, settings=settings, origins=origins)

@@ -42,6 +42,7 @@ from typing import Any
 
 from . import protocol as p
 from .errors import RelayError, SlurmError
+from .hibernation import SHELL, clients_file, write_clients
 from .multiplexer import LocalEnd, Multiplexer, StreamEnd
 from .paths import (
     check_socket_path,
@@ -104,7 +105,11 @@ async def _serve_node(node_dir: Path) -> int:
     await loop.connect_read_pipe(lambda: stream, os.fdopen(0, "rb", 0))
     assert stream.mux is not None
     gone = asyncio.ensure_future(_removed(node_dir))
+    clients = asyncio.ensure_future(_report_clients(stream.mux, node_dir))
     await asyncio.wait([stream.mux.ended, gone], return_when=asyncio.FIRST_COMPLETED)
+    clients.cancel()
+    with contextlib.suppress(FileNotFoundError):
+        clients_file(node_dir, os.getpid()).unlink()
     if gone.done():  # the kernel ended: a session that outlives the job (ssh) must not hold the stream
         print(f"relay node side: {node_dir} on {socket.gethostname()} was removed (the kernel ended); "
               "ending the stream", file=sys.stderr, flush=True)
@@ -114,6 +119,19 @@ async def _serve_node(node_dir: Path) -> int:
 
 
 NODE_DIR_POLL_SECONDS = 2.0
+CLIENTS_POLL_SECONDS = 1.0
+
+
+async def _report_clients(mux: Multiplexer, node_dir: Path) -> None:
+    """Tell the agent how many clients this stream carries (for idle hibernation)."""
+    said = None
+    while True:
+        count = mux.open_on(SHELL)
+        if count != said:
+            with contextlib.suppress(OSError):  # the directory is gone: the kernel ended
+                await asyncio.to_thread(write_clients, node_dir, os.getpid(), count)
+            said = count
+        await asyncio.sleep(CLIENTS_POLL_SECONDS)
 
 
 async def _removed(node_dir: Path) -> None:
@@ -197,6 +215,15 @@ class NodeListener:
         self._started: concurrent.futures.Future[int] = concurrent.futures.Future()
         self._thread = threading.Thread(target=self._run, name="relay-tcp", daemon=True)
         self._connections: set[asyncio.BaseTransport] = weakref.WeakSet()  # type: ignore[assignment]
+
+    def shell_clients(self) -> int:
+        """Clients carried by this listener's streams now (for idle hibernation)."""
+        total = 0
+        for transport in list(self._connections):
+            mux = getattr(transport.get_protocol(), "mux", None)
+            if mux is not None and not transport.is_closing():
+                total += mux.open_on(SHELL)
+        return total
 
     def start(self) -> int:
         """Listen; the port. Raises what binding or reading the credentials raised."""

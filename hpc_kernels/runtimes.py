@@ -26,6 +26,9 @@ PASSED_ENVIRONMENT = (
 
 SANDBOX_HOME = "/tmp"
 
+# Set to the job's CPUs in the kernel's environment unless the job or the profile sets them.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+
 RUNTIME_KINDS = ("bwrap", "apptainer")
 
 # NVIDIA device nodes every GPU process needs besides its /dev/nvidiaN (those present are bound).
@@ -204,6 +207,12 @@ def sandbox_environment(job_env: Mapping[str, str], extra: Mapping[str, str]) ->
     env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
     env["HOME"] = SANDBOX_HOME
     env["PYTHONUNBUFFERED"] = "1"
+    # Thread pools (OpenMP, BLAS) size themselves by the node's CPUs, not the job's: a numpy cell on
+    # a 128-core node with 4 CPUs allocated would start 128 threads.
+    cpus = job_env.get("SLURM_CPUS_PER_TASK") or job_env.get("SLURM_CPUS_ON_NODE") or ""
+    if cpus.isdigit():
+        for name in THREAD_VARIABLES:
+            env.setdefault(name, cpus)
     # debugpy's warning about frozen modules (Python 3.11+) fills every job log otherwise.
     env["PYDEVD_DISABLE_FILE_VALIDATION"] = "1"
     env.update(extra)

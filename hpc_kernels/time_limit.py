@@ -16,13 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import SlurmError
-from .paths import write_file_atomically, write_json
+from .paths import write_json
 from .slurm import job_info
 
 REFRESH_SECONDS = 60.0
 DEADLINE_FILE = "deadline.json"
-CODE_FILE = "hpc_kernels_time_warning.py"
-STARTUP_FILE = "00-hpc-kernels-time-warning.py"
 
 
 def end_time(fields: dict[str, str], field: str = "EndTime") -> float | None:
@@ -34,22 +32,6 @@ def end_time(fields: dict[str, str], field: str = "EndTime") -> float | None:
         return float(calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%S")))
     except ValueError:
         return None  # Unknown, None, or a limit of UNLIMITED
-
-
-def install_warning(node_dir: Path, kernel_env: dict[str, str]) -> dict[str, str]:
-    """Put the warning's code and IPython startup file in ``node_dir``; the variables the kernel
-    needs to find them. A profile that sets ``IPYTHONDIR`` itself keeps it (and gets no warning)."""
-    from . import kernel_time_warning
-
-    if "IPYTHONDIR" in kernel_env:
-        return {}
-    code = node_dir / CODE_FILE
-    write_file_atomically(code, Path(kernel_time_warning.__file__).read_bytes(), 0o600)
-    startup = node_dir / "ipython" / "profile_default" / "startup"
-    startup.mkdir(parents=True, mode=0o700)
-    write_file_atomically(startup / STARTUP_FILE,
-                          kernel_time_warning.startup_file(str(code), str(node_dir / DEADLINE_FILE)), 0o600)
-    return {"IPYTHONDIR": str(node_dir / "ipython")}
 
 
 class DeadlineWriter:

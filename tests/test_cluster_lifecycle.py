@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import default_sigint, hk, run, sigints_from_one_interrupt, start_kernel
+from conftest import RUNTIME_PROFILES, default_sigint, hk, run, sigints_from_one_interrupt, start_kernel
 
 from hpc_kernels.profiles import load_profile
 
@@ -485,3 +485,82 @@ def test_a_job_at_its_time_limit_warns_then_is_reported_and_leaves_nothing(clust
     assert status["state"] == "ended" and status["slurm_state"] == "TIMEOUT", status
     _gone_everywhere(state, node_dir)
     hk("shutdown", k.name)
+
+
+HIBERNATING_STATE = """
+x = 41
+import json, threading
+lock = threading.Lock()
+def f():
+    return 1
+try:
+    import pandas as pd
+    df = pd.DataFrame({"a": [1, 2], "b": [3.5, 4.5]})
+except ImportError:
+    df = None
+"""
+
+
+def wait_for_state(name: str, state: str, timeout: float) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = json.loads(hk("status", name, "--json").stdout)
+        if status["state"] == state:
+            return status
+        assert time.monotonic() < deadline, f"{name} is {status['state']}, not {state}, after {timeout:.0f} s: {status}"
+        time.sleep(1)
+
+
+def test_an_idle_kernel_hibernates_and_resumes_with_its_variables(cluster: None, workspace: Path,
+                                                                  runtime_profile: str) -> None:
+    """`--idle-timeout 8s`: a connected client keeps the kernel awake; once it has gone and no cell
+    ran for 8 s, the variables are saved in the workspace (0600), the job ends and status says
+    hibernated, naming what could not be saved. `submit --resume` brings them back on a new job
+    (a pandas DataFrame where the kernel has pandas; the Apptainer image has not), says at the
+    first cell what came back and what did not, and removes the saved copy once loaded."""
+    from jupyter_client import BlockingKernelClient
+
+    k = start_kernel(workspace, "--idle-timeout", "8s", prefix="hib", profile=runtime_profile)
+    has_pandas = k.exec(HIBERNATING_STATE + "print(df is not None)").stdout.strip() == "True"
+    assert has_pandas == (runtime_profile == RUNTIME_PROFILES["bwrap"]), "the site venv has pandas, the image not"
+    client = BlockingKernelClient(connection_file=str(k.connection_file))
+    client.load_connection_file()
+    client.start_channels()
+    try:
+        client.wait_for_ready(timeout=30)
+        time.sleep(14)
+        assert json.loads(hk("status", k.name, "--json").stdout)["state"] == "ready", "a client keeps it awake"
+    finally:
+        client.stop_channels()
+    status = wait_for_state(k.name, "hibernated", 60)
+    assert k.job_id not in squeue_ids()
+    snapshot = workspace / ".hpc-kernels-hibernated" / k.name / "namespace.pickle"
+    assert str(snapshot) in str(status["message"]) and "not saved: f, lock" in str(status["message"]), status
+    assert snapshot.stat().st_mode & 0o777 == 0o600 and snapshot.parent.stat().st_mode & 0o777 == 0o700
+    assert not (STATE_ROOT / k.name / "key").exists()
+
+    proc = hk("submit", "--resume", k.name)
+    resumed = json.loads(hk("status", k.name, "--json").stdout)
+    assert resumed["state"] == "ready" and resumed["job_id"] != k.job_id, resumed
+    assert "resuming kernel" in proc.stderr
+    proc = k.exec("print(x, json.dumps([1]), 'lock' in globals(), 'f' in globals())")
+    assert proc.stdout.strip() == "41 [1] False False", proc.stdout
+    assert "[hpc-kernels] Resumed" in proc.stderr and "not restored: lock: cannot be pickled" in proc.stderr
+    assert "not restored: f: a function defined in a cell" in proc.stderr
+    if has_pandas:
+        assert k.exec("print(df.b.sum(), list(df.columns))").stdout.strip() == "8.0 ['a', 'b']"
+    deadline = time.monotonic() + 20
+    while snapshot.exists():
+        assert time.monotonic() < deadline, "the saved copy is removed once loaded"
+        time.sleep(0.5)
+    assert "restored" not in k.exec("print(1)").stderr.lower()
+    hk("shutdown", k.name)
+
+
+def test_resume_refuses_a_kernel_that_did_not_hibernate(cluster: None) -> None:
+    k = start_kernel(None, prefix="nohib")
+    try:
+        proc = hk("submit", "--resume", k.name, check=False)
+        assert proc.returncode == 1 and "is ready, not hibernated: there is nothing to resume" in proc.stderr
+    finally:
+        hk("shutdown", k.name)

@@ -9,11 +9,14 @@ gives the command a site runs on a real GPU node.
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import re
 import shutil
+import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -202,3 +205,121 @@ def test_the_runtime_is_called_without_the_key_and_with_its_isolation_flags(kern
     assert key not in Path(f"/proc/{runtime_pid(kernel.name)}/cmdline").read_text()
     environ = Path(f"/proc/{runtime_pid(kernel.name)}/environ").read_bytes().decode(errors="replace")
     assert key not in environ and "BINDPATH" not in environ
+
+
+@pytest.fixture
+def test_network_server() -> Iterator[int]:
+    """An HTTP server on the login node's address on the cluster network (10.77.7.1), which the
+    compute nodes reach: a host the sandbox may be allowed to reach."""
+    class Hello(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (the standard library's name)
+            body = b"hello from the test network"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer((LOGIN_ADDRESS, 0), Hello)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+LOGIN_ADDRESS = "10.77.7.1"
+THROUGH_PROXY = """
+import http.client, os
+host, port = os.environ["HTTPS_PROXY"].removeprefix("http://").split(":")
+def fetch(target_port):
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.set_tunnel("{address}", target_port)
+    try:
+        conn.request("GET", "/")
+        return conn.getresponse().read().decode()
+    except OSError as e:
+        return f"refused: {{e}}"
+print(fetch({port}))
+print(fetch({port} + 1))
+import socket
+try:
+    socket.create_connection(("{address}", {port}), timeout=5)
+    print("direct: connected")
+except OSError as e:
+    print("direct:", e)
+import subprocess
+print("child:", subprocess.run(["sh", "-c", "echo $https_proxy"], capture_output=True, text=True).stdout.strip())
+"""
+
+
+def test_an_allowed_host_is_reached_through_the_nodes_proxy_and_nothing_else(
+        cluster: None, runtime_profile: str, test_network_server: int) -> None:
+    """`--allow-host 10.77.7.1:PORT`: inside the sandbox, HTTPS_PROXY leads to the node's proxy,
+    which opens a tunnel to that host and port only (403 for another port); a direct connection
+    still finds no network; programs the kernel starts inherit the proxy; the job log has each decision."""
+    port = test_network_server
+    k = start_kernel(None, "--allow-host", f"{LOGIN_ADDRESS}:{port}", prefix="egr", profile=runtime_profile)
+    try:
+        lines = k.exec(THROUGH_PROXY.format(address=LOGIN_ADDRESS, port=port)).stdout.splitlines()
+        assert lines[0] == "hello from the test network", lines
+        assert lines[1].startswith("refused: ") and "403" in lines[1], lines
+        assert lines[2] == "direct: [Errno 101] Network is unreachable", lines
+        assert lines[3].startswith("child: http://127.0.0.1:"), lines
+        log = hk("logs", k.name).stdout
+        assert f"egress: allowed CONNECT {LOGIN_ADDRESS}:{port}" in log
+        assert f"egress: refused CONNECT {LOGIN_ADDRESS}:{port + 1} (not in runtime.allow_hosts)" in log
+    finally:
+        hk("shutdown", k.name)
+
+
+def test_without_allowed_hosts_there_is_no_proxy(kernel) -> None:  # type: ignore[no-untyped-def]
+    out = kernel.exec("import os; print(sorted(k for k in os.environ if 'proxy' in k.lower()))").stdout
+    assert out.strip() == "[]"
+
+
+MEMORY_HOG = """
+import subprocess, sys, time
+hog = "import time; x = b'\\\\x01' * (150 << 20); time.sleep(120)"
+children = [subprocess.Popen([sys.executable, "-c", hog]) for _ in range(4)]
+time.sleep(120)
+"""
+# At most 2**8 processes even if nothing stopped it: the test must not be a real fork bomb.
+BOUNDED_FORK_BOMB = """
+import os, time
+for _ in range(8):
+    try:
+        os.fork()
+    except OSError:
+        pass
+time.sleep(120)
+"""
+
+
+def test_a_memory_hog_and_a_fork_bomb_end_the_kernel_with_the_reason(
+        cluster: None, runtime_profile: str, profile_path: Path) -> None:
+    """`limits: {memory: 400M, processes: 64}`. One allocation over the limit fails in its cell
+    and the kernel lives on; four processes of 150 MiB each (none over it alone) end the kernel,
+    and exec and status say it went over limits.memory. A fork bomb stops growing at the process
+    limit (RLIMIT_NPROC, in the sandbox's user namespace) and the kernel is ended, citing
+    limits.processes. Nothing is left running on the node."""
+    (profile_path / "limited.yaml").write_text(
+        f"extends: {runtime_profile}\nlimits:\n  memory: 400M\n  processes: 64\n")
+    k = start_kernel(None, prefix="lim", profile="limited")
+    proc = k.exec("x = b'\\x01' * (600 << 20)", check=False)
+    assert proc.returncode == 1 and "MemoryError" in proc.stderr, proc.stderr
+    assert k.exec("print('alive')").stdout.strip() == "alive"
+    proc = k.exec(MEMORY_HOG, check=False, timeout=150)
+    assert proc.returncode == 1 and "has ended" in proc.stderr, proc.stderr
+    assert "over the limit of 400.0 MiB (limits.memory)" in proc.stderr, proc.stderr
+    status = k.status()
+    assert status["state"] == "ended" and "limits.memory" in str(status["message"]), status
+    hk("shutdown", k.name)
+
+    k = start_kernel(None, prefix="lim", profile="limited")
+    proc = k.exec(BOUNDED_FORK_BOMB, check=False, timeout=150)
+    assert proc.returncode == 1 and "limit of 64 processes (limits.processes)" in proc.stderr, proc.stderr
+    node_dir = json.loads((STATE_ROOT / k.name / "agent.json").read_text())["node_dir"]
+    assert processes_mentioning(node_dir) == []
+    hk("shutdown", k.name)

@@ -12,12 +12,14 @@ from pathlib import Path
 import pytest
 from jupyter_client.manager import KernelManager
 
+from hpc_kernels import kernel_startup, kernel_time_warning
 from hpc_kernels.kernel_time_warning import due_warning, warning_text, warning_times
 from hpc_kernels.paths import write_json
 from hpc_kernels.profiles import KernelRequest, ProfileError, apply_request, parse_profile
-from hpc_kernels.time_limit import DEADLINE_FILE, end_time, install_warning
+from hpc_kernels.resources import data_dir
+from hpc_kernels.time_limit import DEADLINE_FILE, end_time
 
-SITE_CONFIGS = Path(__file__).resolve().parent.parent / "site-configs"
+SITE_CONFIGS = data_dir("site-configs")  # the installed ones: the tests run from a copy of tests/
 
 
 def test_warning_times() -> None:
@@ -82,7 +84,7 @@ def kernel_with_warning(tmp_path: Path) -> Iterator[tuple[KernelManager, Path]]:
     node_dir.mkdir(mode=0o700)
     deadline = node_dir / DEADLINE_FILE
     write_json(deadline, {"job_id": "7", "end": time.time() + 3600, "warn_before": 60})
-    env = {**os.environ, **install_warning(node_dir, {})}
+    env = {**os.environ, **kernel_startup.install(node_dir, {}, [(kernel_time_warning, [str(deadline)])])}
     km = KernelManager(kernel_name="python3")  # ipykernel's own spec: this Python
     km.start_kernel(env=env)
     try:
@@ -124,10 +126,22 @@ time.sleep(8)
     assert "[hpc-kernels] WARNING: job 7 reaches its time limit in" in said
     assert said.count("WARNING") == 1
     # The user's namespace holds nothing of the warning's.
-    ours = ["TimeWarning", "install", "due_warning", "warning_text", "warning_times", "read_deadline", "threading",
+    ours = ["TimeWarning", "install", "due_warning", "path", "args", "traceback", "warning_text", "warning_times", "read_deadline", "threading",
             "POLL_SECONDS", "namespace", "startup_file"]
     names = run_cell(km, f"import sys; print(sorted(n for n in globals() if n in {ours!r} or 'hpc' in n), file=sys.stderr)")
     assert names.strip() == "[]"
+
+
+def test_a_part_that_fails_leaves_the_kernel_and_the_others_alone(tmp_path: Path) -> None:
+    text = kernel_startup.startup_file([("/nonexistent/part.py", []), (str(tmp_path / "ok.py"), ["a"])])
+    (tmp_path / "ok.py").write_text("def install(shell, arg):\n    shell.ran = arg\n")
+
+    class Shell:
+        ran = None
+
+    shell = Shell()
+    exec(compile(text, "startup", "exec"), {"get_ipython": lambda: shell})
+    assert shell.ran == "a"
 
 
 def test_a_notice_is_shown_once_at_the_first_cell(kernel_with_warning: tuple[KernelManager, Path]) -> None:

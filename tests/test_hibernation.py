@@ -1,0 +1,72 @@
+"""Idle hibernation's parts that need no cluster (the whole of it runs on the cluster in
+test_cluster_lifecycle.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import threading
+import types
+from pathlib import Path
+
+from hpc_kernels.hibernation import idle_since, shell_clients, snapshot_dir, write_clients
+from hpc_kernels.kernel_hibernate import restore, snapshot, user_variables
+
+
+def test_only_the_users_own_names_are_saved() -> None:
+    hidden = {"In": [], "exit": object()}
+    ns = {"In": hidden["In"], "exit": object(), "_": 1, "_i3": "x", "x": 1}
+    assert user_variables(ns, hidden) == {"exit": ns["exit"], "x": 1}  # a rebound hidden name is the user's
+
+
+def test_snapshot_and_restore() -> None:
+    def cell_function() -> int:
+        return 1
+
+    cell_function.__module__ = "__main__"
+    cell_class = type("CellClass", (), {"__module__": "__main__"})
+    saved, unsaved = snapshot({"x": 41, "data": {"a": [1, 2]}, "os": os, "lock": threading.Lock(),
+                               "f": cell_function, "C": cell_class, "path": Path("/tmp")})
+    assert set(saved["values"]) == {"x", "data", "path"} and saved["modules"] == {"os": "os"}
+    assert unsaved["f"].startswith("a function defined in a cell") and unsaved["C"].startswith("a class")
+    assert unsaved["lock"].startswith("cannot be pickled: TypeError")
+
+    ns: dict[str, object] = {}
+    saved["values"]["gone"] = pickle.dumps(types.SimpleNamespace(a=1)).replace(b"types", b"typez")
+    saved["modules"]["nomod"] = "no_such_module_anywhere"
+    restored, failed = restore(ns, pickle.loads(pickle.dumps(saved)))
+    assert ns["x"] == 41 and ns["data"] == {"a": [1, 2]} and ns["os"] is os and ns["path"] == Path("/tmp")
+    assert set(restored) == {"x", "data", "os", "path"}
+    assert failed["gone"].startswith("cannot be unpickled here") and failed["nomod"].startswith("import no_such_module")
+
+
+def test_idle_since() -> None:
+    assert idle_since({"busy": True, "last": 100.0}, 50.0) is None
+    assert idle_since({"busy": False, "last": 100.0}, 150.0) == 150.0  # a client left later
+    assert idle_since({"busy": False, "last": 100.0}, 50.0) == 100.0
+    assert idle_since({}, 50.0) == 50.0
+
+
+def test_clients_are_counted_over_node_sides_that_still_run(tmp_path: Path) -> None:
+    write_clients(tmp_path, os.getpid(), 2)
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    write_clients(tmp_path, ended.pid, 5)  # a node side that died without removing its file
+    (tmp_path / "clients" / "junk.txt").write_text("x")
+    assert shell_clients(tmp_path) == 2
+    assert json.loads((tmp_path / "clients" / f"{os.getpid()}.json").read_text()) == {"pid": os.getpid(), "shell": 2}
+    assert shell_clients(tmp_path / "nowhere") == 0
+
+
+def test_the_snapshot_goes_to_the_workspace_else_the_state_root(tmp_path: Path) -> None:
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    state_root = tmp_path / "state"
+    here = snapshot_dir(str(workspace), state_root, "k")
+    assert here == workspace / ".hpc-kernels-hibernated" / "k" and here.stat().st_mode & 0o777 == 0o700
+    assert snapshot_dir(None, state_root, "k") == state_root / "hibernated" / "k"
+    if os.getuid() != 0:  # root writes anywhere
+        workspace.chmod(0o500)
+        assert snapshot_dir(str(workspace), state_root, "j") == state_root / "hibernated" / "j"

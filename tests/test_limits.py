@@ -1,0 +1,129 @@
+"""Resource limits: the pure parts, and the agent's watch and the kernel's rlimits on real
+processes of this machine (in the sandbox on the cluster: test_cluster_runtimes.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hpc_kernels.limits import SandboxWatch, allocation_memory, memory_limit, size_bytes
+from hpc_kernels.profiles import ProfileError, validate_profile
+from hpc_kernels.runtimes import sandbox_environment
+
+MiB = 1 << 20
+
+
+def test_size_bytes() -> None:
+    assert size_bytes("500M") == 500 * MiB and size_bytes("2G") == 2048 * MiB and size_bytes("100") == 100 * MiB
+    with pytest.raises(ValueError):
+        size_bytes("lots")
+
+
+def test_the_memory_limit_follows_the_allocation_and_only_tightens_it() -> None:
+    per_node = {"SLURM_MEM_PER_NODE": "4096"}
+    per_cpu = {"SLURM_MEM_PER_CPU": "500", "SLURM_CPUS_ON_NODE": "4"}
+    assert allocation_memory(per_node) == 4096 * MiB and allocation_memory(per_cpu) == 2000 * MiB
+    assert allocation_memory({}) is None
+    assert memory_limit("job", per_node) == 4096 * MiB
+    assert memory_limit("1G", per_node) == 1024 * MiB
+    assert memory_limit("16G", per_node) == 4096 * MiB  # never more than Slurm gave
+    assert memory_limit("1G", {}) == 1024 * MiB and memory_limit("job", {}) is None
+    assert memory_limit("none", per_node) is None
+
+
+def test_limits_in_a_profile() -> None:
+    checked = validate_profile({"limits": {"memory": "2G", "processes": 256}}, Path("p.yaml"))
+    assert checked.get("limits", "memory") == "2G" and checked.get("limits", "processes") == 256
+    defaults = validate_profile({}, Path("p.yaml"))
+    assert defaults.get("limits", "memory") == "job" and defaults.get("limits", "processes") == 1024
+    assert validate_profile({"limits": {"processes": "none"}}, Path("p.yaml")).get("limits", "processes") is None
+    with pytest.raises(ProfileError, match=r"limits.memory: 'much' is not valid: expected job"):
+        validate_profile({"limits": {"memory": "much"}}, Path("p.yaml"))
+    with pytest.raises(ProfileError, match=r"limits.processes: 3 is not valid"):
+        validate_profile({"limits": {"processes": 3}}, Path("p.yaml"))
+
+
+def test_thread_pools_get_the_jobs_cpus() -> None:
+    env = sandbox_environment({"SLURM_CPUS_PER_TASK": "4", "PATH": "/bin"}, {})
+    assert env["OMP_NUM_THREADS"] == env["OPENBLAS_NUM_THREADS"] == "4"
+    assert sandbox_environment({"SLURM_CPUS_PER_TASK": "4", "OMP_NUM_THREADS": "1"}, {})["OMP_NUM_THREADS"] == "1"
+    assert sandbox_environment({"SLURM_CPUS_PER_TASK": "4"}, {"MKL_NUM_THREADS": "2"})["MKL_NUM_THREADS"] == "2"
+    assert "OMP_NUM_THREADS" not in sandbox_environment({}, {})
+
+
+def watch_until_breach(root: int, memory: int | None, processes: int | None, timeout: float = 20) -> str | None:
+    said: list[str] = []
+    watch = SandboxWatch(root, memory, processes, said.append)
+    watch.start()
+    deadline = time.monotonic() + timeout
+    while not said and time.monotonic() < deadline:
+        time.sleep(0.2)
+    watch.stop()
+    return said[0] if said else None
+
+
+def test_the_watch_ends_on_memory_summed_over_processes() -> None:
+    """Three children of 60 MiB each, none over the 100 MiB limit alone."""
+    hog = "import time; x = b'\\x01' * (60 << 20); time.sleep(30)"
+    parent = subprocess.Popen([sys.executable, "-c", f"""
+import subprocess, sys, time
+children = [subprocess.Popen([sys.executable, "-c", {hog!r}]) for _ in range(3)]
+time.sleep(30)
+"""])
+    try:
+        said = watch_until_breach(parent.pid, 100 * MiB, None)
+        assert said is not None and "over the limit of 100.0 MiB (limits.memory)" in said, said
+    finally:
+        subprocess.run(["pkill", "-KILL", "-P", str(parent.pid)])
+        parent.kill()
+        parent.wait()
+
+
+def test_memory_shared_after_a_fork_counts_once() -> None:
+    """A parent of 80 MiB that forks 3 children (which touch nothing): resident sizes add up to
+    320 MiB, the proportional sizes to about 80; a 150 MiB limit holds."""
+    parent = subprocess.Popen([sys.executable, "-c", """
+import os, time
+x = b'\\x01' * (80 << 20)
+for _ in range(3):
+    if os.fork() == 0:
+        time.sleep(30)
+        os._exit(0)
+time.sleep(30)
+"""])
+    try:
+        time.sleep(2)
+        assert watch_until_breach(parent.pid, 150 * MiB, None, timeout=4) is None
+    finally:
+        subprocess.run(["pkill", "-KILL", "-P", str(parent.pid)])
+        parent.kill()
+        parent.wait()
+
+
+def test_the_watch_ends_a_sandbox_that_stays_at_its_process_limit() -> None:
+    parent = subprocess.Popen(["sh", "-c", "for i in $(seq 30); do sleep 30 & done; wait"])
+    try:
+        said = watch_until_breach(parent.pid, None, 20)
+        assert said is not None and "limit of 20 processes (limits.processes)" in said, said
+        assert watch_until_breach(parent.pid, None, 100, timeout=5) is None
+    finally:
+        subprocess.run(["pkill", "-KILL", "-P", str(parent.pid)])
+        parent.kill()
+        parent.wait()
+
+
+def test_the_kernels_memory_rlimit_makes_a_big_allocation_fail() -> None:
+    proc = subprocess.run([sys.executable, "-c", """
+from hpc_kernels import kernel_limits
+kernel_limits.install(None, "", str(200 << 20))
+try:
+    x = b'\\x01' * (400 << 20)
+    print("allocated")
+except MemoryError:
+    print("MemoryError")
+"""], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "MemoryError", proc.stdout + proc.stderr
