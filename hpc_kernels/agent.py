@@ -43,7 +43,7 @@ from . import kernel_egress, kernel_hibernate, kernel_limits, kernel_startup, ke
 from .egress import SOCKET_NAME as EGRESS_SOCKET
 from .egress import EgressProxy, parse_allowed
 from .errors import SlurmError
-from .hibernation import IdleWatch, snapshot_dir
+from .hibernation import CLIENTS_DIR, IdleWatch, copy_checked, snapshot_dir
 from .kernel_hibernate import RESTORE
 from .limits import SandboxWatch, human, memory_limit
 from .runtimes import (
@@ -64,6 +64,8 @@ STDERR_TAIL_LINES = 40
 PR_SET_CHILD_SUBREAPER = 36
 KERNEL_STOP_SECONDS = 5.0
 RESTART_GRACE_SECONDS = 1.5
+REQUEUE_QUERY_ATTEMPTS = 15
+REQUEUE_QUERY_WAIT = 2.0
 # What the runtime says of itself on every start: not a reason for a failure.
 _NOISE = ("INFO:", "INFO :")
 _ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
@@ -183,6 +185,7 @@ class Agent:
         base = str(self.node_dir / "kernel")
         for path in socket_paths(base):
             check_socket_path(path, "node-side socket")
+        (self.node_dir / CLIENTS_DIR).mkdir(mode=0o700)  # where the relay's node sides count clients
         connection_file = self.connection_file = self.node_dir / "kernel.json"
         write_json(connection_file, connection_info(base, self.files.key.read_text().strip(),
                                                     read_json(self.files.curve)))
@@ -246,11 +249,14 @@ class Agent:
     def note_requeue(self) -> None:
         """This job ran before and Slurm requeued it: say so in the log, and learn its new
         SubmitTime, by which the login side tells this run's reports from the last one's."""
-        try:
-            job = job_info(self.job_id)
-        except SlurmError as e:
-            _say(f"cannot ask Slurm about this job: {e}")
-            job = None
+        job = None
+        for attempt in range(REQUEUE_QUERY_ATTEMPTS):  # slurmctld is busiest right after a node failed
+            try:
+                job = job_info(self.job_id)
+                break
+            except SlurmError as e:
+                _say(f"cannot ask Slurm about this job yet: {e}")
+                time.sleep(REQUEUE_QUERY_WAIT)
         self.submit_time = job.submit_time if job else None
         _say(f"Slurm requeued this job (restart {self.restarts}: a node failed, or it was preempted): "
              "starting a new kernel; the earlier kernel and its variables are lost")
@@ -277,8 +283,7 @@ class Agent:
         if self.idle_timeout > 0 or restore:
             parts.append((kernel_hibernate, [str(self.node_dir)]))
         if restore:
-            shutil.copyfile(restore, self.node_dir / RESTORE)
-            os.chmod(self.node_dir / RESTORE, 0o600)
+            self.copy_restore(Path(restore), self.launch.get("restore_sha256"))
         allow_hosts = [parse_allowed(entry) for entry in self.launch.get("allow_hosts") or []]
         if allow_hosts:
             parts.append((kernel_egress, [str(self.node_dir / EGRESS_SOCKET)]))
@@ -389,7 +394,10 @@ class Agent:
                        f"signal {signal.Signals(self.stop_signal).name}" if self.stop_signal else f"exit code {code}")
                 _say(f"kernel ended ({why}); cleaning up")
                 self.cleanup()
-                forget_secrets(self.files)
+                if self.stop_signal is None:
+                    # Ended by a signal (scancel, the time limit, preemption), the job may be requeued
+                    # and need the key again: the login side removes it once Slurm says the job is over.
+                    forget_secrets(self.files)
                 self.report("ended", exit_code=code, message=f"kernel ended ({why})")
                 return 0 if code == 0 or self.stop_signal else 1
         finally:
@@ -437,12 +445,29 @@ class Agent:
             for watch in watches:
                 watch.stop()
 
+    def copy_restore(self, source: Path, expected_sha256: str | None) -> None:
+        """The saved variables of a hibernated kernel, into the node-side directory for the
+        kernel to load (it removes them there once loaded)."""
+        assert self.node_dir is not None
+        if not source.exists():
+            _say(f"resume: the saved variables {source} are gone (an earlier run of this job loaded them, "
+                 "and Slurm requeued it): starting without them")
+            return
+        try:
+            sha256 = copy_checked(source, self.node_dir / RESTORE)
+        except OSError as e:
+            raise AgentError(f"resume: cannot read the saved variables {source}: {e}") from None
+        if expected_sha256 and sha256 != expected_sha256:
+            (self.node_dir / RESTORE).unlink()
+            raise AgentError(f"resume: {source} changed after the kernel saved it (its SHA-256 differs); "
+                             "not loaded. Start a new kernel, or move the file away")
+
     def snapshot_dir(self) -> Path:
         return snapshot_dir(self.launch.get("workspace"), self.files.dir.parent.parent, self.files.name)
 
-    def on_hibernated(self, snapshot: Path, report: dict[str, Any]) -> None:
+    def on_hibernated(self, snapshot: Path, report: dict[str, Any], sha256: str) -> None:
         """The idle kernel's variables are saved: end it, and the job."""
-        self.hibernation = {"snapshot": str(snapshot), "saved": report.get("saved", []),
+        self.hibernation = {"snapshot": str(snapshot), "snapshot_sha256": sha256, "saved": report.get("saved", []),
                             "unsaved": report.get("unsaved", {})}
         unsaved = report.get("unsaved", {})
         _say(f"hibernated: {len(report.get('saved', []))} variables saved to {snapshot}"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import os
 import re
 import threading
@@ -77,7 +78,19 @@ def parse_connect(head: bytes) -> tuple[str, int]:
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     if not sep or not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
         raise ProxyRequestError(f"CONNECT needs host:port, not {target[:100]!r}")
+    if not _valid_host(host):
+        raise ProxyRequestError(f"not a host name or address: {host[:100]!r}")
     return host, int(port_text)
+
+
+def _valid_host(host: str) -> bool:
+    """A DNS name or an IP address, nothing a resolver might read otherwise (spaces, tabs, NUL,
+    overlong labels: some C libraries resolved ``10.0.0.1\t.allowed.org`` to 10.0.0.1)."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return not host.startswith("*") and bool(_HOST.match(host)) and len(host) <= 253
 
 
 def response(status: int, reason: str, detail: str = "") -> bytes:
@@ -110,6 +123,7 @@ class EgressProxy:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="egress-proxy", daemon=True)
+        self._writers: set[asyncio.StreamWriter] = set()  # open client connections, ended at stop
 
     def start(self) -> Path:
         self._thread.start()
@@ -135,7 +149,14 @@ class EgressProxy:
             self._loop.run_forever()
         finally:
             server.close()
+            for writer in list(self._writers):  # wait_closed waits for them (Python >= 3.12)
+                writer.transport.abort()
+            pending = asyncio.all_tasks(self._loop)
+            for task in pending:  # tunnels still piping: ended here, not left to the garbage collector
+                task.cancel()
+            self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             self._loop.run_until_complete(server.wait_closed())
+            self._loop.close()
 
     def stop(self) -> None:
         if self._thread.is_alive():
@@ -143,11 +164,15 @@ class EgressProxy:
             self._thread.join(5)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
         try:
             await self._handle(reader, writer)
         except (ConnectionError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass
+        except Exception as e:  # noqa: BLE001 (one bad request must not leave a traceback per connection)
+            self.say(f"egress: refused: {type(e).__name__}: {e}")
         finally:
+            self._writers.discard(writer)
             with contextlib.suppress(OSError):
                 writer.close()
 

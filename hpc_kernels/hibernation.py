@@ -15,20 +15,23 @@ workspace or it cannot be written), ends the kernel and the job, and reports ``h
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
-import shutil
+import stat
 import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from .kernel_hibernate import ACTIVITY, REPORT, REQUEST, RESTORE, RESTORED, SNAPSHOT
+from .kernel_hibernate import ACTIVITY, REPORT, REQUEST, RESTORED, SNAPSHOT
 from .paths import read_json, write_json
+from .processes import identity, is_running
 
 CLIENTS_DIR = "clients"
+NODE_SIDE_MARKER = "hpc_kernels.relay"  # in the command line of a relay's node side
 SHELL = 0  # the index of the shell socket in protocol.SOCKET_NAMES
 SNAPSHOT_NAME = "namespace.pickle"
 REPORT_NAME = "report.json"
@@ -39,28 +42,19 @@ def clients_file(node_dir: Path, pid: int) -> Path:
     return node_dir / CLIENTS_DIR / f"{pid}.json"
 
 
-def write_clients(node_dir: Path, pid: int, shell: int) -> None:
-    """What a relay's node side says: how many shell channels (clients) it carries now."""
-    path = clients_file(node_dir, pid)
-    path.parent.mkdir(mode=0o700, exist_ok=True)
-    write_json(path, {"pid": pid, "shell": shell})
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
+def write_clients(node_dir: Path, shell: int) -> None:
+    """What a relay's node side (this process) says: how many shell channels (clients) it
+    carries now. The agent made the directory; once it is gone (the kernel ended), nothing is written."""
+    write_json(clients_file(node_dir, os.getpid()), {**identity(), "shell": shell})
 
 
 def shell_clients(node_dir: Path) -> int:
-    """Clients of the kernel, over the node sides that still run."""
+    """Clients of the kernel, over the node sides that still run (a reused pid is not one)."""
     total = 0
     with contextlib.suppress(FileNotFoundError):
         for path in (node_dir / CLIENTS_DIR).iterdir():
             report = read_json(path) if path.suffix == ".json" else None
-            if isinstance(report, dict) and _alive(int(report.get("pid", 0))):
+            if isinstance(report, dict) and is_running(report, NODE_SIDE_MARKER):
                 total += int(report.get("shell", 0))
     return total
 
@@ -72,26 +66,53 @@ def idle_since(activity: dict[str, Any], last_client: float) -> float | None:
     return max(float(activity.get("last", 0)), last_client)
 
 
+def _private_dirs(base: Path, *names: str) -> Path:
+    """``base/names...``, each level made 0700 (or checked to be ours, not a link, and made so)."""
+    path = base
+    for name in names:
+        path = path / name
+        with contextlib.suppress(FileExistsError):
+            path.mkdir(mode=0o700)
+        info = path.lstat()
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+            raise OSError(f"{path} is not a directory of ours")
+        if stat.S_IMODE(info.st_mode) != 0o700:
+            os.chmod(path, 0o700)
+    return path
+
+
 def snapshot_dir(workspace: str | None, state_root: Path, name: str) -> Path:
-    """Where a hibernated kernel's variables go: its workspace, else the state root. Made 0700."""
+    """Where a hibernated kernel's variables go: its workspace, else the state root; every
+    directory made there is private (a workspace may be shared with a group)."""
     if workspace and os.access(workspace, os.W_OK):
         try:
-            directory = Path(workspace) / ".hpc-kernels-hibernated" / name
-            directory.mkdir(parents=True, mode=0o700, exist_ok=True)
-            os.chmod(directory, 0o700)
-            return directory
+            return _private_dirs(Path(workspace), ".hpc-kernels-hibernated", name)
         except OSError:
             pass
-    directory = state_root / "hibernated" / name
-    directory.mkdir(parents=True, mode=0o700, exist_ok=True)
-    return directory
+    state_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return _private_dirs(state_root, "hibernated", name)
 
 
-def _copy_atomically(source: Path, target: Path) -> None:
+def open_regular(path: Path) -> BinaryIO:
+    """``path`` for reading if it is a regular file of ours, not a link: the sandboxed kernel can
+    write in the node-side directory and must not make the agent copy another file."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+        os.close(fd)
+        raise OSError(f"{path} is not a regular file of ours")
+    return os.fdopen(fd, "rb")
+
+
+def copy_checked(source: Path, target: Path) -> str:
+    """Copy ``source`` (see :func:`open_regular`) to ``target`` atomically (0600); its SHA-256."""
+    digest = hashlib.sha256()
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
-        with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
-            shutil.copyfileobj(src, out, 1 << 20)
+        with os.fdopen(fd, "wb") as out, open_regular(source) as src:
+            while chunk := src.read(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, target)
@@ -99,23 +120,25 @@ def _copy_atomically(source: Path, target: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    return digest.hexdigest()
 
 
 class IdleWatch:
-    """A thread of the agent: when the kernel has been idle for ``timeout`` seconds, asks it for
-    its variables and hands them to ``hibernated(snapshot, report)``."""
+    """A thread of the agent: when the kernel has been idle for ``timeout`` seconds (0: never),
+    asks it for its variables and hands them to ``hibernated(snapshot, report, sha256)``. For a
+    resumed kernel, it also removes the saved copy (``restore_source``) once the kernel has loaded it."""
 
     def __init__(self, node_dir: Path, timeout: float, destination: Callable[[], Path],
-                 extra_clients: Callable[[], int], hibernated: Callable[[Path, dict[str, Any]], None],
+                 extra_clients: Callable[[], int], hibernated: Callable[[Path, dict[str, Any], str], None],
                  say: Callable[[str], None], restore_source: Path | None = None) -> None:
         self.node_dir = node_dir
-        self.restore_source = restore_source  # the snapshot a resumed kernel loads: removed once it has
+        self.restore_source = restore_source
         self.timeout = timeout
         self.destination = destination
         self.extra_clients = extra_clients
         self.hibernated = hibernated
         self.say = say
-        self.every = max(0.5, min(5.0, timeout / 5))
+        self.every = max(0.5, min(5.0, timeout / 5)) if timeout > 0 else 2.0
         self.last_client = time.time()
         self.stop_event = threading.Event()
 
@@ -125,55 +148,71 @@ class IdleWatch:
     def stop(self) -> None:
         self.stop_event.set()
 
+    def clients(self) -> int:
+        return shell_clients(self.node_dir) + self.extra_clients()
+
+    def idle_since(self) -> float | None:
+        """Since when neither a cell nor a client was seen; None while a cell runs or a client is there."""
+        if self.clients():
+            self.last_client = time.time()
+            return None
+        return idle_since(read_json(self.node_dir / ACTIVITY) or {}, self.last_client)
+
     def _run(self) -> None:
         while not self.stop_event.wait(self.every):
-            self.forget_restore_once_done()
-            if self.timeout <= 0:
-                continue
-            now = time.time()
-            if shell_clients(self.node_dir) + self.extra_clients():
-                self.last_client = now
-                continue
-            since = idle_since(read_json(self.node_dir / ACTIVITY) or {}, self.last_client)
-            if since is None or now - since < self.timeout:
-                continue
-            if self.save():
-                return
+            try:
+                self.forget_restored()
+                if self.timeout <= 0:
+                    continue
+                since = self.idle_since()
+                if since is not None and time.time() - since >= self.timeout and self.save(since):
+                    return
+            except Exception as e:  # noqa: BLE001 (the watch must outlive a bad file or a race)
+                self.say(f"idle watch: {type(e).__name__}: {e}")
 
-    def forget_restore_once_done(self) -> None:
-        """A resumed kernel has loaded its variables: the copy in the node-side directory goes
-        (a restart in the job must not load them again)."""
-        if not (self.node_dir / RESTORE).exists() or not (self.node_dir / RESTORED).exists():
+    def forget_restored(self) -> None:
+        """A resumed kernel has loaded its variables: the saved copy goes."""
+        if self.restore_source is None or not (self.node_dir / RESTORED).exists():
             return
-        (self.node_dir / RESTORE).unlink()
         restored = read_json(self.node_dir / RESTORED) or {}
         self.say(f"resumed: {len(restored.get('restored', []))} variables restored, "
                  f"{len(restored.get('failed', {}))} not")
-        if self.restore_source is not None:
-            for path in (self.restore_source, self.restore_source.with_name(REPORT_NAME)):
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-            with contextlib.suppress(OSError):
-                self.restore_source.parent.rmdir()
+        for path in (self.restore_source, self.restore_source.with_name(REPORT_NAME)):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        with contextlib.suppress(OSError):
+            self.restore_source.parent.rmdir()
+        self.restore_source = None
 
-    def save(self) -> bool:
-        """Ask the kernel for its variables and move them into place; False if it did not answer."""
+    def save(self, since: float) -> bool:
+        """Ask the kernel for its variables and move them into place, unless someone came back
+        meanwhile; False if nothing was saved (the watch goes on)."""
         self.say(f"idle for {self.timeout:.0f} s (no cell, no client): hibernating")
-        for stale in (SNAPSHOT, REPORT):
+        for stale in (SNAPSHOT, REPORT, REQUEST):
             with contextlib.suppress(FileNotFoundError):
                 (self.node_dir / stale).unlink()
-        (self.node_dir / REQUEST).touch(mode=0o600)
+        os.close(os.open(self.node_dir / REQUEST, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
         deadline = time.monotonic() + SAVE_TIMEOUT
         while not (self.node_dir / REPORT).exists():
             if self.stop_event.wait(0.2) or time.monotonic() > deadline:
-                self.say("hibernation: the kernel saved nothing; going on")
-                with contextlib.suppress(FileNotFoundError):
-                    (self.node_dir / REQUEST).unlink()
-                self.last_client = time.time()
-                return False
-        report = json.loads((self.node_dir / REPORT).read_text())
+                return self._give_up("the kernel did not answer")
+        with open_regular(self.node_dir / REPORT) as f:
+            report = json.load(f)
+        if report.get("error"):
+            return self._give_up(f"the kernel could not save its variables: {report['error']}")
+        now_since = self.idle_since()
+        if now_since is None or now_since > since:
+            return self._give_up("a cell ran or a client came meanwhile")
         directory = self.destination()
-        _copy_atomically(self.node_dir / SNAPSHOT, directory / SNAPSHOT_NAME)
+        sha256 = copy_checked(self.node_dir / SNAPSHOT, directory / SNAPSHOT_NAME)
         write_json(directory / REPORT_NAME, report)
-        self.hibernated(directory / SNAPSHOT_NAME, report)
+        self.hibernated(directory / SNAPSHOT_NAME, report, sha256)
         return True
+
+    def _give_up(self, why: str) -> bool:
+        self.say(f"not hibernating: {why}")
+        for stale in (SNAPSHOT, REPORT, REQUEST):
+            with contextlib.suppress(FileNotFoundError):
+                (self.node_dir / stale).unlink()
+        self.last_client = time.time()  # a full timeout again before the next try
+        return False

@@ -61,5 +61,7 @@ def install(shell: Any, socket_path: str) -> int:
     port = listener.getsockname()[1]
     for name in PROXY_VARIABLES:
         os.environ[name] = f"http://127.0.0.1:{port}"
+    for name in ("NO_PROXY", "no_proxy"):  # servers inside the sandbox are reached directly
+        os.environ.setdefault(name, "localhost,127.0.0.1,::1")
     threading.Thread(target=_serve, args=(listener, socket_path), name="hpc-kernels-egress", daemon=True).start()
     return port

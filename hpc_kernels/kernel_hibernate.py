@@ -98,6 +98,9 @@ class Hibernation:
         self.node_dir = node_dir
         self.pending: str | None = None  # said at the start of the next cell
         self.busy = False
+        # IPython hides every name the startup files leave in the namespace from %who (and from
+        # the next hibernation): the restored ones are the user's, shown again at the first cell.
+        self.restored: list[str] = []
 
     def path(self, name: str) -> str:
         return os.path.join(self.node_dir, name)
@@ -115,6 +118,9 @@ class Hibernation:
     def pre_run_cell(self, *_: Any) -> None:
         self.busy = True
         self.mark_activity()
+        for name in self.restored:
+            self.shell.user_ns_hidden.pop(name, None)
+        self.restored = []
         pending, self.pending = self.pending, None
         if pending:
             sys.stderr.write(pending)
@@ -131,6 +137,8 @@ class Hibernation:
         except FileNotFoundError:
             return
         restored, failed = restore(self.shell.user_ns, saved.get("namespace", {}))
+        self.restored = restored
+        os.unlink(self.path(RESTORE))  # a restart in this job starts empty, as a restart does
         unsaved = saved.get("unsaved", {})
         _write_atomically(self.path(RESTORED), json.dumps({"restored": restored, "failed": failed}).encode())
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(saved.get("time", 0)))
@@ -151,11 +159,19 @@ class Hibernation:
                 pass
 
     def save(self) -> None:
-        namespace, unsaved = snapshot(user_variables(self.shell.user_ns, self.shell.user_ns_hidden))
-        data = pickle.dumps({"namespace": namespace, "unsaved": unsaved, "time": time.time()},
-                            protocol=pickle.HIGHEST_PROTOCOL)
-        _write_atomically(self.path(SNAPSHOT), data)
-        report = {"saved": sorted([*namespace["values"], *namespace["modules"]]), "unsaved": unsaved, "bytes": len(data)}
+        """The variables into SNAPSHOT, and always a REPORT: what was saved, or the error."""
+        try:
+            if self.busy:
+                raise RuntimeError("a cell is running")
+            variables = user_variables(dict(list(self.shell.user_ns.items())), dict(self.shell.user_ns_hidden))
+            namespace, unsaved = snapshot(variables)
+            data = pickle.dumps({"namespace": namespace, "unsaved": unsaved, "time": time.time()},
+                                protocol=pickle.HIGHEST_PROTOCOL)
+            _write_atomically(self.path(SNAPSHOT), data)
+            report: dict[str, Any] = {"saved": sorted([*namespace["values"], *namespace["modules"]]),
+                                      "unsaved": unsaved, "bytes": len(data)}
+        except Exception as e:  # noqa: BLE001 (said to the agent, which goes on watching)
+            report = {"error": f"{type(e).__name__}: {e}"[:300]}
         _write_atomically(self.path(REPORT), json.dumps(report).encode())
 
 

@@ -3,15 +3,29 @@
 
 from __future__ import annotations
 
+import os
 import resource
 from typing import Any
 
 
+def counted_per_sandbox() -> bool:
+    """RLIMIT_NPROC counts this sandbox's processes only in a user namespace of its own, on Linux
+    5.14 or later; elsewhere it counts all of the user's processes on the node, and is not set
+    (the agent's watch still ends a kernel at the limit)."""
+    try:
+        with open("/proc/self/uid_map") as f:
+            own_namespace = f.read().split() != ["0", "0", "4294967295"]
+        major, minor = (int(part) for part in os.uname().release.split(".")[:2])
+    except (OSError, ValueError):
+        return False
+    return own_namespace and (major, minor) >= (5, 14)
+
+
 def install(shell: Any, processes: str, memory: str) -> None:
-    """``processes``: RLIMIT_NPROC (counted in the sandbox's user namespace); ``memory``: bytes of
+    """``processes``: RLIMIT_NPROC (see :func:`counted_per_sandbox`); ``memory``: bytes of
     RLIMIT_DATA, so one process's oversized allocation fails with MemoryError. "" leaves one alone.
     Soft and hard limits both: the sandbox has no capability to raise them again."""
-    if processes:
+    if processes and counted_per_sandbox():
         resource.setrlimit(resource.RLIMIT_NPROC, (int(processes), int(processes)))
     if memory:
         resource.setrlimit(resource.RLIMIT_DATA, (int(memory), int(memory)))

@@ -1,5 +1,6 @@
 """Code the node agent runs inside the kernel as it starts: the warning before the time limit
-(:mod:`hpc_kernels.kernel_time_warning`) and the egress bridge (:mod:`hpc_kernels.kernel_egress`).
+(:mod:`hpc_kernels.kernel_time_warning`), the egress bridge (:mod:`hpc_kernels.kernel_egress`),
+resource limits (:mod:`hpc_kernels.kernel_limits`) and hibernation (:mod:`hpc_kernels.kernel_hibernate`).
 
 The agent copies each such module (they stand alone: an Apptainer image has only ipykernel)
 into the node-side directory, writes an IPython startup file that runs each in a namespace of

@@ -252,6 +252,7 @@ def launch_spec(profile: Profile, request: KernelRequest, python: str, *,
         "limits_processes": profile.get("limits", "processes"),
         "idle_timeout": profile.get("limits", "idle_timeout"),
         "restore": request.restore,
+        "restore_sha256": request.restore_sha256,
         "private": [home, *state],  # the home first: what a workspace or bind must not show
         "workspace": request.workspace,
         "workspace_rw": profile.get("workspace", "mode") == "rw",
@@ -378,10 +379,10 @@ def _write_secrets(files: KernelFiles, *, curve: bool, tls: bool = False) -> Non
         write_json(files.curve, {"public": public.decode(), "secret": secret.decode()})
 
 
-def _claim_name(name: str) -> KernelFiles:
+def _claim_name(name: str, *, resuming: bool = False) -> KernelFiles:
     """The new kernel's state directory (hold the kernel's lock): a name whose job is gone is
-    taken over; a live one is an error."""
-    _forget_if_dead(name)
+    taken over; a live one is an error, and so is a hibernated one unless it is being resumed."""
+    _forget_if_dead(name, resuming=resuming)
     try:
         return create_kernel_dir(name)
     except FileExistsError:
@@ -397,13 +398,14 @@ def submit(profile_name: str, request: KernelRequest, *, listen_tcp: bool | None
     name = request.name
     python = node_python(profile)
     with locked(name):
-        files = _claim_name(name)
+        files = _claim_name(name, resuming=request.restore is not None)
         record = KernelRecord(
             name=name,
             profile=profile.name,
             status="submitting",
             workspace=request.workspace,
             workspace_rw=profile.get("workspace", "mode") == "rw",
+            request={key: getattr(request, key) for key in CARRIED_ON_RESUME if getattr(request, key)},
         )
         try:
             save_record(record)
@@ -452,8 +454,19 @@ def resume_request(name: str, request: KernelRequest) -> tuple[str, KernelReques
         raise HpcKernelsError(f"kernel {name!r} hibernated, but its saved variables ({snapshot or 'no file'}) "
                               "are gone; start a new kernel")
     record = current.record
-    return record.profile, replace(request, name=name, restore=snapshot, workspace=record.workspace,
-                                   workspace_rw=record.workspace_rw or request.workspace_rw)
+    sha256 = current.agent.get("snapshot_sha256") or (read_json(kernel_files(name).launch) or {}).get("restore_sha256")
+    carried = {key: value for key, value in record.request.items()
+               if key in CARRIED_ON_RESUME and not getattr(request, key)}
+    if "allow_hosts" in carried:
+        carried["allow_hosts"] = tuple(carried["allow_hosts"])
+    return record.profile, replace(request, **carried, name=name, restore=snapshot, restore_sha256=sha256,
+                                   workspace=record.workspace, workspace_rw=record.workspace_rw or request.workspace_rw)
+
+
+# What a resumed kernel keeps of the command line that started the hibernated one (a flag given
+# to --resume wins).
+CARRIED_ON_RESUME = ("time", "cpus", "mem", "partition", "gpus", "image", "relay", "time_warning", "allow_hosts",
+                     "idle_timeout")
 
 
 def on_a_node_of_a_job(environ: dict[str, str] | None = None) -> bool:
@@ -493,12 +506,17 @@ def start_on_node(profile_name: str, request: KernelRequest) -> KernelRecord:
     return record
 
 
-def _forget_if_dead(name: str) -> None:
+def _forget_if_dead(name: str, *, resuming: bool = False) -> None:
     """A record whose job is gone (failed or ended) does not block its name; anything else does."""
     files = kernel_files(name)
     if not files.record.exists():
         return
     current = view(name)
+    if current.state == "hibernated" and not resuming:
+        raise HpcKernelsError(
+            f"kernel {name!r} is hibernated (its variables are in {current.agent.get('snapshot')}): "
+            f"`hpc-kernel submit --resume {name}` brings it back, `hpc-kernel shutdown {name}` discards it; "
+            "or use another --name")
     if current.job_alive:
         raise HpcKernelsError(
             f"a kernel named {name!r} already exists (job {current.record.job_id}, {current.state}); "
@@ -852,7 +870,21 @@ def shutdown(name: str, *, graceful_timeout: float = 15, progress: Progress = _q
             if not _wait_kernel_gone(record, 60):
                 raise HpcKernelsError(f"job {record.job_id} is still running after it was ended; state kept in {files.dir}")
         stop_relay(files)
+        if current.state == "hibernated":
+            progress(f"removed the saved variables of hibernated kernel {name}: {_discard_snapshot(current)}")
         remove_kernel_dir(name)
+
+
+def _discard_snapshot(current: KernelView) -> str:
+    snapshot = Path(str(current.agent.get("snapshot") or ""))
+    if not snapshot.name:
+        return "none"
+    for path in (snapshot, snapshot.with_name("report.json")):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    with contextlib.suppress(OSError):
+        snapshot.parent.rmdir()
+    return str(snapshot)
 
 
 def _request_shutdown(connection_file: Path, timeout: float) -> None:

@@ -5,9 +5,9 @@ Slurm confines a job where the site runs ``task/cgroup`` (``ConstrainRAMSpace``,
 of its own around the kernel, the same on every site, so that a runaway cell ends the kernel
 with a reason rather than starving the node or the user's other work in the job:
 
-- in the kernel (:mod:`hpc_kernels.kernel_limits`): ``RLIMIT_NPROC`` (counted inside the
-  sandbox's user namespace) stops a fork bomb from growing, and ``RLIMIT_DATA`` makes one
-  process's oversized allocation fail with ``MemoryError``;
+- in the kernel (:mod:`hpc_kernels.kernel_limits`): ``RLIMIT_NPROC`` stops a fork bomb from
+  growing where it counts only the sandbox (a user namespace of its own, Linux 5.14 or later),
+  and ``RLIMIT_DATA`` makes one process's oversized allocation fail with ``MemoryError``;
 - in the agent (:class:`SandboxWatch`): every second it sums the memory of the sandbox's
   processes (resident, then proportional when that is over) and counts their tasks; over the
   memory limit, or at the process limit for 3 s, it ends the kernel and says why.
@@ -30,6 +30,7 @@ PROCESS_LIMIT_GRACE = 3  # checks at the process limit before the kernel is ende
 # The watch counts the sandbox's processes and threads from outside; RLIMIT_NPROC inside counts
 # a few it cannot see (and none it can): "at the limit" is within a tenth of it.
 PROCESS_LIMIT_SHARE = 0.9
+RUNTIME_TASKS = 8  # the runtime's own processes outside the sandbox's user namespace, seen from outside
 _SIZE = re.compile(r"^(\d+)([KMGT]?)$")
 _UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}  # Slurm's: no unit is MB
 
@@ -137,7 +138,10 @@ class SandboxWatch:
             if used > self.memory:
                 return (f"its processes used {human(used)} of memory, over the limit of {human(self.memory)} "
                         "(limits.memory)")
-        if self.processes is not None and task_count(pids) >= self.processes * PROCESS_LIMIT_SHARE:
+        tasks = task_count(pids) if self.processes is not None else 0
+        if self.processes is not None and tasks > self.processes + RUNTIME_TASKS:  # no RLIMIT_NPROC held it
+            return f"its processes and threads ({tasks}) went over the limit of {self.processes} (limits.processes)"
+        if self.processes is not None and tasks >= self.processes * PROCESS_LIMIT_SHARE:
             self.at_process_limit += 1
             if self.at_process_limit >= PROCESS_LIMIT_GRACE:
                 return (f"it stayed at its limit of {self.processes} processes (limits.processes) for "

@@ -396,6 +396,7 @@ class KernelRequest:
     allow_hosts: tuple[str, ...] = ()  # added to runtime.allow_hosts (--allow-host)
     idle_timeout: str | None = None  # hibernate after this long without a cell or a client (--idle-timeout)
     restore: str | None = None  # the snapshot of a hibernated kernel to load (submit --resume)
+    restore_sha256: str | None = None  # what that snapshot held when it was saved
 
 
 def check_kernel_name(name: str) -> str:

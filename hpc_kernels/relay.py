@@ -129,7 +129,7 @@ async def _report_clients(mux: Multiplexer, node_dir: Path) -> None:
         count = mux.open_on(SHELL)
         if count != said:
             with contextlib.suppress(OSError):  # the directory is gone: the kernel ended
-                await asyncio.to_thread(write_clients, node_dir, os.getpid(), count)
+                await asyncio.to_thread(write_clients, node_dir, count)
             said = count
         await asyncio.sleep(CLIENTS_POLL_SECONDS)
 
@@ -217,13 +217,23 @@ class NodeListener:
         self._connections: set[asyncio.BaseTransport] = weakref.WeakSet()  # type: ignore[assignment]
 
     def shell_clients(self) -> int:
-        """Clients carried by this listener's streams now (for idle hibernation)."""
-        total = 0
-        for transport in list(self._connections):
-            mux = getattr(transport.get_protocol(), "mux", None)
-            if mux is not None and not transport.is_closing():
-                total += mux.open_on(SHELL)
-        return total
+        """Clients carried by this listener's streams now (for idle hibernation), counted on the
+        listener's own loop (its connections change there). A stopped listener counts none; one
+        that does not answer counts as carrying a client (better awake than hibernated wrongly)."""
+        async def count() -> int:
+            total = 0
+            for transport in list(self._connections):
+                mux = getattr(transport.get_protocol(), "mux", None)
+                if mux is not None and not transport.is_closing():
+                    total += mux.open_on(SHELL)
+            return total
+
+        if not self._thread.is_alive():
+            return 0
+        try:
+            return asyncio.run_coroutine_threadsafe(count(), self._loop).result(timeout=5)
+        except (concurrent.futures.TimeoutError, RuntimeError):
+            return 1
 
     def start(self) -> int:
         """Listen; the port. Raises what binding or reading the credentials raised."""

@@ -50,6 +50,7 @@ class KernelRecord:
     workspace_rw: bool = False
     created: float = field(default_factory=time.time)
     message: str = ""
+    request: dict[str, Any] = field(default_factory=dict)  # command-line settings a resume keeps
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> KernelRecord:

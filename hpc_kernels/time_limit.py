@@ -73,8 +73,8 @@ class DeadlineWriter:
             self.say(f"time limit: cannot ask Slurm for the end time: {e}")
             return
         end = end_time(job.fields) if job else None
-        if self.has_written and end == self.written:
-            return
+        if self.has_written and (end == self.written or end is None):
+            return  # None after a known end: an answer cut short, not a limit removed
         first = not self.has_written
         self._write(end, end_time(job.fields, "StartTime") if job else None)
         if end is None:

@@ -515,7 +515,8 @@ def test_an_idle_kernel_hibernates_and_resumes_with_its_variables(cluster: None,
                                                                   runtime_profile: str) -> None:
     """`--idle-timeout 8s`: a connected client keeps the kernel awake; once it has gone and no cell
     ran for 8 s, the variables are saved in the workspace (0600), the job ends and status says
-    hibernated, naming what could not be saved. `submit --resume` brings them back on a new job
+    hibernated, naming what could not be saved; the name is not taken over by a plain submit.
+    `submit --resume` brings them back on a new job
     (a pandas DataFrame where the kernel has pandas; the Apptainer image has not), says at the
     first cell what came back and what did not, and removes the saved copy once loaded."""
     from jupyter_client import BlockingKernelClient
@@ -539,12 +540,15 @@ def test_an_idle_kernel_hibernates_and_resumes_with_its_variables(cluster: None,
     assert snapshot.stat().st_mode & 0o777 == 0o600 and snapshot.parent.stat().st_mode & 0o777 == 0o700
     assert not (STATE_ROOT / k.name / "key").exists()
 
+    proc = hk("submit", "--profile", runtime_profile, "--name", k.name, "--no-workspace", check=False)
+    assert proc.returncode == 1 and f"kernel {k.name!r} is hibernated" in proc.stderr, proc.stderr
     proc = hk("submit", "--resume", k.name)
     resumed = json.loads(hk("status", k.name, "--json").stdout)
     assert resumed["state"] == "ready" and resumed["job_id"] != k.job_id, resumed
     assert "resuming kernel" in proc.stderr
-    proc = k.exec("print(x, json.dumps([1]), 'lock' in globals(), 'f' in globals())")
-    assert proc.stdout.strip() == "41 [1] False False", proc.stdout
+    proc = k.exec("print(x, json.dumps([1]), 'lock' in globals(), 'f' in globals(), "
+                  "'x' in get_ipython().user_ns_hidden)")
+    assert proc.stdout.strip() == "41 [1] False False False", proc.stdout  # x is the user's again (%who)
     assert "[hpc-kernels] Resumed" in proc.stderr and "not restored: lock: cannot be pickled" in proc.stderr
     assert "not restored: f: a function defined in a cell" in proc.stderr
     if has_pandas:

@@ -319,7 +319,7 @@ def test_a_memory_hog_and_a_fork_bomb_end_the_kernel_with_the_reason(
 
     k = start_kernel(None, prefix="lim", profile="limited")
     proc = k.exec(BOUNDED_FORK_BOMB, check=False, timeout=150)
-    assert proc.returncode == 1 and "limit of 64 processes (limits.processes)" in proc.stderr, proc.stderr
+    assert proc.returncode == 1 and "limit of 64 processes (limits.processes) for 3 s" in proc.stderr, proc.stderr
     node_dir = json.loads((STATE_ROOT / k.name / "agent.json").read_text())["node_dir"]
     assert processes_mentioning(node_dir) == []
     hk("shutdown", k.name)

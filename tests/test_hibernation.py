@@ -7,12 +7,15 @@ import json
 import os
 import pickle
 import subprocess
+import sys
 import threading
 import types
 from pathlib import Path
 
 from hpc_kernels.hibernation import idle_since, shell_clients, snapshot_dir, write_clients
 from hpc_kernels.kernel_hibernate import restore, snapshot, user_variables
+from hpc_kernels.paths import write_json
+from hpc_kernels.processes import identity
 
 
 def test_only_the_users_own_names_are_saved() -> None:
@@ -50,14 +53,23 @@ def test_idle_since() -> None:
 
 
 def test_clients_are_counted_over_node_sides_that_still_run(tmp_path: Path) -> None:
-    write_clients(tmp_path, os.getpid(), 2)
-    ended = subprocess.Popen(["true"])
+    """A node side is a process with hpc_kernels.relay in its command line, as recorded."""
+    (tmp_path / "clients").mkdir()
+    node_side = subprocess.Popen([sys.executable, "-c", "import time  # hpc_kernels.relay\ntime.sleep(30)"])
+    ended = subprocess.Popen([sys.executable, "-c", "pass  # hpc_kernels.relay"])
     ended.wait()
-    write_clients(tmp_path, ended.pid, 5)  # a node side that died without removing its file
-    (tmp_path / "clients" / "junk.txt").write_text("x")
-    assert shell_clients(tmp_path) == 2
-    assert json.loads((tmp_path / "clients" / f"{os.getpid()}.json").read_text()) == {"pid": os.getpid(), "shell": 2}
-    assert shell_clients(tmp_path / "nowhere") == 0
+    try:
+        write_json(tmp_path / "clients" / f"{node_side.pid}.json", {**identity(node_side.pid), "shell": 2})
+        write_json(tmp_path / "clients" / f"{ended.pid}.json", {**identity(ended.pid), "shell": 5})  # died
+        write_json(tmp_path / "clients" / "reused.json", {**identity(os.getpid()), "shell": 7})  # another program
+        (tmp_path / "clients" / "junk.txt").write_text("x")
+        assert shell_clients(tmp_path) == 2
+        write_clients(tmp_path, 3)  # what a node side writes of itself
+        assert json.loads((tmp_path / "clients" / f"{os.getpid()}.json").read_text())["shell"] == 3
+        assert shell_clients(tmp_path / "nowhere") == 0
+    finally:
+        node_side.kill()
+        node_side.wait()
 
 
 def test_the_snapshot_goes_to_the_workspace_else_the_state_root(tmp_path: Path) -> None:

@@ -104,11 +104,15 @@ time.sleep(30)
         parent.wait()
 
 
-def test_the_watch_ends_a_sandbox_that_stays_at_its_process_limit() -> None:
-    parent = subprocess.Popen(["sh", "-c", "for i in $(seq 30); do sleep 30 & done; wait"])
+@pytest.mark.parametrize(("sleepers", "said"), [(18, "stayed at its limit of 20 processes (limits.processes) for 3 s"),
+                                              (40, "processes and threads (41) went over the limit of 20")])
+def test_the_watch_ends_a_sandbox_at_or_over_its_process_limit(sleepers: int, said: str) -> None:
+    """At the limit (RLIMIT_NPROC holding a fork bomb there) for 3 s, or over it (nothing held it)."""
+    parent = subprocess.Popen(["sh", "-c", f"for i in $(seq {sleepers}); do sleep 30 & done; wait"])
     try:
-        said = watch_until_breach(parent.pid, None, 20)
-        assert said is not None and "limit of 20 processes (limits.processes)" in said, said
+        time.sleep(0.5)
+        reason = watch_until_breach(parent.pid, None, 20)
+        assert reason is not None and said in reason, reason
         assert watch_until_breach(parent.pid, None, 100, timeout=5) is None
     finally:
         subprocess.run(["pkill", "-KILL", "-P", str(parent.pid)])
