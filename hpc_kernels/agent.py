@@ -64,6 +64,7 @@ STDERR_TAIL_LINES = 40
 PR_SET_CHILD_SUBREAPER = 36
 KERNEL_STOP_SECONDS = 5.0
 RESTART_GRACE_SECONDS = 1.5
+LIMITS_REPORT = "limits.json"  # the kernel says whether RLIMIT_NPROC holds its sandbox
 REQUEUE_QUERY_ATTEMPTS = 15
 REQUEUE_QUERY_WAIT = 2.0
 # What the runtime says of itself on every start: not a reason for a failure.
@@ -275,7 +276,8 @@ class Agent:
         processes = self.launch.get("limits_processes")
         self.process_limit = int(processes) if processes else None
         if self.memory_limit or self.process_limit:
-            parts.append((kernel_limits, [str(self.process_limit or ""), str(self.memory_limit or "")]))
+            parts.append((kernel_limits, [str(self.process_limit or ""), str(self.memory_limit or ""),
+                                          str(self.node_dir / LIMITS_REPORT)]))
             _say(f"limits: memory {human(self.memory_limit) if self.memory_limit else 'none'}, "
                  f"processes {self.process_limit or 'none'}")
         self.idle_timeout = float(self.launch.get("idle_timeout") or 0)
@@ -431,7 +433,8 @@ class Agent:
         self.kernel_ready = True
         watches: list[SandboxWatch | IdleWatch] = []
         if self.memory_limit or self.process_limit:
-            watches.append(SandboxWatch(self.kernel.pid, self.memory_limit, self.process_limit, self.on_limit))
+            watches.append(SandboxWatch(self.kernel.pid, self.memory_limit, self.process_limit, self.on_limit,
+                                        lambda: bool((read_json(self.node_dir / LIMITS_REPORT) or {}).get("nproc"))))
         if self.idle_timeout > 0 or self.launch.get("restore"):
             restore = self.launch.get("restore")
             watches.append(IdleWatch(self.node_dir, self.idle_timeout, self.snapshot_dir,
@@ -450,8 +453,10 @@ class Agent:
         kernel to load (it removes them there once loaded)."""
         assert self.node_dir is not None
         if not source.exists():
-            _say(f"resume: the saved variables {source} are gone (an earlier run of this job loaded them, "
-                 "and Slurm requeued it): starting without them")
+            if not self.restarts:
+                raise AgentError(f"resume: the saved variables {source} are gone")
+            _say(f"resume: the saved variables {source} are gone since the last run of this job: "
+                 "starting without them")
             return
         try:
             sha256 = copy_checked(source, self.node_dir / RESTORE)
@@ -489,7 +494,8 @@ class Agent:
             message = f"could not start the runtime: {e}"
         _say(f"failed: {message}")
         self.cleanup()
-        forget_secrets(self.files)
+        if self.stop_signal is None:  # a signal (preemption, a requeue) may bring this job back
+            forget_secrets(self.files)
         self.report("failed", message=message)
         return 1
 

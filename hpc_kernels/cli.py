@@ -14,6 +14,7 @@ from . import __version__
 from .errors import DamagedState, HpcKernelsError, ProfileError, RelayError
 from .launcher import (
     KernelView,
+    abandon_resume,
     ensure_relay,
     gone_reason,
     interrupt,
@@ -126,10 +127,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
         connection_file = ensure_relay(record.name, timeout=args.timeout, progress=_progress)
     except KeyboardInterrupt:
         _progress(f"interrupted: ending kernel {record.name}")
-        shutdown(record.name, progress=_progress)
+        if request.restore:
+            abandon_resume(record.name, "interrupted while it started; `hpc-kernel submit --resume` tries again")
+        else:
+            shutdown(record.name, progress=_progress)
         return 130
     except RelayError as e:  # the kernel is ready but cannot be reached: it would only hold its job
-        shutdown(record.name, graceful_timeout=0)
+        if request.restore:
+            abandon_resume(record.name, f"its relay failed: {str(e).splitlines()[0]}")
+        else:
+            shutdown(record.name, graceful_timeout=0)
         raise RelayError(f"{e}\nkernel {record.name} was shut down and job {record.job_id} ended; "
                          "`hpc-kernel doctor` tries each transport") from None
     print(connection_file)

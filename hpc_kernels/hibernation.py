@@ -67,7 +67,8 @@ def idle_since(activity: dict[str, Any], last_client: float) -> float | None:
 
 
 def _private_dirs(base: Path, *names: str) -> Path:
-    """``base/names...``, each level made 0700 (or checked to be ours, not a link, and made so)."""
+    """``base/names...``: each level a directory of ours (not a link), made 0700 when new; the
+    last one 0700 whatever it was."""
     path = base
     for name in names:
         path = path / name
@@ -76,8 +77,8 @@ def _private_dirs(base: Path, *names: str) -> Path:
         info = path.lstat()
         if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
             raise OSError(f"{path} is not a directory of ours")
-        if stat.S_IMODE(info.st_mode) != 0o700:
-            os.chmod(path, 0o700)
+    if stat.S_IMODE(path.lstat().st_mode) != 0o700:
+        os.chmod(path, 0o700)  # only the kernel's own: the levels above may be shared on purpose
     return path
 
 
@@ -165,24 +166,27 @@ class IdleWatch:
                 if self.timeout <= 0:
                     continue
                 since = self.idle_since()
-                if since is not None and time.time() - since >= self.timeout and self.save(since):
+                if since is not None and time.time() - since >= self.timeout and self.try_save(since):
                     return
             except Exception as e:  # noqa: BLE001 (the watch must outlive a bad file or a race)
                 self.say(f"idle watch: {type(e).__name__}: {e}")
 
     def forget_restored(self) -> None:
-        """A resumed kernel has loaded its variables: the saved copy goes."""
+        """A resumed kernel has loaded its variables: say so. The saved copy stays (the resumed
+        kernel may crash, or its job fail) until a new hibernation replaces it or a shutdown
+        discards it."""
         if self.restore_source is None or not (self.node_dir / RESTORED).exists():
             return
         restored = read_json(self.node_dir / RESTORED) or {}
         self.say(f"resumed: {len(restored.get('restored', []))} variables restored, "
-                 f"{len(restored.get('failed', {}))} not")
-        for path in (self.restore_source, self.restore_source.with_name(REPORT_NAME)):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-        with contextlib.suppress(OSError):
-            self.restore_source.parent.rmdir()
+                 f"{len(restored.get('failed', {}))} not (the saved copy stays until a shutdown)")
         self.restore_source = None
+
+    def try_save(self, since: float) -> bool:
+        try:
+            return self.save(since)
+        except Exception as e:  # noqa: BLE001 (a full disk, a bad report): not again at once
+            return self._give_up(f"{type(e).__name__}: {e}")
 
     def save(self, since: float) -> bool:
         """Ask the kernel for its variables and move them into place, unless someone came back

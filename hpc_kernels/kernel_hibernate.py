@@ -163,7 +163,10 @@ class Hibernation:
         try:
             if self.busy:
                 raise RuntimeError("a cell is running")
-            variables = user_variables(dict(list(self.shell.user_ns.items())), dict(self.shell.user_ns_hidden))
+            namespace_now = dict(list(self.shell.user_ns.items()))
+            variables = user_variables(namespace_now, dict(self.shell.user_ns_hidden))
+            # Restored, and still hidden by IPython if no cell has run since: the user's all the same.
+            variables.update({name: namespace_now[name] for name in self.restored if name in namespace_now})
             namespace, unsaved = snapshot(variables)
             data = pickle.dumps({"namespace": namespace, "unsaved": unsaved, "time": time.time()},
                                 protocol=pickle.HIGHEST_PROTOCOL)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 from typing import Any
@@ -21,11 +22,16 @@ def counted_per_sandbox() -> bool:
     return own_namespace and (major, minor) >= (5, 14)
 
 
-def install(shell: Any, processes: str, memory: str) -> None:
+def install(shell: Any, processes: str, memory: str, report: str = "") -> None:
     """``processes``: RLIMIT_NPROC (see :func:`counted_per_sandbox`); ``memory``: bytes of
     RLIMIT_DATA, so one process's oversized allocation fails with MemoryError. "" leaves one alone.
+    ``report``: a file to say in whether RLIMIT_NPROC was set.
     Soft and hard limits both: the sandbox has no capability to raise them again."""
-    if processes and counted_per_sandbox():
+    held = bool(processes) and counted_per_sandbox()
+    if held:
         resource.setrlimit(resource.RLIMIT_NPROC, (int(processes), int(processes)))
+    if report:  # the agent's watch: whether RLIMIT_NPROC holds the processes here
+        with open(report, "w", encoding="utf-8") as f:
+            json.dump({"nproc": held}, f)
     if memory:
         resource.setrlimit(resource.RLIMIT_DATA, (int(memory), int(memory)))

@@ -431,19 +431,44 @@ def submit(profile_name: str, request: KernelRequest, *, listen_tcp: bool | None
             record.status = "submitted"
             record.submit_time = submitted.submit_time if submitted else None
             save_record(record)
-        except BaseException:
+        except BaseException as e:
             # Nothing may outlive a failed submit: not the job (if sbatch gave us one), not the files.
             if record.job_id and (record.step is not None or not request.allocation):
                 _end_kernel_job(record)
-            remove_kernel_dir(name)
+            if request.restore and files.launch.exists():
+                # A resume keeps a failed record, so that `submit --resume` can try again.
+                _mark_failed(record, f"the resume did not start: {e}")
+            else:
+                remove_kernel_dir(name)
             raise
     return record
+
+
+def _mark_failed(record: KernelRecord, message: str) -> None:
+    record.status = "failed"
+    record.message = message
+    save_record(record)
+
+
+def abandon_resume(name: str, why: str) -> None:
+    """A resumed kernel that will not be used (Ctrl-C while it started, its relay failed): its
+    job ends, and it stays as a failed kernel with its saved variables, to resume again."""
+    with locked(name):
+        current = view(name)
+        if current.job_alive:
+            _end_kernel_job(current.record)
+            _wait_kernel_gone(current.record, 60)
+        stop_relay(kernel_files(name))
+        _mark_failed(current.record, why)
 
 
 def resume_request(name: str, request: KernelRequest) -> tuple[str, KernelRequest]:
     """The profile and request that resume hibernated kernel ``name`` on a new job: its profile,
     name and workspace, its saved variables to load, and what ``request`` sets besides."""
     current = view(name)
+    if current.state == "hibernated" and current.job_alive:  # its job is still finishing
+        _wait_kernel_gone(current.record, 60)
+        current = view(name)
     if current.state == "hibernated":
         snapshot = str(current.agent.get("snapshot") or "")
     elif current.state in ("failed", "ended") and (read_json(kernel_files(name).launch) or {}).get("restore"):
@@ -456,7 +481,8 @@ def resume_request(name: str, request: KernelRequest) -> tuple[str, KernelReques
     record = current.record
     sha256 = current.agent.get("snapshot_sha256") or (read_json(kernel_files(name).launch) or {}).get("restore_sha256")
     carried = {key: value for key, value in record.request.items()
-               if key in CARRIED_ON_RESUME and not getattr(request, key)}
+               if key in CARRIED_ON_RESUME and not getattr(request, key)
+               and not (request.allocation and key in ALLOCATION_FIXED)}
     if "allow_hosts" in carried:
         carried["allow_hosts"] = tuple(carried["allow_hosts"])
     return record.profile, replace(request, **carried, name=name, restore=snapshot, restore_sha256=sha256,
@@ -467,6 +493,7 @@ def resume_request(name: str, request: KernelRequest) -> tuple[str, KernelReques
 # to --resume wins).
 CARRIED_ON_RESUME = ("time", "cpus", "mem", "partition", "gpus", "image", "relay", "time_warning", "allow_hosts",
                      "idle_timeout")
+ALLOCATION_FIXED = ("time", "cpus", "mem", "partition", "gpus")  # a step of an allocation has the allocation's
 
 
 def on_a_node_of_a_job(environ: dict[str, str] | None = None) -> bool:
@@ -870,21 +897,28 @@ def shutdown(name: str, *, graceful_timeout: float = 15, progress: Progress = _q
             if not _wait_kernel_gone(record, 60):
                 raise HpcKernelsError(f"job {record.job_id} is still running after it was ended; state kept in {files.dir}")
         stop_relay(files)
-        if current.state == "hibernated":
-            progress(f"removed the saved variables of hibernated kernel {name}: {_discard_snapshot(current)}")
+        snapshot = _saved_variables(current)
+        if snapshot is not None:
+            _discard_snapshot(snapshot)
+            progress(f"removed the saved variables of kernel {name} ({snapshot})")
         remove_kernel_dir(name)
 
 
-def _discard_snapshot(current: KernelView) -> str:
-    snapshot = Path(str(current.agent.get("snapshot") or ""))
-    if not snapshot.name:
-        return "none"
+def _saved_variables(current: KernelView) -> Path | None:
+    """The snapshot a hibernated kernel saved, or the one a resumed kernel was started from."""
+    if current.state == "hibernated":
+        path = current.agent.get("snapshot")
+    else:
+        path = (read_json(kernel_files(current.record.name).launch) or {}).get("restore")
+    return Path(path) if path and os.path.exists(path) else None
+
+
+def _discard_snapshot(snapshot: Path) -> None:
     for path in (snapshot, snapshot.with_name("report.json")):
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
     with contextlib.suppress(OSError):
         snapshot.parent.rmdir()
-    return str(snapshot)
 
 
 def _request_shutdown(connection_file: Path, timeout: float) -> None:

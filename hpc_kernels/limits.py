@@ -116,8 +116,10 @@ class SandboxWatch:
     """Watches the processes below the runtime (``root``: the bwrap or apptainer process) and
     calls ``breach(reason)`` once if they go over a limit."""
 
-    def __init__(self, root: int, memory: int | None, processes: int | None, breach: Callable[[str], None]) -> None:
+    def __init__(self, root: int, memory: int | None, processes: int | None, breach: Callable[[str], None],
+                 nproc_holds: Callable[[], bool] = lambda: False) -> None:
         self.root = root
+        self.nproc_holds = nproc_holds  # RLIMIT_NPROC holds the sandbox at the limit (the kernel said so)
         self.memory = memory
         self.processes = processes
         self.breach = breach
@@ -139,7 +141,7 @@ class SandboxWatch:
                 return (f"its processes used {human(used)} of memory, over the limit of {human(self.memory)} "
                         "(limits.memory)")
         tasks = task_count(pids) if self.processes is not None else 0
-        if self.processes is not None and tasks > self.processes + RUNTIME_TASKS:  # no RLIMIT_NPROC held it
+        if self.processes is not None and tasks > self.processes + RUNTIME_TASKS and not self.nproc_holds():
             return f"its processes and threads ({tasks}) went over the limit of {self.processes} (limits.processes)"
         if self.processes is not None and tasks >= self.processes * PROCESS_LIMIT_SHARE:
             self.at_process_limit += 1

@@ -82,3 +82,43 @@ def test_the_snapshot_goes_to_the_workspace_else_the_state_root(tmp_path: Path) 
     if os.getuid() != 0:  # root writes anywhere
         workspace.chmod(0o500)
         assert snapshot_dir(str(workspace), state_root, "j") == state_root / "hibernated" / "j"
+
+
+class FakeShell:
+    """What Hibernation uses of IPython's shell: the namespaces (and events, unused here)."""
+
+    def __init__(self, user_ns: dict[str, object], hidden: dict[str, object]) -> None:
+        self.user_ns = user_ns
+        self.user_ns_hidden = hidden
+
+
+def test_restored_names_are_saved_again_before_any_cell_unhides_them(tmp_path: Path) -> None:
+    """IPython hides what the startup files left in the namespace, restored variables included,
+    until the first cell: a resumed kernel that hibernates at once must still save them."""
+    from hpc_kernels.kernel_hibernate import REPORT, Hibernation
+
+    x, history = [41], ["x = [41]"]
+    hibernation = Hibernation(FakeShell({"x": x, "In": history}, {"x": x, "In": history}), str(tmp_path))
+    hibernation.restored = ["x"]
+    hibernation.save()
+    assert json.loads((tmp_path / REPORT).read_text())["saved"] == ["x"]
+    hibernation.busy = True
+    hibernation.save()
+    assert json.loads((tmp_path / REPORT).read_text()) == {"error": "RuntimeError: a cell is running"}
+
+
+def test_a_failed_save_is_not_tried_again_at_once(tmp_path: Path) -> None:
+    from hpc_kernels.hibernation import IdleWatch
+
+    said: list[str] = []
+
+    def no_room() -> Path:
+        raise OSError(28, "No space left on device")
+
+    watch = IdleWatch(tmp_path, 1, no_room, lambda: 0, lambda *a: None, said.append)
+    (tmp_path / "hibernate.json").write_text('{"saved": []}')  # as if the kernel had answered
+    before = watch.last_client
+    watch.save = lambda since: no_room() and False  # type: ignore[method-assign]
+    assert watch.try_save(0.0) is False
+    assert said[-1] == "not hibernating: OSError: [Errno 28] No space left on device"
+    assert watch.last_client >= before and not (tmp_path / "hibernate.json").exists()
