@@ -29,6 +29,7 @@ from typing import Any
 from . import __version__
 from .errors import HpcKernelsError
 from .launcher import node_python
+from .limits import size_bytes
 from .profiles import Profile
 from .render import template_environment
 
@@ -36,7 +37,6 @@ APP_FILES = ("manifest.yml", "form.yml", "submit.yml.erb", "template/before.sh.e
              "template/after.sh.erb", "view.html.erb", "info.md.erb")
 KERNELSPEC_NAME = "hpc-sandbox"
 START_TIMEOUT_SECONDS = 300
-_MEMORY = re.compile(r"^(\d+)([KMGT]?)$")
 
 
 @dataclass(frozen=True)
@@ -131,11 +131,10 @@ def cluster_name() -> str | None:
 
 def memory_gb(slurm_mem: str) -> int:
     """A Slurm memory size in whole GB, rounded down (at least 1)."""
-    match = _MEMORY.match(slurm_mem)
-    if not match:
+    try:
+        return max(1, size_bytes(slurm_mem) >> 30)  # as a node's memory is rounded: never more
+    except ValueError:
         return 1
-    factor = {"K": 1 / 1024 ** 2, "": 1 / 1024, "M": 1 / 1024, "G": 1, "T": 1024}[match.group(2)]
-    return max(1, math.floor(int(match.group(1)) * factor))  # as a node's memory is rounded: never more
 
 
 def profile_choice(profile: Profile) -> dict[str, Any]:
