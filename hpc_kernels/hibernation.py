@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import stat
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .kernel_hibernate import ACTIVITY, REPORT, REQUEST, RESTORED, SNAPSHOT
-from .paths import read_json, write_json
+from .paths import atomic_file, read_json, write_json
 from .processes import identity, is_running
 
 CLIENTS_DIR = "clients"
@@ -108,19 +107,10 @@ def open_regular(path: Path) -> BinaryIO:
 def copy_checked(source: Path, target: Path) -> str:
     """Copy ``source`` (see :func:`open_regular`) to ``target`` atomically (0600); its SHA-256."""
     digest = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, open_regular(source) as src:
-            while chunk := src.read(1 << 20):
-                digest.update(chunk)
-                out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(target, 0o600) as out, open_regular(source) as src:
+        while chunk := src.read(1 << 20):
+            digest.update(chunk)
+            out.write(chunk)
     return digest.hexdigest()
 
 

@@ -11,12 +11,14 @@ Two places matter:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from .errors import HpcKernelsError
 from .profiles import state_setting
@@ -102,25 +104,30 @@ def write_private_file(path: Path, data: str | bytes) -> None:
 
 
 def write_file_atomically(path: Path, data: str | bytes, mode: int | None = None) -> None:
-    """Write ``data`` to a temporary file beside ``path``, flush it to disk and rename it over
-    ``path``: readers see the old file or the new one, never half of one. ``mode`` None: as the
-    umask allows a new file (for outputs that belong to the user, not to hpc-kernels)."""
-    raw = data.encode() if isinstance(data, str) else data
+    """Write ``data`` to ``path`` through :func:`atomic_file`: readers see the old file or the
+    new one, never half of one. ``mode`` None: as the umask allows a new file (for outputs that
+    belong to the user, not to hpc-kernels)."""
+    with atomic_file(path, mode) as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: int | None = None) -> Iterator[BinaryIO]:
+    """A temporary file beside ``path`` to write into; on leaving, it is flushed to disk and
+    renamed over ``path`` (on an error, removed). ``mode`` as in :func:`write_file_atomically`."""
     if mode is None:
         mode = 0o666 & ~current_umask()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
-            f.write(raw)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
 
 
