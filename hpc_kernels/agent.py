@@ -186,7 +186,6 @@ class Agent:
         base = str(self.node_dir / "kernel")
         for path in socket_paths(base):
             check_socket_path(path, "node-side socket")
-        (self.node_dir / CLIENTS_DIR).mkdir(mode=0o700)  # where the relay's node sides count clients
         connection_file = self.connection_file = self.node_dir / "kernel.json"
         write_json(connection_file, connection_info(base, self.files.key.read_text().strip(),
                                                     read_json(self.files.curve)))
@@ -282,6 +281,8 @@ class Agent:
                  f"processes {self.process_limit or 'none'}")
         self.idle_timeout = float(self.launch.get("idle_timeout") or 0)
         restore = self.launch.get("restore")
+        if self.idle_timeout > 0:
+            (self.node_dir / CLIENTS_DIR).mkdir(mode=0o700)  # the relay's node sides count clients there
         if self.idle_timeout > 0 or restore:
             parts.append((kernel_hibernate, [str(self.node_dir)]))
         if restore:

@@ -28,13 +28,19 @@ from typing import Any, BinaryIO
 from .kernel_hibernate import ACTIVITY, REPORT, REQUEST, RESTORED, SNAPSHOT
 from .paths import atomic_file, read_json, write_json
 from .processes import identity, is_running
+from .protocol import SOCKET_NAMES
 
 CLIENTS_DIR = "clients"
 NODE_SIDE_MARKER = "hpc_kernels.relay"  # in the command line of a relay's node side
-SHELL = 0  # the index of the shell socket in protocol.SOCKET_NAMES
+SHELL = SOCKET_NAMES.index("shell")  # clients are counted by their shell channels
 SNAPSHOT_NAME = "namespace.pickle"
 REPORT_NAME = "report.json"
 SAVE_TIMEOUT = 300.0
+
+
+def counts_clients(node_dir: Path) -> bool:
+    """Whether the kernel's agent wants its clients counted (it may hibernate)."""
+    return (node_dir / CLIENTS_DIR).is_dir()
 
 
 def clients_file(node_dir: Path, pid: int) -> Path:
@@ -117,7 +123,7 @@ def copy_checked(source: Path, target: Path) -> str:
 class IdleWatch:
     """A thread of the agent: when the kernel has been idle for ``timeout`` seconds (0: never),
     asks it for its variables and hands them to ``hibernated(snapshot, report, sha256)``. For a
-    resumed kernel, it also removes the saved copy (``restore_source``) once the kernel has loaded it."""
+    resumed kernel, it also says once the kernel has loaded its saved variables (``restore_source``)."""
 
     def __init__(self, node_dir: Path, timeout: float, destination: Callable[[], Path],
                  extra_clients: Callable[[], int], hibernated: Callable[[Path, dict[str, Any], str], None],

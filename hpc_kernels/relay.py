@@ -42,7 +42,7 @@ from typing import Any
 
 from . import protocol as p
 from .errors import RelayError, SlurmError
-from .hibernation import SHELL, clients_file, write_clients
+from .hibernation import SHELL, clients_file, counts_clients, write_clients
 from .multiplexer import LocalEnd, Multiplexer, StreamEnd
 from .paths import (
     check_socket_path,
@@ -105,11 +105,13 @@ async def _serve_node(node_dir: Path) -> int:
     await loop.connect_read_pipe(lambda: stream, os.fdopen(0, "rb", 0))
     assert stream.mux is not None
     gone = asyncio.ensure_future(_removed(node_dir))
-    clients = asyncio.ensure_future(_report_clients(stream.mux, node_dir))
+    # Clients are counted only for a kernel that may hibernate (its agent made the directory).
+    clients = asyncio.ensure_future(_report_clients(stream.mux, node_dir)) if counts_clients(node_dir) else None
     await asyncio.wait([stream.mux.ended, gone], return_when=asyncio.FIRST_COMPLETED)
-    clients.cancel()
-    with contextlib.suppress(FileNotFoundError):
-        clients_file(node_dir, os.getpid()).unlink()
+    if clients is not None:
+        clients.cancel()
+        with contextlib.suppress(FileNotFoundError):
+            clients_file(node_dir, os.getpid()).unlink()
     if gone.done():  # the kernel ended: a session that outlives the job (ssh) must not hold the stream
         print(f"relay node side: {node_dir} on {socket.gethostname()} was removed (the kernel ended); "
               "ending the stream", file=sys.stderr, flush=True)
