@@ -469,17 +469,17 @@ def resume_request(name: str, request: KernelRequest) -> tuple[str, KernelReques
     if current.state == "hibernated" and current.job_alive:  # its job is still finishing
         _wait_kernel_gone(current.record, 60)
         current = view(name)
+    launch = read_json(kernel_files(name).launch) or {}
     if current.state == "hibernated":
-        snapshot = str(current.agent.get("snapshot") or "")
-    elif current.state in ("failed", "ended") and (read_json(kernel_files(name).launch) or {}).get("restore"):
-        snapshot = str(read_json(kernel_files(name).launch)["restore"])  # a resume that did not start: again
+        snapshot, sha256 = str(current.agent.get("snapshot") or ""), current.agent.get("snapshot_sha256")
+    elif current.state in ("failed", "ended") and launch.get("restore"):
+        snapshot, sha256 = str(launch["restore"]), launch.get("restore_sha256")  # a resume that did not start
     else:
         raise HpcKernelsError(f"kernel {name!r} is {current.state}, not hibernated: there is nothing to resume")
     if not snapshot or not os.path.isfile(snapshot):
         raise HpcKernelsError(f"kernel {name!r} hibernated, but its saved variables ({snapshot or 'no file'}) "
                               "are gone; start a new kernel")
     record = current.record
-    sha256 = current.agent.get("snapshot_sha256") or (read_json(kernel_files(name).launch) or {}).get("restore_sha256")
     carried = {key: value for key, value in record.request.items()
                if key in CARRIED_ON_RESUME and not getattr(request, key)
                and not (request.allocation and key in ALLOCATION_FIXED)}

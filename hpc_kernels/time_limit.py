@@ -23,7 +23,7 @@ REFRESH_SECONDS = 60.0
 DEADLINE_FILE = "deadline.json"
 
 
-def end_time(fields: dict[str, str], field: str = "EndTime") -> float | None:
+def job_time(fields: dict[str, str], field: str = "EndTime") -> float | None:
     """The job's end (or another of its times) as a Unix time, from ``scontrol show job`` fields
     printed in UTC (as :mod:`hpc_kernels.slurm` has them printed); None without a limit or
     before the job runs."""
@@ -72,11 +72,11 @@ class DeadlineWriter:
         except SlurmError as e:
             self.say(f"time limit: cannot ask Slurm for the end time: {e}")
             return
-        end = end_time(job.fields) if job else None
+        end = job_time(job.fields) if job else None
         if self.has_written and (end == self.written or end is None):
             return  # None after a known end: an answer cut short, not a limit removed
         first = not self.has_written
-        self._write(end, end_time(job.fields, "StartTime") if job else None)
+        self._write(end, job_time(job.fields, "StartTime") if job else None)
         if end is None:
             self.say("time limit: Slurm gives this job no end time: no warning")
         elif first:

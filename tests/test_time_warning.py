@@ -17,7 +17,7 @@ from hpc_kernels.kernel_time_warning import due_warning, warning_text, warning_t
 from hpc_kernels.paths import write_json
 from hpc_kernels.profiles import KernelRequest, ProfileError, apply_request, parse_profile
 from hpc_kernels.resources import data_dir
-from hpc_kernels.time_limit import DEADLINE_FILE, end_time
+from hpc_kernels.time_limit import DEADLINE_FILE, job_time
 
 SITE_CONFIGS = data_dir("site-configs")  # the installed ones: the tests run from a copy of tests/
 
@@ -59,9 +59,9 @@ def test_warning_text() -> None:
 
 
 def test_end_time_from_scontrol_fields() -> None:
-    assert end_time({"EndTime": "2026-11-24T05:30:00"}) == 1795498200.0
-    assert end_time({"EndTime": "Unknown"}) is None
-    assert end_time({}) is None
+    assert job_time({"EndTime": "2026-11-24T05:30:00"}) == 1795498200.0
+    assert job_time({"EndTime": "Unknown"}) is None
+    assert job_time({}) is None
 
 
 @pytest.mark.parametrize(("value", "seconds"), [("10m", 600.0), ("90s", 90.0), ("1h30m", 5400.0), ("0", 0.0),
