@@ -1,4 +1,4 @@
-# hpc-kernels: the targets other tools and the docs rely on. Run as root on Debian 12:
+# hpc-kernels: the targets other tools and the docs rely on. Run as root on Debian 12 or 13:
 # they install packages, create the test users and start the local Slurm cluster.
 #
 #   make demo        set everything up, start the cluster, run the README demo as hk-alice
@@ -32,15 +32,16 @@ cluster-status:
 demo: setup cluster-up            ## the README's walk-through, as hk-alice
 	cluster/as-user.sh $(TEST_USER) / bash $(REPO)/cluster/demo.sh
 
-# The tests run from a copy the test user can read, against the installed package.
+# The tests run from a copy the test user can read, against the installed package. cluster/,
+# bench/, the Makefile and .ci/ go with them: tests/test_commands.py reads them.
 test: setup cluster-up            ## all tests, as hk-alice, on the real cluster
 	@tmp=$$(mktemp -d /tmp/hk-tests.XXXXXX); trap 'rm -rf "$$tmp"' EXIT; \
-	cp -r tests pyproject.toml "$$tmp"/ && chmod -R a+rX "$$tmp" && \
+	cp -r tests pyproject.toml cluster bench Makefile .ci "$$tmp"/ && chmod -R a+rX "$$tmp" && \
 	cluster/as-user.sh $(TEST_USER) "$$tmp" $(VENV)/bin/pytest $(PYTEST_ARGS)
 
 unit: setup                     ## only the tests that need no cluster
 	@tmp=$$(mktemp -d /tmp/hk-tests.XXXXXX); trap 'rm -rf "$$tmp"' EXIT; \
-	cp -r tests pyproject.toml "$$tmp"/ && chmod -R a+rX "$$tmp" && \
+	cp -r tests pyproject.toml cluster bench Makefile .ci "$$tmp"/ && chmod -R a+rX "$$tmp" && \
 	cluster/as-user.sh $(TEST_USER) "$$tmp" $(VENV)/bin/pytest -m "not cluster" $(PYTEST_ARGS)
 
 bench: setup cluster-up           ## measured side by side in one run; prints a table

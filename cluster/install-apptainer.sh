@@ -19,7 +19,6 @@ DEBS=$HK_CACHE/debs
 APT_DIR=$HK_CACHE/apt
 # package/suite: the suite each comes from
 WANTED=(apptainer/sid libc6/trixie libseccomp2/trixie libsqlite3-0/trixie)
-HELPERS=(patchelf squashfs-tools squashfuse fuse2fs uidmap fuse3)
 LIB=usr/lib/x86_64-linux-gnu
 
 installed() {
@@ -69,7 +68,12 @@ unpack() {
 
 main() {
     hk_need_root
-    hk_install_packages "${HELPERS[@]}"
+    # What this needs and what Apptainer runs (squashfuse, mksquashfs, debootstrap, ...) are
+    # installed by setup.sh from packages.txt.
+    local tool
+    for tool in patchelf dpkg-deb apt-get; do
+        command -v "$tool" >/dev/null || hk_die "$tool is missing: run cluster/setup.sh (it installs cluster/packages.txt)"
+    done
     # SIF images are mounted with squashfuse by unprivileged users: /dev/fuse must be theirs to open.
     [[ -c /dev/fuse ]] && chmod 0666 /dev/fuse
     installed && return 0

@@ -30,6 +30,67 @@ HK_DAEMON_ENV=(env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 "SLURM_CON
 
 hk_node_ip() { echo "$HK_NET_PREFIX.1${1#c}"; }
 
+HK_LIB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+HK_PACKAGES_FILE=$HK_LIB_DIR/packages.txt   # what setup.sh installs
+HK_COMMANDS_FILE=$HK_LIB_DIR/commands.txt   # every external command, with its package
+
+# The Debian release this machine runs, by codename: bookworm (12) or trixie (13). What differs
+# between them (Slurm 22.05 / 24.11, Python 3.11 / 3.13, packages) is chosen by this name.
+# A later Debian is treated as trixie, with a warning; anything else is refused.
+hk_release() {
+    local id="" codename="" pretty=""
+    # shellcheck disable=SC1091
+    [[ -r /etc/os-release ]] && { id=$(. /etc/os-release; echo "${ID:-}"); codename=$(. /etc/os-release; echo "${VERSION_CODENAME:-}"); pretty=$(. /etc/os-release; echo "${PRETTY_NAME:-}"); }
+    case $id:$codename in
+        debian:bookworm|debian:trixie) echo "$codename" ;;
+        debian:*)
+            echo "[$(basename "$0")] warning: ${pretty:-this Debian} is neither 12 (bookworm) nor 13 (trixie): using trixie's settings" >&2
+            echo trixie ;;
+        *) hk_die "the test cluster's scripts run on Debian 12 (bookworm) or 13 (trixie); this is ${pretty:-unknown (no /etc/os-release)}" ;;
+    esac
+}
+
+# Check that every command of cluster/commands.txt is there after the install (release $1;
+# $2=1 also checks the site venv's commands). Stops naming each missing command and its package.
+hk_check_commands() {
+    local release=$1 with_venv=${2:-0} command provider rest package where missing=()
+    local path=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+    while read -r command provider rest; do
+        [[ -z $command || $command == \#* ]] && continue
+        case $provider in
+            @site|@ondemand) continue ;;
+            @venv) (( with_venv )) || continue; where=$HK_VENV/bin ;;
+            @apptainer) where=$HK_APPTAINER_PREFIX/bin ;;
+            *) where=$path ;;
+        esac
+        PATH=$where command -v "$command" >/dev/null 2>&1 && continue
+        if [[ $provider == *=* ]]; then
+            package=${provider#*"$release"=}; package=${package%%,*}
+        else
+            package=$provider
+        fi
+        case $provider in
+            @venv) missing+=("$command (the site venv $HK_VENV: pip install of the repository)") ;;
+            @apptainer) missing+=("$command (Apptainer in $HK_APPTAINER_PREFIX: cluster/install-apptainer.sh)") ;;
+            *) missing+=("$command (Debian package $package)") ;;
+        esac
+    done <"$HK_COMMANDS_FILE"
+    (( ${#missing[@]} == 0 )) && return 0
+    hk_die "after the install, these commands are missing:
+$(printf '  %s\n' "${missing[@]}")
+Each is listed in $HK_COMMANDS_FILE; $HK_PACKAGES_FILE must name its package for $release."
+}
+
+# The packages of cluster/packages.txt for release $1, one per line.
+hk_packages() {
+    local release=$1 name rest
+    while read -r name rest; do
+        [[ -z $name || $name == \#* ]] && continue
+        rest=${rest%%#*}
+        if [[ -z ${rest// /} || " $rest " == *" $release "* ]]; then echo "$name"; fi
+    done <"$HK_PACKAGES_FILE"
+}
+
 hk_log() { echo "[$(basename "$0")] $*"; }
 hk_die() { echo "[$(basename "$0")] ERROR: $*" >&2; exit 1; }
 

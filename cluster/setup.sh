@@ -5,18 +5,17 @@
 #                                        REPO_DIR[test]), Apptainer, and (with REPO_DIR) the kernel image
 #   cluster/setup.sh --venv-only REPO_DIR   only (re)install REPO_DIR[test] into the venv (cheap)
 #
-# Must run as root on Debian 12. Quiet when there is nothing to do.
+# Must run as root on Debian 12 or 13. Quiet when there is nothing to do.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=lib.sh
 source "$HERE/lib.sh"
 
-PACKAGES=(slurm-wlm munge bubblewrap python3 python3-venv python3-dev sudo iproute2 procps psmisc util-linux
-          chromium    # chromium: the browser tests of JupyterLab (driven by Playwright, no browser download)
-          ruby        # ruby: renders the Open OnDemand app's ERB templates in the tests, as OnDemand does
-          openssh-client)
+# The packages are in packages.txt (per Debian release), every command they provide that the
+# project runs in commands.txt; both are checked by tests/test_commands.py.
 # openssh-server: one sshd per compute node (up.sh), as at a pam_slurm_adopt site. Installed on
 # its own (install_openssh_server): its postinst must not start a system sshd on this host.
+RELEASE=$(hk_release)
 
 create_users() {
     local u
@@ -161,7 +160,9 @@ main() {
         install_repo "${2:-}"
         return
     fi
-    hk_install_packages "${PACKAGES[@]}"
+    local packages
+    mapfile -t packages < <(hk_packages "$RELEASE" | grep -vx openssh-server)
+    hk_install_packages "${packages[@]}"
     install_openssh_server
     create_users
     install_fault_tools
@@ -172,6 +173,8 @@ main() {
     "$HERE/install-apptainer.sh"
     ln -sfn "$HK_APPTAINER_PREFIX/bin/apptainer" /usr/local/bin/apptainer
     ln -sfn "$HK_APPTAINER_PREFIX/bin/singularity" /usr/local/bin/singularity
+    # Everything the project runs is there now (with a repository, the venv's commands too).
+    hk_check_commands "$RELEASE" "$([[ -n ${1:-} ]] && echo 1 || echo 0)"
     [[ -z ${1:-} ]] || "$HERE/kernel-image.sh"
 }
 

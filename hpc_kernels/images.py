@@ -36,6 +36,17 @@ _URI_BOOTSTRAPS = {"docker": "docker", "oras": "oras", "library": "library", "do
 _WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+\-]*")
 _SAFE = re.compile(r"[A-Za-z0-9_.,:/@%+=~\-]+")
 MIN_IPYKERNEL = (6, 0)
+# Bootstrap agents that run a program of the host that builds the image (Apptainer finds it on
+# PATH), that program, and what it builds.
+HOST_BOOTSTRAP_PROGRAMS = {
+    "debootstrap": ("debootstrap", "Debian or Ubuntu"),
+    "yum": ("yum", "an RPM distribution"),
+    "zypper": ("zypper", "SUSE"),
+    "arch": ("pacstrap", "Arch Linux"),
+    "busybox": ("busybox", "BusyBox"),
+}
+# Not on an unprivileged user's PATH on Debian, but where debootstrap lives.
+SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 
 # Run inside the image: what a kernel needs, as JSON on stdout.
 PROBE = r"""
@@ -93,6 +104,45 @@ def image_definition(source: str | None = None, *, mirror: str = DEFAULT_MIRROR,
                            version=__version__).lstrip()
 
 
+def bootstrap_agent(definition: str) -> str | None:
+    """The ``Bootstrap:`` agent of a definition's header (None if it names none)."""
+    for line in definition.splitlines():
+        match = re.match(r"\s*Bootstrap\s*:\s*(\S+)", line, re.IGNORECASE)
+        if match:
+            return match.group(1).lower()
+        if line.lstrip().startswith("%"):  # the header ends at the first section
+            break
+    return None
+
+
+def build_path(path: str, sbin_dirs: Sequence[str] = SBIN_DIRS) -> str:
+    """PATH for ``apptainer build``: the caller's, then the sbin directories it lacks."""
+    parts = [p for p in path.split(os.pathsep) if p]
+    return os.pathsep.join(parts + [d for d in sbin_dirs if d not in parts])
+
+
+def missing_build_program(definition: str, path: str, sbin_dirs: Sequence[str] = SBIN_DIRS) -> str | None:
+    """Why this host cannot build the definition, or None: the program its bootstrap agent runs
+    (debootstrap, yum, ...) must be on ``path`` (sbin directories included). Said before the
+    build starts, rather than in Apptainer's words after its first minute."""
+    agent = bootstrap_agent(definition)
+    if agent not in HOST_BOOTSTRAP_PROGRAMS:
+        return None
+    program, builds = HOST_BOOTSTRAP_PROGRAMS[agent]
+    if shutil.which(program, path=build_path(path, sbin_dirs)):
+        return None
+    install = {
+        "debootstrap": "on Debian/Ubuntu `apt-get install debootstrap`, on RHEL/Rocky/Alma `dnf install "
+                       "debootstrap` (EPEL), on SLES `zypper install debootstrap`",
+    }.get(program, f"install {program}")
+    return (f"this definition bootstraps {builds} with {program} (Bootstrap: {agent}), and {program} is not "
+            f"installed here (not found on PATH or in {', '.join(sbin_dirs) or 'sbin'}). Either install it ({install}), "
+            "or build on top of an image, which needs no program of this host: "
+            "`hpc-kernel image build OUT.sif --from docker://python:3.12-slim` (ipykernel is installed there "
+            "with pip), `--from /path/to/image.sif`, or a definition of your own with --definition FILE "
+            "(Bootstrap: docker, localimage, oras or library)")
+
+
 def build_argv(apptainer: str, output: str, definition: str, *, as_root: bool) -> list[str]:
     """``apptainer build``; unprivileged users build with --fakeroot (it needs /etc/subuid)."""
     return [apptainer, "build", *([] if as_root else ["--fakeroot"]), "--force", output, definition]
@@ -101,6 +151,10 @@ def build_argv(apptainer: str, output: str, definition: str, *, as_root: bool) -
 def build_image(output: Path, definition: str, *, apptainer: str = "apptainer") -> None:
     """Build ``output`` from the definition text. The image appears at ``output`` only when the
     build (with its %test) succeeded; a failed or interrupted build leaves nothing there."""
+    path = os.environ.get("PATH", os.defpath)
+    problem = missing_build_program(definition, path)
+    if problem:
+        raise HpcKernelsError(problem)
     executable = _find(apptainer)
     output = output.resolve()
     if output.suffix != ".sif":
@@ -115,7 +169,8 @@ def build_image(output: Path, definition: str, *, apptainer: str = "apptainer") 
         partial = output.parent / f".{output.name}.{os.getpid()}.partial"
         try:
             proc = subprocess.run(build_argv(executable, str(partial), str(definition_path),
-                                             as_root=os.getuid() == 0))
+                                             as_root=os.getuid() == 0),
+                                  env={**os.environ, "PATH": build_path(path)})
             if proc.returncode != 0:
                 raise HpcKernelsError(f"apptainer build failed (exit code {proc.returncode}); its output is above")
             os.chmod(partial, 0o644)

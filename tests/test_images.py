@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from hpc_kernels.errors import HpcKernelsError
-from hpc_kernels.images import build_argv, check_argv, image_definition, judge
+from hpc_kernels.images import (bootstrap_agent, build_argv, build_path, check_argv, image_definition, judge,
+                                missing_build_program)
 
 
 def header(definition: str) -> dict[str, str]:
@@ -62,6 +63,48 @@ def test_unprivileged_builds_use_fakeroot() -> None:
     assert build_argv("apptainer", "o.sif", "k.def", as_root=False) == [
         "apptainer", "build", "--fakeroot", "--force", "o.sif", "k.def"]
     assert "--fakeroot" not in build_argv("apptainer", "o.sif", "k.def", as_root=True)
+
+
+def test_a_build_needs_its_bootstrap_program_and_says_so_first(tmp_path: Path) -> None:
+    """A login node without debootstrap (a RHEL, Rocky or SLES site) is told before the build
+    starts what is missing and what works there instead."""
+    definition = image_definition()
+    assert bootstrap_agent(definition) == "debootstrap"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    problem = missing_build_program(definition, str(empty), sbin_dirs=())
+    assert problem is not None
+    assert "debootstrap is not installed here" in problem
+    assert "apt-get install debootstrap" in problem and "dnf install debootstrap" in problem
+    assert "--from docker://python:3.12-slim" in problem and "--definition FILE" in problem
+    with_it = tmp_path / "bin"
+    with_it.mkdir()
+    (with_it / "debootstrap").write_text("#!/bin/sh\n")
+    (with_it / "debootstrap").chmod(0o755)
+    assert missing_build_program(definition, f"{empty}:{with_it}", sbin_dirs=()) is None
+    # debootstrap lives in /usr/sbin, which an unprivileged user's PATH lacks on Debian
+    assert missing_build_program(definition, str(empty), sbin_dirs=(str(with_it),)) is None
+    assert build_path("/usr/bin:/bin", ("/usr/sbin", "/bin")) == "/usr/bin:/bin:/usr/sbin"
+    # Bootstraps from an image need nothing of the host
+    assert missing_build_program(image_definition("docker://python:3.12-slim"), str(empty), sbin_dirs=()) is None
+    assert bootstrap_agent("%post\n  echo Bootstrap: yum\n") is None
+
+
+def test_image_build_without_the_bootstrap_program_fails_at_once(tmp_path: Path) -> None:
+    """The real command: a definition that bootstraps with zypper (not on Debian) fails before
+    Apptainer is started, and leaves no image."""
+    import subprocess
+    import sys
+
+    definition = tmp_path / "suse.def"
+    definition.write_text("Bootstrap: zypper\nOSVersion: 15.6\n\n%post\n  true\n")
+    out = tmp_path / "out.sif"
+    proc = subprocess.run([sys.executable, "-m", "hpc_kernels.cli", "image", "build", str(out),
+                           "--definition", str(definition)], capture_output=True, text=True, timeout=60,
+                          cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert "zypper is not installed here" in proc.stderr
+    assert not out.exists()
 
 
 def test_check_starts_the_image_as_the_agent_does() -> None:
