@@ -77,13 +77,14 @@ install_openssh_server() {
     fi
 }
 
-# The fault tests power nodes off and on (node-power.sh) as root, through sudo: a root-owned copy
+# The fault tests power nodes off and on (node-power.sh), and the tests list the nodes' /tmp
+# (node-tmp.sh), as root, through sudo: a root-owned copy
 # of the cluster scripts it needs, so that the rule names files no test user can change.
 install_fault_tools() {
     local f
     mkdir -p "$HK_FAULT_TOOLS"
     chmod 0755 "$HK_FAULT_TOOLS"
-    for f in lib.sh up.sh node-power.sh ssh-authorized-keys.sh; do
+    for f in lib.sh up.sh node-power.sh node-tmp.sh ssh-authorized-keys.sh; do
         cmp -s "$HERE/$f" "$HK_FAULT_TOOLS/$f" || install -m 0755 -o root -g root "$HERE/$f" "$HK_FAULT_TOOLS/$f"
     done
 }
@@ -93,9 +94,11 @@ install_sudoers() {
     tmp=$(mktemp)
     cat >"$tmp" <<SUDO
 # hpc-kernels test suite: hk-alice may act as hk-bob (tests that a second user cannot reach a kernel),
-# and power a test node off and on as a node failure does (tests of faults).
+# power a test node off and on as a node failure does (tests of faults), and list a node's
+# private /tmp (nothing of a kernel may be left there).
 hk-alice ALL=(hk-bob) NOPASSWD: ALL
 hk-alice ALL=(root) NOPASSWD: $HK_FAULT_TOOLS/node-power.sh
+hk-alice ALL=(root) NOPASSWD: $HK_FAULT_TOOLS/node-tmp.sh
 SUDO
     if ! cmp -s "$tmp" "$dst"; then
         visudo -cqf "$tmp" || { rm -f "$tmp"; hk_die "sudoers drop-in did not validate"; }

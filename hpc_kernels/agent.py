@@ -55,7 +55,8 @@ from .runtimes import (
     sandbox_argv,
     sandbox_environment,
 )
-from .slurm import job_info
+from .node_tmp import node_dir_prefix, sweep_stale_node_dirs
+from .slurm import job_info, jobs_alive
 from .state import KernelFiles, forget_secrets, kernel_lives, state_json
 from .time_limit import DEADLINE_FILE, DeadlineWriter
 from .tls import CredentialFiles
@@ -182,7 +183,8 @@ class Agent:
         and the environment to start it with."""
         launch = self.launch
         root = choose_node_tmp(launch.get("node_tmp"), os.environ)
-        self.node_dir = Path(tempfile.mkdtemp(prefix=f"hk-{self.job_id}-", dir=root))
+        self.sweep(Path(root))
+        self.node_dir = Path(tempfile.mkdtemp(prefix=node_dir_prefix(self.job_id), dir=root))
         base = str(self.node_dir / "kernel")
         for path in socket_paths(base):
             check_socket_path(path, "node-side socket")
@@ -245,6 +247,16 @@ class Agent:
         empty.mkdir(mode=0o500)
         argv = sandbox_argv(kind, spec, command, executable=found, image=image, empty_dir=str(empty))
         return argv, apptainer_process_environment(os.environ, env)
+
+    def sweep(self, root: Path) -> None:
+        """Remove what killed jobs of this user left in this node's tmp (see node_tmp.py)."""
+        try:
+            removed = sweep_stale_node_dirs(root, self.job_id, jobs_alive)
+        except SlurmError as e:
+            _say(f"left the node directories of earlier jobs in {root} alone: Slurm cannot say which ended ({e})")
+            return
+        if removed:
+            _say(f"removed {len(removed)} node directories of ended jobs: {', '.join(p.name for p in removed)}")
 
     def note_requeue(self) -> None:
         """This job ran before and Slurm requeued it: say so in the log, and learn its new
@@ -534,6 +546,9 @@ class Agent:
         return requested
 
     def cleanup(self) -> None:
+        # The node-side directory first: it holds the key, and Slurm may SIGKILL this agent
+        # (KillWait) while it waits below for the kernel to end.
+        self.remove_node_dir()
         if self.kernel is not None and self.kernel.poll() is None:
             # SIGTERM first: Apptainer's starter passes it on to the container, which then ends
             # whole; bwrap's sandbox dies with bwrap.
@@ -554,6 +569,9 @@ class Agent:
             self.listener.stop()
             self.listener = None
             self.tcp = None
+        self.remove_node_dir()  # what the threads stopped above may have written meanwhile
+
+    def remove_node_dir(self) -> None:
         if self.node_dir is not None:
             shutil.rmtree(self.node_dir, ignore_errors=True)
 

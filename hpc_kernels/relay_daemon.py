@@ -318,8 +318,13 @@ def _spawn() -> None:
 
 
 def request(message: dict[str, Any], *, start: bool, timeout: float = START_TIMEOUT) -> dict[str, Any] | None:
-    """Send ``message`` to this user's daemon here; with ``start``, start one if none answers."""
-    path = control_socket(ensure_private_dir(runtime_root()))
+    """Send ``message`` to this user's daemon here; with ``start``, start one if none answers.
+    Without ``start`` no daemon can answer where the runtime directory does not exist, and it is
+    not made (a shutdown on a compute node would leave an empty one in its /tmp)."""
+    root = runtime_root()
+    if not start and not root.is_dir():
+        return None
+    path = control_socket(ensure_private_dir(root))
     answer = _ask(path, message, timeout)
     if answer is not None or not start:
         return answer

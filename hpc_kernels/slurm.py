@@ -162,6 +162,30 @@ def job_infos(job_ids: Sequence[str]) -> dict[str, JobInfo]:
     return parse_squeue_jobs(proc.stdout if proc.returncode == 0 else "")
 
 
+def jobs_alive(job_ids: Sequence[str]) -> set[str]:
+    """Those of ``job_ids`` (each job's own id, also for an array's task) that Slurm has not
+    finished: pending, running, suspended, completing, requeued. Raises SlurmError when Slurm
+    cannot say (the caller must then assume every job still runs)."""
+    wanted = sorted(set(job_ids))
+    if not wanted:
+        return set()
+    proc = _run(["squeue", "--noheader", "--states=all", f"--jobs={','.join(wanted)}", "--format=%A|%T"])
+    if proc.returncode != 0:
+        if "Invalid job id" in proc.stderr:
+            return set()
+        raise SlurmError(f"squeue --jobs failed: {_slurm_message(proc)}")
+    return parse_jobs_alive(proc.stdout, wanted)
+
+
+def parse_jobs_alive(stdout: str, wanted: Sequence[str]) -> set[str]:
+    alive = set()
+    for line in stdout.splitlines():
+        job, _, state = line.strip().partition("|")
+        if job in wanted and state.strip() not in FINISHED_STATES:
+            alive.add(job)
+    return alive
+
+
 def parse_squeue_jobs(stdout: str) -> dict[str, JobInfo]:
     infos = {}
     for line in stdout.splitlines():

@@ -22,6 +22,10 @@ from pathlib import Path
 import pytest
 
 SECOND_USER = "hk-bob"
+TEST_USERS = ("hk-alice", SECOND_USER)
+NODES = ("c1", "c2")
+# Lists a node's private /tmp as root (a root-owned copy of cluster/node-tmp.sh; sudo rule by setup.sh).
+NODE_TMP = "/opt/hpc-kernels/cluster-tools/node-tmp.sh"
 # The shipped test-cluster profile of each sandbox runtime: the kernel tests run for both.
 # This login node's relay record in a kernel's state directory (each login node has its own).
 RELAY_RECORD = f"relay-{socket.gethostname()}.json"
@@ -68,10 +72,17 @@ def as_second_user(argv: list[str], timeout: float = 60) -> subprocess.Completed
                           timeout=timeout, cwd="/")
 
 
+def node_tmp_entries(node: str) -> list[tuple[str, str, str]]:
+    """(owner, octal mode, name) of each entry in the node's private /tmp, as root sees them."""
+    proc = run(["sudo", "-n", NODE_TMP, node], timeout=30)
+    return [tuple(line.split(" ", 2)) for line in proc.stdout.splitlines() if line.strip()]  # type: ignore[misc]
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_kernel_left_behind(request: pytest.FixtureRequest) -> Iterator[None]:
-    """After a run with cluster tests, no kernel of the test user may be left: a test (or the code
-    under test) that leaks a kernel and its job fails the run here. Leftovers are shut down."""
+    """After a run with cluster tests, no kernel of the test user may be left, and nothing of the
+    test users in any node's /tmp: a test (or the code under test) that leaks a kernel, its job,
+    or a node-side directory (with its key) fails the run here. Leftover kernels are shut down."""
     yield
     if os.getuid() == 0 or not any(item.get_closest_marker("cluster") for item in request.session.items):
         return
@@ -79,6 +90,8 @@ def no_kernel_left_behind(request: pytest.FixtureRequest) -> Iterator[None]:
     for row in rows:
         hk("shutdown", row["name"], check=False)
     assert not rows, f"kernels left behind by the tests: {[(r['name'], r['profile']) for r in rows]}"
+    left = {node: [" ".join(e) for e in node_tmp_entries(node) if e[0] in TEST_USERS] for node in NODES}
+    assert not any(left.values()), f"left in the nodes' /tmp by the tests: {left}"
 
 
 @pytest.fixture(scope="session")

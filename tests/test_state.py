@@ -131,3 +131,67 @@ def test_a_damaged_record_is_reported_by_name_and_does_not_hide_the_others(damag
         state.load_record("k2")
     with pytest.raises(KernelNotFound, match=r"your kernels: k1, k3, k2 \(damaged\)"):
         state.load_record("nope")
+
+
+def test_sweep_removes_only_our_directories_of_ended_jobs(tmp_path: Path) -> None:
+    """A node directory (hk-<job>-<8 chars>) of this user whose job has ended goes; a running
+    job's, this job's, a link, a file, another name and another user's stay."""
+    from hpc_kernels.node_tmp import node_dir_job, sweep_stale_node_dirs
+
+    root = tmp_path / "tmp"
+    root.mkdir()
+    ended = root / "hk-12-abcd_123"
+    (ended / "sub").mkdir(parents=True)
+    (ended / "kernel.json").write_text("{}")
+    (ended / "sub" / "kernel-1").write_text("")
+    running = root / "hk-13-zzzzzzzz"
+    running.mkdir()
+    own = root / "hk-20-owndir00"
+    own.mkdir()
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "precious").write_text("keep")
+    (root / "hk-14-linktoxx").symlink_to(target)
+    (root / "hk-15-afile000").write_text("")
+    (root / "hk-16-short").mkdir()
+    (root / "hpc-kernels-1001").mkdir()
+    (ended / "escape").symlink_to(target)  # a link inside is removed, not followed
+    asked: list[list[str]] = []
+
+    def alive(ids: list[str]) -> set[str]:
+        asked.append(list(ids))
+        return {"13"}
+
+    removed = sweep_stale_node_dirs(root, "20", alive)
+    assert removed == [ended]
+    assert asked == [["12", "13"]], "Slurm is asked once, about the candidates only"
+    assert sorted(p.name for p in root.iterdir()) == [
+        "hk-13-zzzzzzzz", "hk-14-linktoxx", "hk-15-afile000", "hk-16-short", "hk-20-owndir00", "hpc-kernels-1001"]
+    assert (target / "precious").read_text() == "keep"
+    # Another user's directories (owned by us here, so: as if we were someone else) are not touched.
+    again = root / "hk-17-other000"
+    again.mkdir()
+    assert sweep_stale_node_dirs(root, "20", lambda ids: set(), uid=os.getuid() + 1) == []
+    assert again.exists()
+    assert node_dir_job("hk-17-other000") == "17" and node_dir_job("hk-x-other000") is None
+
+
+def test_sweep_removes_nothing_when_slurm_cannot_say(tmp_path: Path) -> None:
+    from hpc_kernels.errors import SlurmError
+    from hpc_kernels.node_tmp import sweep_stale_node_dirs
+
+    (tmp_path / "hk-12-abcdefgh").mkdir()
+
+    def unreachable(ids: list[str]) -> set[str]:
+        raise SlurmError("slurm_load_jobs error: Unable to contact slurm controller")
+
+    with pytest.raises(SlurmError):
+        sweep_stale_node_dirs(tmp_path, "20", unreachable)
+    assert (tmp_path / "hk-12-abcdefgh").exists()
+
+
+def test_jobs_alive_from_squeue() -> None:
+    from hpc_kernels.slurm import parse_jobs_alive
+
+    out = "12|COMPLETED\n13|RUNNING\n14|PENDING\n15|CANCELLED\n16|COMPLETING\n99|RUNNING\n"
+    assert parse_jobs_alive(out, ["12", "13", "14", "15", "16", "17"]) == {"13", "14", "16"}
