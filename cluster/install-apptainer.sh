@@ -37,7 +37,10 @@ download_debs() {
 deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main
 deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian sid main
 EOF
+    # Check-Valid-Until=false: a mirror that serves a frozen snapshot keeps sid's Release file past
+    # its Valid-Until date (seen: "is expired"); the signatures are still checked.
     local apt=(apt-get -qq -o "Dir::Etc::SourceList=$APT_DIR/sources.list" -o Dir::Etc::SourceParts=/dev/null
+               -o Acquire::Check-Valid-Until=false
                -o "Dir::State::Lists=$APT_DIR/lists" -o "Dir::Cache=$APT_DIR/cache"
                -o APT::Get::List-Cleanup=0 -o APT::Sandbox::User=root)
     "${apt[@]}" update

@@ -110,8 +110,11 @@ SUDO
     # /etc/sudoers must include the drop-in directory (Debian's does).
     grep -Eq '^[@#]includedir[[:space:]]+/etc/sudoers.d' /etc/sudoers ||
         hk_die "/etc/sudoers does not include /etc/sudoers.d"
-    [[ $(runuser -u hk-alice -- sudo -n -u hk-bob id -un 2>&1) == hk-bob ]] ||
-        hk_die "'runuser -u hk-alice -- sudo -n -u hk-bob id' does not work"
+    local said
+    said=$(runuser -u hk-alice -- sudo -n -u hk-bob id -un 2>"$tmp.err") || true
+    [[ $said == hk-bob ]] ||
+        hk_die "'runuser -u hk-alice -- sudo -n -u hk-bob id' does not work: $said $(cat "$tmp.err")"
+    rm -f "$tmp.err"
 }
 
 # The venv every user (and every job on c1/c2) runs. Built from Debian's python3:

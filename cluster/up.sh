@@ -14,6 +14,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 source "$HERE/lib.sh"
 
 LOGIN_HOST=$(hostname -s)
+RELEASE=$(hk_release)      # bookworm (Slurm 22.05, OpenSSH 9.2) or trixie (Slurm 24.11, OpenSSH 10)
 WAIT_SECONDS=30
 declare -A STARTED_AT=()   # node -> time its slurmd was started by this run (must re-register)
 
@@ -199,6 +200,7 @@ CONF
 NodeName=$HK_GPU_NODE Name=gpu Type=standin File=/dev/nvidia[0-$(( ${#HK_GPU_DEVICES[@]} - 1 ))]
 CONF
     write_if_changed "$tmp" "$(dirname "$HK_CONF")/gres.conf" || changed=1
+    write_cgroup_conf || changed=1
     (( changed )) || return 0
     # Daemons running with an older config: restart them (node changes need a restart).
     if slurm_daemons_running; then
@@ -206,6 +208,23 @@ CONF
         for n in "${HK_NODES[@]}"; do hk_stop_pidfile "$(hk_slurmd_pidfile "$n")" slurmd; done
         hk_stop_pidfile "$HK_RUN/slurmctld.pid" slurmctld
     fi
+}
+
+# Slurm 24.11 (trixie) loads a cgroup plugin even with proctrack/linuxproc and task/none, and
+# slurmd then stops: "No filesystem mounted on /sys/fs/cgroup" (a node in a namespace) or
+# "Hybrid mode is not supported". CgroupPlugin=disabled (24.11) avoids it; 22.05 (bookworm) knows
+# no such value and needs no file. False if the file changed.
+write_cgroup_conf() {
+    local dst tmp
+    dst=$(dirname "$HK_CONF")/cgroup.conf
+    if [[ $RELEASE == bookworm ]]; then
+        if [[ -f $dst ]] && grep -qF 'hpc-kernels cluster/up.sh' "$dst"; then rm -f "$dst"; return 1; fi
+        return 0
+    fi
+    tmp=$(mktemp)
+    printf '%s\n' "# Written by hpc-kernels cluster/up.sh: no cgroups for this test cluster's Slurm." \
+        "CgroupPlugin=disabled" >"$tmp"
+    write_if_changed "$tmp" "$dst"
 }
 
 slurm_daemons_running() {
@@ -324,11 +343,17 @@ AllowStreamLocalForwarding yes
 StreamLocalBindUnlink yes
 PrintMotd no
 PrintLastLog no
+$(penalties)
 AcceptEnv LANG LC_*
 Subsystem sftp /usr/lib/openssh/sftp-server
 CONF
     write_if_changed "$tmp" "$dir/sshd_config"
 }
+
+# OpenSSH 10 (trixie) delays an address after refused logins (PerSourcePenalties): every ssh
+# here comes from the login node's one address, so tests that check a refusal would lock out
+# the next user for seconds. OpenSSH 9.2 (bookworm) knows no such option.
+penalties() { [[ $RELEASE == bookworm ]] || echo "PerSourcePenalties no"; }
 
 host_ip() { if [[ $1 == "$HK_LOGIN2" ]]; then echo "$HK_LOGIN2_IP"; else hk_node_ip "$1"; fi; }
 

@@ -145,8 +145,10 @@ def test_a_slow_reader_stops_its_sender_and_does_not_stall_others(tmp_path: Path
 def test_close_reaches_the_other_side(tmp_path: Path) -> None:
     async def main() -> None:
         accepted: asyncio.Queue[asyncio.StreamReader] = asyncio.Queue()
+        writers = []  # Python 3.13 closes a connection whose StreamWriter is garbage-collected
 
         async def keep(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writers.append(writer)
             await accepted.put(reader)
 
         server = await asyncio.start_unix_server(keep, path=str(tmp_path / "kernel-1"))
