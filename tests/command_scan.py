@@ -250,6 +250,7 @@ class _ShellScanner:
 
     def commands(self, tokens: list[str]) -> Iterator[str]:
         at_command, wrapper, skip_next, previous = True, None, False, ""
+        substitutions = 0  # open unquoted $( ... ): what follows its ")" continues a word
         shell_script = 0  # 1: after sh/bash, 2: after its -c (the next word is a script)
         for token in tokens:
             if shell_script == 2:
@@ -268,6 +269,14 @@ class _ShellScanner:
             if token.startswith("((") or (token == "(" and previous.endswith("=")):
                 self.open_parens = token.count("(") - token.count(")")
                 self.array_name = previous.rstrip("+=") if token == "(" else None
+                continue
+            if token == "(" and previous.endswith("$"):
+                substitutions += 1
+                at_command, wrapper, previous = True, None, token
+                continue
+            if token == ")" and substitutions:
+                substitutions -= 1
+                at_command, wrapper, previous = False, None, token
                 continue
             previous = token
             if self.in_case_patterns:
