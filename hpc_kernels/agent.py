@@ -26,6 +26,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -36,8 +37,8 @@ from pathlib import Path
 from types import FrameType, ModuleType
 from typing import Any
 
-from .paths import check_socket_path, exposes_private_files, read_json, write_json
-from .processes import cmdline, descendants, identity, is_running
+from .paths import check_socket_path, exposes_private_files, read_json, read_untrusted_json, write_json
+from .processes import cmdline, descendants, identity, is_running, watch_parent
 from .relay import NodeListener, connection_info, socket_paths
 from . import kernel_egress, kernel_hibernate, kernel_limits, kernel_startup, kernel_time_warning
 from .egress import SOCKET_NAME as EGRESS_SOCKET
@@ -46,7 +47,10 @@ from .errors import SlurmError
 from .hibernation import CLIENTS_DIR, IdleWatch, copy_checked, snapshot_dir
 from .kernel_hibernate import RESTORE
 from .limits import SandboxWatch, human, memory_limit
+from .node_view import bwrap_can_disable_userns, python_prefixes, shown_system_paths
+from .userns import forbid_user_namespaces
 from .runtimes import (
+    DEFAULT_SYSTEM_PATHS,
     SandboxSpec,
     apptainer_process_environment,
     gpu_device_paths,
@@ -55,7 +59,8 @@ from .runtimes import (
     sandbox_argv,
     sandbox_environment,
 )
-from .node_tmp import node_dir_prefix, sweep_stale_node_dirs
+from .node_tmp import (kernel_connection_file, kernel_socket_base, make_node_dir, sandbox_ro, sandbox_rw,
+                       sweep_stale_node_dirs)
 from .slurm import job_info, jobs_alive
 from .state import KernelFiles, forget_secrets, kernel_lives, state_json
 from .time_limit import DEADLINE_FILE, DeadlineWriter
@@ -79,18 +84,32 @@ class AgentError(Exception):
 
 def choose_node_tmp(configured: str | None, env: Mapping[str, str]) -> str:
     """Where the private directory goes: the profile's ``paths.node_tmp`` (environment variables
-    expanded), else the first existing of $SLURM_TMPDIR, $TMPDIR, /tmp."""
+    expanded), else the first existing of $SLURM_TMPDIR, $TMPDIR, /tmp. It must be safe to make a
+    private directory in (see :func:`check_node_tmp`)."""
     if configured:
         expanded = _expand(configured, env)
         if "$" in expanded:
             raise AgentError(f"paths.node_tmp {configured!r}: a variable in it is not set on this node")
         if not os.path.isdir(expanded):
             raise AgentError(f"paths.node_tmp {configured!r} is {expanded!r}, which is not a directory on this node")
-        return expanded
+        return check_node_tmp(expanded)
     for candidate in (env.get("SLURM_TMPDIR"), env.get("TMPDIR"), "/tmp"):
         if candidate and os.path.isdir(candidate):
-            return candidate
+            return check_node_tmp(candidate)
     raise AgentError("no node-local tmp directory: neither $SLURM_TMPDIR, $TMPDIR nor /tmp exists")
+
+
+def check_node_tmp(path: str) -> str:
+    """A directory another user could swap our directory out of, or rename it in, is refused:
+    it must belong to root or to us, and, if others may write to it, have the sticky bit."""
+    st = os.stat(path)
+    if st.st_uid not in (0, os.getuid()):
+        raise AgentError(f"node tmp {path} belongs to uid {st.st_uid}, not to you or root: another user "
+                         "could reach the kernel's directory there (set paths.node_tmp)")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+        raise AgentError(f"node tmp {path} is writable by others without the sticky bit (mode "
+                         f"{stat.S_IMODE(st.st_mode):o}): another user could move the kernel's directory (set paths.node_tmp)")
+    return path
 
 
 def _expand(text: str, env: Mapping[str, str]) -> str:
@@ -127,6 +146,7 @@ class Agent:
         self.limit_reason: str | None = None  # why the watch ended the kernel
         self.idle_timeout = 0.0  # limits.idle_timeout, in seconds (0: never)
         self.hibernation: dict[str, Any] | None = None  # what was saved, once the idle kernel was
+        self.runtime_forbids_userns = False  # bwrap --disable-userns; else the agent forbids them itself
         # A job Slurm requeued (its node failed, it was preempted) runs this agent again on a new node.
         self.restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
         self.submit_time: str | None = None  # Slurm resets it at a requeue: names this run of the job
@@ -152,6 +172,11 @@ class Agent:
         self.stop_signal = signum
         if self.kernel is not None and self.kernel.poll() is None:
             self.kernel.terminate()  # bwrap forwards nothing; its sandbox dies with it
+
+    def on_parent_gone(self) -> None:
+        """The frontend on this node that started this agent has ended: so does its kernel."""
+        _say("the frontend that started this kernel has ended: ending the kernel")
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def on_interrupt(self, signum: int, frame: FrameType | None) -> None:
         """SIGINT (from ``hpc-kernel interrupt``, see :func:`signal_agent`) interrupts the kernel, as a
@@ -184,11 +209,11 @@ class Agent:
         launch = self.launch
         root = choose_node_tmp(launch.get("node_tmp"), os.environ)
         self.sweep(Path(root))
-        self.node_dir = Path(tempfile.mkdtemp(prefix=node_dir_prefix(self.job_id), dir=root))
-        base = str(self.node_dir / "kernel")
+        self.node_dir = make_node_dir(Path(root), self.job_id)
+        base = str(kernel_socket_base(self.node_dir))
         for path in socket_paths(base):
             check_socket_path(path, "node-side socket")
-        connection_file = self.connection_file = self.node_dir / "kernel.json"
+        connection_file = self.connection_file = kernel_connection_file(self.node_dir)
         write_json(connection_file, connection_info(base, self.files.key.read_text().strip(),
                                                     read_json(self.files.curve)))
         relay = launch.get("relay") or {}
@@ -201,7 +226,9 @@ class Agent:
                 f"workspace {workspace} does not exist on {self.node}: it must be on a file system "
                 "the compute nodes share (e.g. under your home), not on login-node-local storage"
             )
-        hide = [path for path in launch.get("hide", []) if os.path.isdir(path)]
+        # A hidden directory is hidden under its real path too (a home /home/u -> /gpfs/home/u).
+        hide = sorted({p for path in launch.get("hide", []) if os.path.isdir(path)
+                       for p in (path, os.path.realpath(path))})
         binds = launch.get("binds", [])
         missing = [b for b in binds if not os.path.exists(b.partition(":")[0])]
         if missing:
@@ -217,6 +244,22 @@ class Agent:
         if gpus and not any(d.removeprefix("/dev/nvidia").isdigit() for d in devices):
             _say(f"Slurm allocated GPUs ({os.environ.get('SLURM_STEP_GPUS') or os.environ.get('SLURM_JOB_GPUS')}) "
                  "but no /dev/nvidiaN matches them: bubblewrap binds no GPU (only NVIDIA GPUs are known)")
+        kind = launch["runtime"]
+        executable = launch.get("runtime_executable") or kind
+        found = shutil.which(executable)
+        if found is None:
+            raise AgentError(f"runtime {kind}: {executable!r} is not installed on {self.node} (not found on "
+                             f"PATH={os.environ.get('PATH', '')}); set runtime.executable, or load its module "
+                             "with slurm.modules")
+        kernel_python = launch.get("kernel_python", launch["python"])
+        system_paths, system_links = shown_system_paths(launch.get("system_paths") or DEFAULT_SYSTEM_PATHS)
+        if kind == "bwrap":
+            for prefix in python_prefixes(kernel_python, system_paths):  # a Python outside them
+                why = exposes_private_files(prefix, private[0], private[1:]) if private else None
+                if why:
+                    raise AgentError(f"refused on {self.node}: the kernel's Python {kernel_python} lives in {prefix}, "
+                                     f"which would have to be shown to the kernel: {why}")
+                binds = [*binds, f"{prefix}:ro"]
         spec = SandboxSpec(
             node_dir=str(self.node_dir),
             hide=hide,
@@ -225,16 +268,12 @@ class Agent:
             binds=binds,
             gpus=gpus,
             gpu_devices=devices,
+            system_paths=system_paths,
+            system_links=system_links,
+            disable_userns=kind == "bwrap" and bwrap_can_disable_userns(found),
         )
-        command = kernel_argv(launch["kernel_command"], python=launch.get("kernel_python", launch["python"]),
-                              connection_file=str(connection_file))
-        kind = launch["runtime"]
-        executable = launch.get("runtime_executable") or kind
-        found = shutil.which(executable)
-        if found is None:
-            raise AgentError(f"runtime {kind}: {executable!r} is not installed on {self.node} (not found on "
-                             f"PATH={os.environ.get('PATH', '')}); set runtime.executable, or load its module "
-                             "with slurm.modules")
+        self.runtime_forbids_userns = spec.disable_userns
+        command = kernel_argv(launch["kernel_command"], python=kernel_python, connection_file=str(connection_file))
         kernel_env = launch.get("kernel_env", {})
         env = sandbox_environment(os.environ, {**self.kernel_startup(kernel_env), **kernel_env})
         if kind == "bwrap":
@@ -257,6 +296,15 @@ class Agent:
             return
         if removed:
             _say(f"removed {len(removed)} node directories of ended jobs: {', '.join(p.name for p in removed)}")
+
+    def forbid_user_namespaces(self) -> None:
+        """Before any client's code runs: no user namespaces inside the sandbox (see userns.py)."""
+        pid = self.kernel_pid()
+        if pid is None:
+            raise AgentError("the kernel's process was not found in the sandbox: cannot forbid user namespaces there")
+        why_not = forbid_user_namespaces(pid)
+        if why_not:
+            _say(why_not)
 
     def note_requeue(self) -> None:
         """This job ran before and Slurm requeued it: say so in the log, and learn its new
@@ -282,13 +330,13 @@ class Agent:
         parts: list[tuple[ModuleType, list[str]]] = []
         warn_before = float(self.launch.get("time_warning") or 0)
         if warn_before > 0 and self.job_id:
-            parts.append((kernel_time_warning, [str(self.node_dir / DEADLINE_FILE)]))
+            parts.append((kernel_time_warning, [str(sandbox_ro(self.node_dir) / DEADLINE_FILE)]))
         self.memory_limit = memory_limit(str(self.launch.get("limits_memory") or "job"), os.environ)
         processes = self.launch.get("limits_processes")
         self.process_limit = int(processes) if processes else None
         if self.memory_limit or self.process_limit:
             parts.append((kernel_limits, [str(self.process_limit or ""), str(self.memory_limit or ""),
-                                          str(self.node_dir / LIMITS_REPORT)]))
+                                          str(sandbox_rw(self.node_dir) / LIMITS_REPORT)]))
             _say(f"limits: memory {human(self.memory_limit) if self.memory_limit else 'none'}, "
                  f"processes {self.process_limit or 'none'}")
         self.idle_timeout = float(self.launch.get("idle_timeout") or 0)
@@ -296,25 +344,26 @@ class Agent:
         if self.idle_timeout > 0:
             (self.node_dir / CLIENTS_DIR).mkdir(mode=0o700)  # the relay's node sides count clients there
         if self.idle_timeout > 0 or restore:
-            parts.append((kernel_hibernate, [str(self.node_dir)]))
+            parts.append((kernel_hibernate, [str(sandbox_rw(self.node_dir))]))
         if restore:
             self.copy_restore(Path(restore), self.launch.get("restore_sha256"))
         allow_hosts = [parse_allowed(entry) for entry in self.launch.get("allow_hosts") or []]
         if allow_hosts:
-            parts.append((kernel_egress, [str(self.node_dir / EGRESS_SOCKET)]))
-        variables = kernel_startup.install(self.node_dir, kernel_env, parts)
+            parts.append((kernel_egress, [str(sandbox_rw(self.node_dir) / EGRESS_SOCKET)]))
+        # IPython wants its directory writable (else it takes a temporary one, without our startup file)
+        variables = kernel_startup.install(sandbox_rw(self.node_dir), kernel_env, parts)
         if parts and not variables:
             _say("kernel.env sets IPYTHONDIR: the kernel gets no warning before the time limit, no way to "
                  "the allowed hosts and no limits of its own (the agent's watch still ends it over a limit)")
             return {}
         if allow_hosts:
-            self.egress = EgressProxy(self.node_dir, allow_hosts, _say)
+            self.egress = EgressProxy(sandbox_rw(self.node_dir), allow_hosts, _say)
             self.egress.start()
             _say("egress: a proxy for " + ", ".join(f"{h}:{p}" for h, p in allow_hosts) + " (everything else: 403)")
         if warn_before > 0 and self.job_id:
             notice = (f"Slurm requeued job {self.job_id} (restart {self.restarts}: its node failed, or it was "
                       "preempted), so this is a new kernel: variables from before are lost.") if self.restarts else None
-            self.deadline = DeadlineWriter(self.node_dir, self.job_id, warn_before, _say, notice=notice)
+            self.deadline = DeadlineWriter(sandbox_ro(self.node_dir), self.job_id, warn_before, _say, notice=notice)
             self.deadline.start()
         return variables
 
@@ -355,7 +404,7 @@ class Agent:
 
     def wait_for_sockets(self, timeout: float) -> None:
         assert self.kernel is not None and self.node_dir is not None
-        sockets = socket_paths(str(self.node_dir / "kernel"))
+        sockets = socket_paths(str(kernel_socket_base(self.node_dir)))
         deadline = time.monotonic() + timeout
         while not all(os.path.exists(s) for s in sockets):
             if self.stop_signal is not None:
@@ -373,6 +422,7 @@ class Agent:
         _become_subreaper()
         for sig in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, self.on_signal)
+        watch_parent(os.environ, self.on_parent_gone)
         signal.signal(signal.SIGINT, self.on_interrupt)
         signal.signal(signal.SIGUSR1, self.on_restart)
         try:
@@ -426,7 +476,7 @@ class Agent:
         self.restart_now = False
         try:
             assert self.node_dir is not None
-            for path in socket_paths(str(self.node_dir / "kernel")):  # a kernel leaves its sockets behind
+            for path in socket_paths(str(kernel_socket_base(self.node_dir))):  # a kernel leaves its sockets behind
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
             self.report("starting")
@@ -438,6 +488,8 @@ class Agent:
             self.stderr_done.clear()
             threading.Thread(target=self._forward_stderr, args=(self.kernel.stderr,), daemon=True).start()
             self.wait_for_sockets(float(self.launch.get("start_timeout", 60)))
+            if not self.runtime_forbids_userns:
+                self.forbid_user_namespaces()
         except Exception as e:
             self.fail(e)
             return None
@@ -447,10 +499,11 @@ class Agent:
         watches: list[SandboxWatch | IdleWatch] = []
         if self.memory_limit or self.process_limit:
             watches.append(SandboxWatch(self.kernel.pid, self.memory_limit, self.process_limit, self.on_limit,
-                                        lambda: bool((read_json(self.node_dir / LIMITS_REPORT) or {}).get("nproc"))))
+                                        lambda: bool((read_untrusted_json(sandbox_rw(self.node_dir) / LIMITS_REPORT)
+                                                      or {}).get("nproc"))))
         if self.idle_timeout > 0 or self.launch.get("restore"):
             restore = self.launch.get("restore")
-            watches.append(IdleWatch(self.node_dir, self.idle_timeout, self.snapshot_dir,
+            watches.append(IdleWatch(self.node_dir, sandbox_rw(self.node_dir), self.idle_timeout, self.snapshot_dir,
                                      lambda: self.listener.shell_clients() if self.listener else 0,
                                      self.on_hibernated, _say, Path(restore) if restore else None))
         for watch in watches:
@@ -472,11 +525,11 @@ class Agent:
                  "starting without them")
             return
         try:
-            sha256 = copy_checked(source, self.node_dir / RESTORE)
+            sha256 = copy_checked(source, sandbox_rw(self.node_dir) / RESTORE)
         except OSError as e:
             raise AgentError(f"resume: cannot read the saved variables {source}: {e}") from None
         if expected_sha256 and sha256 != expected_sha256:
-            (self.node_dir / RESTORE).unlink()
+            (sandbox_rw(self.node_dir) / RESTORE).unlink()
             raise AgentError(f"resume: {source} changed after the kernel saved it (its SHA-256 differs); "
                              "not loaded. Start a new kernel, or move the file away")
 

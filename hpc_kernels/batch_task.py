@@ -40,7 +40,7 @@ from .batch import (
     write_result,
 )
 from .errors import HpcKernelsError
-from .execute import strip_ansi
+from .terminal import strip_ansi
 from .kernelspecs import kernelspec
 from .notebooks import inject_parameters, skip_iri_format_checker
 from .paths import kernels_root, read_json, write_file_atomically

@@ -30,6 +30,7 @@ from .launcher import (
     view_all,
 )
 from .paths import exposes_private_files, private_paths
+from .terminal import shown
 from .profiles import (
     KernelRequest,
     RELAY_TRANSPORTS,
@@ -212,8 +213,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         width = max(len(k) for k in summary)
         for key, value in summary.items():
-            if value not in ("", None):
-                print(f"{key.replace('_', ' '):<{width}}  {value}")
+            if value not in ("", None):  # the message may quote the kernel's own output
+                print(shown(f"{key.replace('_', ' '):<{width}}  {value}", sys.stdout))
     return 0
 
 
@@ -225,11 +226,11 @@ def cmd_logs(args: argparse.Namespace) -> int:
     try:
         with open(path, "rb") as f:
             lines = f.read().decode(errors="replace").splitlines()
-            print("\n".join(lines[-args.lines:] if args.lines else lines))
+            print(shown("\n".join(lines[-args.lines:] if args.lines else lines), sys.stdout))
             while args.follow:
                 chunk = f.read()
                 if chunk:
-                    sys.stdout.write(chunk.decode(errors="replace"))
+                    sys.stdout.write(shown(chunk.decode(errors="replace"), sys.stdout))
                     sys.stdout.flush()
                 else:
                     time.sleep(0.5)

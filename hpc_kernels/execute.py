@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import getpass
 import queue
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -14,35 +13,23 @@ from typing import Any, TextIO
 from jupyter_client import BlockingKernelClient
 
 from .errors import HpcKernelsError
+from .terminal import plain, shown
 
 READY_TIMEOUT = 30.0
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
-def strip_ansi(text: str) -> str:
-    """``text`` without ANSI colour codes (tracebacks carry them)."""
-    return _ANSI.sub("", text)
-
-
-def _plain(text: str, stream: TextIO) -> str:
-    """Tracebacks carry ANSI colours; keep them for a terminal, drop them for files and pipes."""
-    return text if stream.isatty() else strip_ansi(text)
-
-
 def print_output(msg: dict[str, Any]) -> None:
     """Show one IOPub message the way a Jupyter console does."""
     kind, content = msg["msg_type"], msg["content"]
     if kind == "stream":
         stream = sys.stderr if content.get("name") == "stderr" else sys.stdout
-        stream.write(content.get("text", ""))
+        stream.write(shown(content.get("text", ""), stream))
         stream.flush()
     elif kind in ("execute_result", "display_data"):
         text = content.get("data", {}).get("text/plain")
         if text is not None:
-            print(text, flush=True)
+            print(shown(text, sys.stdout), flush=True)
     elif kind == "error":
         sys.stdout.flush()
-        print(_plain("\n".join(content.get("traceback") or [f"{content.get('ename')}: {content.get('evalue')}"]),
+        print(plain("\n".join(content.get("traceback") or [f"{content.get('ename')}: {content.get('evalue')}"]),
                      sys.stderr), file=sys.stderr, flush=True)
 
 

@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import stat
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from .kernel_hibernate import ACTIVITY, REPORT, REQUEST, RESTORED, SNAPSHOT
-from .paths import atomic_file, read_json, write_json
+from .paths import atomic_file, open_regular, read_json, read_untrusted_json, write_json
 from .processes import identity, is_running
 from .protocol import SOCKET_NAMES
 
@@ -36,6 +35,7 @@ SHELL = SOCKET_NAMES.index("shell")  # clients are counted by their shell channe
 SNAPSHOT_NAME = "namespace.pickle"
 REPORT_NAME = "report.json"
 SAVE_TIMEOUT = 300.0
+REPORT_MAX_BYTES = 16 << 20
 
 
 def counts_clients(node_dir: Path) -> bool:
@@ -99,17 +99,6 @@ def snapshot_dir(workspace: str | None, state_root: Path, name: str) -> Path:
     return _private_dirs(state_root, "hibernated", name)
 
 
-def open_regular(path: Path) -> BinaryIO:
-    """``path`` for reading if it is a regular file of ours, not a link: the sandboxed kernel can
-    write in the node-side directory and must not make the agent copy another file."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
-        os.close(fd)
-        raise OSError(f"{path} is not a regular file of ours")
-    return os.fdopen(fd, "rb")
-
-
 def copy_checked(source: Path, target: Path) -> str:
     """Copy ``source`` (see :func:`open_regular`) to ``target`` atomically (0600); its SHA-256."""
     digest = hashlib.sha256()
@@ -125,10 +114,11 @@ class IdleWatch:
     asks it for its variables and hands them to ``hibernated(snapshot, report, sha256)``. For a
     resumed kernel, it also says once the kernel has loaded its saved variables (``restore_source``)."""
 
-    def __init__(self, node_dir: Path, timeout: float, destination: Callable[[], Path],
+    def __init__(self, node_dir: Path, shared: Path, timeout: float, destination: Callable[[], Path],
                  extra_clients: Callable[[], int], hibernated: Callable[[Path, dict[str, Any], str], None],
                  say: Callable[[str], None], restore_source: Path | None = None) -> None:
-        self.node_dir = node_dir
+        self.node_dir = node_dir  # the private part: the relay node sides' client counts
+        self.shared = shared  # what the kernel writes (and may forge): its activity, report, snapshot
         self.restore_source = restore_source
         self.timeout = timeout
         self.destination = destination
@@ -153,7 +143,7 @@ class IdleWatch:
         if self.clients():
             self.last_client = time.time()
             return None
-        return idle_since(read_json(self.node_dir / ACTIVITY) or {}, self.last_client)
+        return idle_since(read_untrusted_json(self.shared / ACTIVITY) or {}, self.last_client)
 
     def _run(self) -> None:
         while not self.stop_event.wait(self.every):
@@ -171,9 +161,9 @@ class IdleWatch:
         """A resumed kernel has loaded its variables: say so. The saved copy stays (the resumed
         kernel may crash, or its job fail) until a new hibernation replaces it or a shutdown
         discards it."""
-        if self.restore_source is None or not (self.node_dir / RESTORED).exists():
+        if self.restore_source is None or not (self.shared / RESTORED).exists():
             return
-        restored = read_json(self.node_dir / RESTORED) or {}
+        restored = read_untrusted_json(self.shared / RESTORED) or {}
         self.say(f"resumed: {len(restored.get('restored', []))} variables restored, "
                  f"{len(restored.get('failed', {}))} not (the saved copy stays until a shutdown)")
         self.restore_source = None
@@ -190,21 +180,22 @@ class IdleWatch:
         self.say(f"idle for {self.timeout:.0f} s (no cell, no client): hibernating")
         for stale in (SNAPSHOT, REPORT, REQUEST):
             with contextlib.suppress(FileNotFoundError):
-                (self.node_dir / stale).unlink()
-        os.close(os.open(self.node_dir / REQUEST, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+                (self.shared / stale).unlink()
+        os.close(os.open(self.shared / REQUEST, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
         deadline = time.monotonic() + SAVE_TIMEOUT
-        while not (self.node_dir / REPORT).exists():
+        while not (self.shared / REPORT).exists():
             if self.stop_event.wait(0.2) or time.monotonic() > deadline:
                 return self._give_up("the kernel did not answer")
-        with open_regular(self.node_dir / REPORT) as f:
-            report = json.load(f)
+        report = read_untrusted_json(self.shared / REPORT, REPORT_MAX_BYTES)
+        if not isinstance(report, dict):
+            return self._give_up("the kernel's report is not a JSON object of at most 16 MiB in a regular file")
         if report.get("error"):
             return self._give_up(f"the kernel could not save its variables: {report['error']}")
         now_since = self.idle_since()
         if now_since is None or now_since > since:
             return self._give_up("a cell ran or a client came meanwhile")
         directory = self.destination()
-        sha256 = copy_checked(self.node_dir / SNAPSHOT, directory / SNAPSHOT_NAME)
+        sha256 = copy_checked(self.shared / SNAPSHOT, directory / SNAPSHOT_NAME)
         write_json(directory / REPORT_NAME, report)
         self.hibernated(directory / SNAPSHOT_NAME, report, sha256)
         return True
@@ -213,6 +204,6 @@ class IdleWatch:
         self.say(f"not hibernating: {why}")
         for stale in (SNAPSHOT, REPORT, REQUEST):
             with contextlib.suppress(FileNotFoundError):
-                (self.node_dir / stale).unlink()
+                (self.shared / stale).unlink()
         self.last_client = time.time()  # a full timeout again before the next try
         return False

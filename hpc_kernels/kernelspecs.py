@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import HpcKernelsError
+from .processes import python_module
 from .profiles import KernelRequest, Profile, apply_request, check_kernel_name
 
 PROVISIONER_NAME = "hpc-kernels"
@@ -61,7 +62,7 @@ def kernelspec(profile: Profile, *, display_name: str | None = None, interrupt_m
         metadata["supported_encryption"] = ["curve"]
     return {
         # Never run: the provisioner starts the kernel. A frontend without provisioners gets a clear error.
-        "argv": [python, "-m", "hpc_kernels.provisioner", "-f", "{connection_file}"],
+        "argv": python_module(python, "hpc_kernels.provisioner", "-f", "{connection_file}"),
         "display_name": display_name or profile.get("kernel", "display_name") or f"Python 3 ({profile.name})",
         "language": profile.get("kernel", "language"),
         "interrupt_mode": interrupt_mode,

@@ -21,9 +21,10 @@ from typing import Any
 
 from . import relay_daemon
 from .errors import HpcKernelsError, KernelNotFound, KernelStartError, RelayError
+from .node_tmp import kernel_socket_base
 from .paths import exposes_private_files, private_paths, read_json, runtime_root, write_json, write_private_file
 from .profiles import KernelRequest, Profile, apply_request, check_kernel_name, load_profile
-from .processes import cmdline, identity, is_running, terminate
+from .processes import cmdline, identity, is_running, parent_variable, python_module, terminate
 from .relay import connection_info, login_dirs_of, socket_paths
 from .render import job_name_of, render_kernel_script
 from .slurm import (
@@ -247,6 +248,7 @@ def launch_spec(profile: Profile, request: KernelRequest, python: str, *,
         "node_tmp": profile.get("paths", "node_tmp"),
         "hide": [*profile.get("runtime", "hide"), home, *state],
         "binds": profile.get("runtime", "binds"),
+        "system_paths": profile.get("runtime", "system_paths"),
         "allow_hosts": profile.get("runtime", "allow_hosts"),
         "limits_memory": profile.get("limits", "memory"),
         "limits_processes": profile.get("limits", "processes"),
@@ -322,12 +324,13 @@ def kernel_script(profile: Profile, name: str, allocation: str | None = None) ->
     )
 
 
-def _spawn_detached(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
-    """Start ``argv`` in a session of its own (it outlives this command), output to ``log``."""
+def _spawn_detached(argv: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in a session of its own (it outlives this command), output to ``log``, in
+    ``/`` (the caller's directory may be a workspace the kernel can write; srun passes it on)."""
     fd = os.open(log, os.O_WRONLY | os.O_APPEND)
     try:
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, start_new_session=True,
-                                close_fds=True)
+                                close_fds=True, cwd="/", env=env)
     finally:
         os.close(fd)
 
@@ -521,7 +524,10 @@ def start_on_node(profile_name: str, request: KernelRequest) -> KernelRecord:
             _write_secrets(files, curve=request.curve)
             write_json(files.launch, launch)
             write_private_file(files.log, "")
-            agent = _spawn_detached([python, "-m", "hpc_kernels.agent", str(files.dir)], files.log)
+            # The agent ends with the frontend that started it (a JupyterLab, a batch task), even
+            # where Slurm would not follow it (proctrack/linuxproc loses a reparented process).
+            agent = _spawn_detached(python_module(python, "hpc_kernels.agent", str(files.dir)), files.log,
+                                    env={**os.environ, **parent_variable()})
             record.step = identity(agent.pid)
             record.status = "submitted"
             save_record(record)
@@ -688,9 +694,10 @@ def keep_relay_sockets(name: str) -> None:
 def _node_client_connection(files: KernelFiles) -> Path:
     """For a client on the kernel's node: a connection file whose socket paths are symbolic
     links to the kernel's own sockets, in a private ``client/`` directory of the node-side
-    directory. jupyter_client removes a kernel's IPC files when it restarts it; so it removes
-    these links, and the agent's next kernel keeps its sockets (:func:`restore_relay_sockets`
-    puts the links back)."""
+    directory, outside what the sandbox can write (the kernel could otherwise point the frontend,
+    which runs with the network, elsewhere at its next restart). jupyter_client removes a
+    kernel's IPC files when it restarts it; so it removes these links, and the agent's next
+    kernel keeps its sockets (:func:`restore_relay_sockets` puts the links back)."""
     node_dir = Path(state_json(files.agent)["node_dir"])
     client = node_dir / "client"
     client.mkdir(mode=0o700, exist_ok=True)
@@ -703,9 +710,10 @@ def _node_client_connection(files: KernelFiles) -> Path:
 
 
 def _link_node_sockets(node_dir: Path) -> None:
-    for real, link in zip(socket_paths(str(node_dir / "kernel")), socket_paths(str(node_dir / "client" / "kernel"))):
+    real_base = kernel_socket_base(node_dir)
+    for real, link in zip(socket_paths(str(real_base)), socket_paths(str(node_dir / "client" / "kernel"))):
         if not os.path.lexists(link):
-            os.symlink(f"../{Path(real).name}", link)
+            os.symlink(f"../{real_base.parent.name}/{Path(real).name}", link)
 
 
 def restore_relay_sockets(name: str) -> None:
@@ -782,8 +790,8 @@ def _signal_agent(name: str, action: str) -> KernelView:
             raise HpcKernelsError(f"could not {action} kernel {name}: {problem}")
         return current
     launch = read_json(files.launch) or {}
-    argv = srun_into_job(str(current.record.job_id), [launch.get("python", sys.executable), "-m",
-                                                      "hpc_kernels.agent", action, str(files.dir)],
+    argv = srun_into_job(str(current.record.job_id),
+                         python_module(launch.get("python", sys.executable), "hpc_kernels.agent", action, str(files.dir)),
                          export=NODE_STEP_ENVIRONMENT, node=current.agent.get("slurm_node"))
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=AGENT_SIGNAL_TIMEOUT,

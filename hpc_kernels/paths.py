@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -42,10 +43,20 @@ def kernels_root() -> Path:
 
 
 def runtime_root() -> Path:
+    """``$XDG_RUNTIME_DIR/hpc-kernels``, else ``/tmp/hpc-kernels-<uid>``, unless something that
+    is not a directory of ours is there already (another user made it first, to deny us
+    service): then ``~/.hpc-kernels-run-<host>``, which no one else can make."""
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg and os.path.isdir(xdg) and os.access(xdg, os.W_OK):
         return Path(xdg) / "hpc-kernels"
-    return Path(tempfile.gettempdir()) / f"hpc-kernels-{os.getuid()}"
+    shared = Path(tempfile.gettempdir()) / f"hpc-kernels-{os.getuid()}"
+    try:
+        st = os.lstat(shared)
+    except FileNotFoundError:
+        return shared
+    if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
+        return shared
+    return Path(os.path.expanduser("~")) / f".hpc-kernels-run-{socket.gethostname().split('.')[0]}"
 
 
 def ensure_kernels_root() -> Path:
@@ -155,6 +166,36 @@ def read_json(path: Path) -> Any | None:
         with open(path) as f:
             return json.load(f)
     except FileNotFoundError:
+        return None
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """``path`` for reading if it is a regular file of ours, not a link (nor a FIFO, which would
+    block): what the sandboxed kernel can write must not make a process outside read another file."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+        os.close(fd)
+        raise OSError(f"{path} is not a regular file of ours")
+    return os.fdopen(fd, "rb")
+
+
+UNTRUSTED_JSON_MAX_BYTES = 64 * 1024
+
+
+def read_untrusted_json(path: Path, max_bytes: int = UNTRUSTED_JSON_MAX_BYTES) -> Any | None:
+    """The JSON in a file the sandbox can write, or None: read only from a regular file of ours
+    (see :func:`open_regular`), at most ``max_bytes``, never raising on what is there."""
+    try:
+        with open_regular(path) as f:
+            data = f.read(max_bytes + 1)
+    except OSError:
+        return None
+    if len(data) > max_bytes:
+        return None
+    try:
+        return json.loads(data)
+    except ValueError:
         return None
 
 

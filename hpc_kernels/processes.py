@@ -10,8 +10,21 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import threading
 import time
 from typing import Any
+
+
+def python_module(python: str, module: str, *args: str) -> list[str]:
+    """``python -I -m module args``: how every Python process of ours outside the sandbox starts.
+
+    Isolated mode keeps the working directory off ``sys.path`` (``-m`` would put it first) and
+    ignores PYTHONPATH, PYTHONSTARTUP, PYTHONUSERBASE and the user's site directory: our processes
+    often start in a workspace the kernel may write, and nothing there may be imported outside
+    the sandbox (a planted ``hpc_kernels/agent.py`` or ``stringprep.py`` would run on the node with
+    the user's network and home). hpc-kernels must therefore be installed in ``python``'s own
+    environment, not reached through PYTHONPATH."""
+    return [python, "-I", "-m", module, *args]
 
 
 def start_time(pid: int) -> int | None:
@@ -75,6 +88,36 @@ def is_running(recorded: dict[str, Any], marker: str) -> bool:
     if start_time(pid) != recorded.get("start_time"):
         return False
     return marker in cmdline(pid)
+
+
+PARENT_VARIABLE = "HPC_KERNELS_PARENT"  # "PID:START_TIME" of the process that must outlive us
+PARENT_CHECK_SECONDS = 2.0
+
+
+def parent_variable(pid: int | None = None) -> dict[str, str]:
+    """The variable that tells a process we start whom to end with (this process by default)."""
+    pid = os.getpid() if pid is None else pid
+    return {PARENT_VARIABLE: f"{pid}:{start_time(pid)}"}
+
+
+def watch_parent(environ: dict[str, str] | os._Environ[str], gone: Any) -> threading.Thread | None:
+    """If ``HPC_KERNELS_PARENT`` names a process, call ``gone()`` once it no longer runs (checked
+    every 2 s): a process of ours started detached (in a session of its own) still ends with
+    whoever started it, whatever the site's proctrack plugin makes of a reparented process.
+    (PR_SET_PDEATHSIG would fire when the starting *thread* ends, which a thread pool's do.)"""
+    value = environ.get(PARENT_VARIABLE, "")
+    pid, _, started = value.partition(":")
+    if not pid.isdigit():
+        return None
+
+    def run() -> None:
+        while str(start_time(int(pid))) == started:
+            time.sleep(PARENT_CHECK_SECONDS)
+        gone()
+
+    thread = threading.Thread(target=run, name="parent-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 def terminate(recorded: dict[str, Any], marker: str, timeout: float) -> None:

@@ -26,7 +26,7 @@ import yaml
 from .egress import parse_allowed
 from .errors import HpcKernelsError, ProfileError
 from .resources import data_dir
-from .runtimes import RUNTIME_KINDS
+from .runtimes import DEFAULT_SYSTEM_PATHS, RUNTIME_KINDS
 
 # How the relay carries a kernel's stream (hpc_kernels.relay): a job step, mutual-TLS TCP, OpenSSH.
 RELAY_TRANSPORTS = ("srun", "tcp", "ssh")
@@ -324,6 +324,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "network": (_one_of("none"), "none"),
         "hide": (_list_of(_abs_path, "absolute paths"), ["/home", "/root", "/run", "/var/tmp", "/srv", "/mnt", "/media"]),
         "binds": (_list_of(_bind, "paths"), []),
+        "system_paths": (_list_of(_abs_path, "absolute paths"), list(DEFAULT_SYSTEM_PATHS)),
         "allow_hosts": (_list_of(_allowed_host, "host names"), []),
     },
     "kernel": {

@@ -27,6 +27,7 @@ import random
 import shlex
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -44,6 +45,7 @@ from . import protocol as p
 from .errors import RelayError, SlurmError
 from .hibernation import SHELL, clients_file, counts_clients, write_clients
 from .multiplexer import LocalEnd, Multiplexer, StreamEnd
+from .node_tmp import kernel_socket_base
 from .paths import (
     check_socket_path,
     ensure_private_dir,
@@ -51,7 +53,7 @@ from .paths import (
     runtime_root,
     write_json,
 )
-from .processes import identity
+from .processes import identity, python_module
 from .slurm import NODE_STEP_ENVIRONMENT, job_info, srun_into_job
 from .state import KernelFiles, kernel_lives, state_json
 from .tls import NODE_NAME, CredentialFiles, login_context, node_context
@@ -87,9 +89,19 @@ def _make_raw(fd: int) -> None:
         tty.setraw(fd)
 
 
+async def _connect_kernel_socket(factory: Callable[[], LocalEnd], path: str) -> None:
+    """Connect to one of the kernel's sockets, which lie where the sandbox can write: only to a
+    socket of ours, never through a link the kernel put there (this process runs outside the
+    sandbox, and would otherwise carry a client's traffic to any unix socket of the node)."""
+    info = os.lstat(path)
+    if not stat.S_ISSOCK(info.st_mode) or info.st_uid != os.getuid():
+        raise OSError(f"{path} is not a socket of ours")
+    await asyncio.get_running_loop().create_unix_connection(factory, path)
+
+
 async def _serve_node(node_dir: Path) -> int:
     loop = asyncio.get_running_loop()
-    sockets = socket_paths(str(node_dir / "kernel"))
+    sockets = socket_paths(str(kernel_socket_base(node_dir)))
     out, _ = await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(1, "wb", 0))
     missing = [s for s in sockets if not os.path.exists(s)]
     if missing:
@@ -98,7 +110,7 @@ async def _serve_node(node_dir: Path) -> int:
         return 1
 
     async def connect(index: int, factory: Callable[[], LocalEnd]) -> None:
-        await loop.create_unix_connection(factory, sockets[index])  # IndexError: answered with CLOSE
+        await _connect_kernel_socket(factory, sockets[index])  # IndexError: answered with CLOSE
 
     out.write(p.encode_hello({"node": socket.gethostname()}))
     stream = StreamEnd(lambda _: Multiplexer(out.write, connect))
@@ -164,11 +176,11 @@ async def serve_node_tcp(node_dir: Path, credentials: CredentialFiles, *, host: 
     It binds the first free port of ``ports`` (0: any); its connections are added to
     ``connections``, so that whoever stops the server can end them too."""
     loop = asyncio.get_running_loop()
-    sockets = socket_paths(str(node_dir / "kernel"))
+    sockets = socket_paths(str(kernel_socket_base(node_dir)))
     context = node_context(credentials)
 
     async def connect(index: int, factory: Callable[[], LocalEnd]) -> None:
-        await loop.create_unix_connection(factory, sockets[index])
+        await _connect_kernel_socket(factory, sockets[index])
 
     def stream(transport: asyncio.BaseTransport) -> Multiplexer:
         _tune_tcp(transport)
@@ -385,7 +397,7 @@ def step_command(transport: str, *, job_id: str, agent: Mapping[str, Any], pytho
                  ssh_options: Sequence[str] = ()) -> list[str]:
     """The command whose stdio carries the stream: the node side as a step of the kernel's own
     job (srun), or through OpenSSH to the kernel's node (ssh)."""
-    remote = [python, "-m", "hpc_kernels.relay", "node", agent["node_dir"]]
+    remote = python_module(python, "hpc_kernels.relay", "node", agent["node_dir"])
     if transport == "ssh":
         return ssh_argv(agent["node"], remote, ssh_options)
     return srun_into_job(job_id, remote, export=NODE_STEP_ENVIRONMENT, node=agent.get("slurm_node"))

@@ -42,6 +42,7 @@ from typing import Any
 
 from .errors import RelayError
 from .paths import ensure_private_dir, runtime_root, state_root
+from .processes import python_module
 from .relay import launch_transport, serve_kernel
 from .state import KernelFiles, state_json
 
@@ -311,7 +312,7 @@ def _spawn() -> None:
     ensure_private_dir(log.parent)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
-        subprocess.Popen([sys.executable, "-m", "hpc_kernels.relay_daemon"], stdin=subprocess.DEVNULL, stdout=fd,
+        subprocess.Popen(python_module(sys.executable, "hpc_kernels.relay_daemon"), stdin=subprocess.DEVNULL, stdout=fd,
                          stderr=fd, start_new_session=True, close_fds=True, cwd="/")
     finally:
         os.close(fd)

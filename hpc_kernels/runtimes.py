@@ -11,6 +11,9 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+
+from .node_tmp import sandbox_ro, sandbox_rw
 
 # Variables of the job's environment that the kernel may see; everything else (the login
 # node's environment, which sbatch exports into the job) stays outside the sandbox.
@@ -31,6 +34,12 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"
 
 RUNTIME_KINDS = ("bwrap", "apptainer")
 
+# What of the node bubblewrap shows the kernel (read-only), unless a profile says otherwise
+# (runtime.system_paths): the programs, libraries and configuration a Python needs, and /opt,
+# where sites keep software. Nothing else of the node: no /var (Slurm's spool, with the job's
+# step sockets), no /run (daemon sockets), no /home, no /sys.
+DEFAULT_SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt")
+
 # NVIDIA device nodes every GPU process needs besides its /dev/nvidiaN (those present are bound).
 NVIDIA_CONTROL_DEVICES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia-modeset")
 
@@ -45,9 +54,13 @@ APPTAINER_PROCESS_ENVIRONMENT = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_
 class SandboxSpec:
     """What the sandbox must look like.
 
-    ``hide`` lists directories replaced by an empty tmpfs (home directories, /run with its
-    daemon sockets, ...); only ones that exist on the node should be given. ``node_dir`` is the
-    private directory holding the kernel's sockets and connection file, bound read-write.
+    bubblewrap shows only ``system_paths`` of the node (read-only; ``system_links`` are those
+    that are symbolic links there, as /bin -> usr/bin: (path, target)), the binds and the
+    workspace. ``hide`` lists directories replaced by an empty tmpfs (home directories, ...);
+    only ones that exist on the node should be given. ``node_dir`` is the
+    kernel's private directory on the node: only its ``rw/`` part (the kernel's sockets and
+    reports, its connection file) is bound read-write, its ``ro/`` part (the deadline) read-only,
+    and the rest (what processes outside read and trust) not at all.
     """
 
     node_dir: str
@@ -57,6 +70,9 @@ class SandboxSpec:
     binds: Sequence[str] = ()  # "PATH", "PATH:ro" or "PATH:rw", bound at the same path
     gpu_devices: Sequence[str] = ()  # device nodes of the GPUs Slurm allocated (bwrap binds them)
     gpus: bool = False  # Slurm allocated GPUs: Apptainer adds --nv
+    system_paths: Sequence[str] = DEFAULT_SYSTEM_PATHS
+    system_links: Sequence[tuple[str, str]] = ()
+    disable_userns: bool = False  # bubblewrap >= 0.8: no user namespaces inside (--disable-userns)
 
 
 def _hidden_paths(paths: Sequence[str]) -> list[str]:
@@ -74,27 +90,31 @@ def bwrap_argv(spec: SandboxSpec, kernel_argv: Sequence[str], bwrap: str = "bwra
 
     Every namespace bwrap knows is unshared (user, pid, ipc, uts, net, cgroup): the network
     namespace has only a loopback device, so any connection out fails with "Network is
-    unreachable". The host root is mounted read-only, /tmp is a private tmpfs, home
-    directories are hidden, and the sandbox dies with the agent that started it.
+    unreachable"; with ``disable_userns`` the kernel can make no user namespace of its own. Of
+    the node's files only the system paths are there, read-only (deny by default: what is not
+    named is not in the sandbox); /tmp is a private tmpfs, home directories are hidden, and the
+    sandbox dies with the agent that started it.
     """
-    argv = [
-        bwrap,
-        "--unshare-all",
-        "--die-with-parent",
-        "--new-session",
-        "--ro-bind", "/", "/",
-        "--dev", "/dev",
-        "--proc", "/proc",
-        "--tmpfs", "/tmp",
-    ]
+    argv = [bwrap, "--unshare-all", "--die-with-parent", "--new-session"]
+    if spec.disable_userns:
+        argv += ["--unshare-user", "--disable-userns"]
+    for path in spec.system_paths:
+        argv += ["--ro-bind", path, path]
+    for path, target in spec.system_links:
+        argv += ["--symlink", target, path]
+    argv += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+    if spec.gpus:
+        argv += ["--ro-bind", "/sys", "/sys"]  # GPU libraries find their devices there
     for path in _hidden_paths(spec.hide):
-        argv += ["--tmpfs", path]
+        if any(_under(path, shown) for shown in spec.system_paths):
+            argv += ["--tmpfs", path]
     bound = []
     for bind in spec.binds:
         path, _, mode = bind.partition(":")
         argv += ["--bind" if mode == "rw" else "--ro-bind", path, path]
         bound.append(path)
-    argv += ["--bind", spec.node_dir, spec.node_dir]
+    rw, ro = str(sandbox_rw(Path(spec.node_dir))), str(sandbox_ro(Path(spec.node_dir)))
+    argv += ["--bind", rw, rw, "--ro-bind", ro, ro]
     if spec.workspace:
         argv += ["--bind" if spec.workspace_rw else "--ro-bind", spec.workspace, spec.workspace]
         bound.append(spec.workspace)
@@ -107,6 +127,11 @@ def bwrap_argv(spec: SandboxSpec, kernel_argv: Sequence[str], bwrap: str = "bwra
         argv += ["--dev-bind", device, device]
     argv += ["--chdir", spec.workspace or SANDBOX_HOME, "--", *kernel_argv]
     return argv
+
+
+def _under(path: str, parent: str) -> bool:
+    parent = parent.rstrip("/")
+    return path == parent or path.startswith(parent + "/")
 
 
 def _hidden_inside(hide: Sequence[str], bound: Sequence[str]) -> list[str]:
@@ -136,7 +161,8 @@ def apptainer_argv(spec: SandboxSpec, kernel_argv: Sequence[str], image: str, ap
         path, _, mode = bind.partition(":")
         argv += ["--bind", f"{path}:{path}:{'rw' if mode == 'rw' else 'ro'}"]
         bound.append(path)
-    argv += ["--bind", f"{spec.node_dir}:{spec.node_dir}:rw"]
+    rw, ro = str(sandbox_rw(Path(spec.node_dir))), str(sandbox_ro(Path(spec.node_dir)))
+    argv += ["--bind", f"{rw}:{rw}:rw", "--bind", f"{ro}:{ro}:ro"]
     if spec.workspace:
         argv += ["--bind", f"{spec.workspace}:{spec.workspace}:{'rw' if spec.workspace_rw else 'ro'}"]
         bound.append(spec.workspace)

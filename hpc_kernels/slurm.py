@@ -248,12 +248,15 @@ def srun_into_job(job_id: str, argv: Sequence[str], export: Sequence[str] | None
 
     ``--overlap`` lets the step share the resources the batch step holds; ``-u`` makes stdout
     unbuffered (a pty on the task side, which the task must put in raw mode). ``export`` names
-    the only variables of ours the step gets (Slurm adds its own SLURM_* ones).
+    the only variables of ours the step gets (Slurm adds its own SLURM_* ones). The step runs in
+    ``/``, not in the caller's directory (Slurm's default), which may be a workspace the kernel
+    can write.
     """
     options = [f"--export={','.join(export)}"] if export is not None else []
     if node:
         options.append(f"--nodelist={node}")
-    return ["srun", f"--jobid={job_id}", "--overlap", "-u", "--nodes=1", "--ntasks=1", "--quiet", *options, *argv]
+    return ["srun", f"--jobid={job_id}", "--overlap", "-u", "--nodes=1", "--ntasks=1", "--quiet", "--chdir=/",
+            *options, *argv]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -115,7 +115,7 @@ def test_a_failed_save_is_not_tried_again_at_once(tmp_path: Path) -> None:
     def no_room() -> Path:
         raise OSError(28, "No space left on device")
 
-    watch = IdleWatch(tmp_path, 1, no_room, lambda: 0, lambda *a: None, said.append)
+    watch = IdleWatch(tmp_path, tmp_path, 1, no_room, lambda: 0, lambda *a: None, said.append)
     (tmp_path / "hibernate.json").write_text('{"saved": []}')  # as if the kernel had answered
     before = watch.last_client
     watch.save = lambda since: no_room() and False  # type: ignore[method-assign]

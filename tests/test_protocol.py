@@ -127,3 +127,19 @@ def test_an_empty_or_short_credit_is_a_protocol_error() -> None:
         with pytest.raises(p.ProtocolError, match="CREDIT payload must be 4 bytes"):
             p.decode_credit(payload)
     assert p.decode_credit(b"\x00\x00\x00\x00") == 0
+
+
+def test_kernel_output_cannot_act_on_the_terminal() -> None:
+    """exec, logs and status show a kernel's bytes; in a terminal only colours survive (an OSC 52
+    would write the user's clipboard, a CSI could hide or rewrite what was printed)."""
+    from hpc_kernels.terminal import for_terminal
+
+    red = "\x1b[31mred\x1b[0m"
+    assert for_terminal(red) == red, "IPython's colours stay"
+    assert for_terminal("a\tb\r\nc") == "a\tb\r\nc"
+    assert for_terminal("x\x1b]52;c;ZXZpbA==\x07y") == "xy", "OSC 52: the clipboard"
+    assert for_terminal("x\x1b]8;;http://evil\x1b\\link\x1b]8;;\x1b\\y") == "xlinky", "OSC 8: a hidden link"
+    assert for_terminal("x\x1b[2J\x1b[Hy\x1b[?1049h") == "xy", "screen and cursor control"
+    assert for_terminal("x\x1bPq#0;2;0;0;0\x1b\\y") == "xy", "DCS (sixel)"
+    assert for_terminal("x\x9b31my\x07\x08\x00z\x1b") == "xyz", "C1 CSI, bell, backspace, NUL, a lone ESC"
+    assert for_terminal("é ✓ 😀") == "é ✓ 😀"

@@ -13,7 +13,8 @@ def test_the_srun_transport_is_a_step_of_the_kernels_job_on_its_node() -> None:
     argv = step_command("srun", job_id="42", agent=AGENT, python="/opt/venv/bin/python")
     assert argv[:3] == ["srun", "--jobid=42", "--overlap"]
     assert "--nodelist=c1" in argv and "-u" in argv
-    assert argv[-5:] == ["/opt/venv/bin/python", "-m", "hpc_kernels.relay", "node", "/tmp/hk-42-ab cd"]
+    assert argv[-6:] == ["/opt/venv/bin/python", "-I", "-m", "hpc_kernels.relay", "node", "/tmp/hk-42-ab cd"]
+    assert "--chdir=/" in argv, "not in the caller's directory, which may be a workspace the kernel writes"
 
 
 def test_the_ssh_transport_runs_the_same_node_side_through_openssh_without_a_pty() -> None:
@@ -25,7 +26,8 @@ def test_the_ssh_transport_runs_the_same_node_side_through_openssh_without_a_pty
     # the host name, not Slurm's node name: ssh resolves it like any host
     assert argv[-3:-1] == ["--", "c1.cluster"]
     # one remote command string, quoted for the remote shell (the node dir has a space here)
-    assert shlex.split(argv[-1]) == ["/opt/venv/bin/python", "-m", "hpc_kernels.relay", "node", "/tmp/hk-42-ab cd"]
+    assert shlex.split(argv[-1]) == ["/opt/venv/bin/python", "-I", "-m", "hpc_kernels.relay", "node",
+                                     "/tmp/hk-42-ab cd"]
 
 
 def test_an_ssh_command_cannot_be_injected_through_the_remote_arguments() -> None:

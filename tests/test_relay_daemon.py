@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from test_multiplexer import echo_server
 
+from hpc_kernels.node_tmp import kernel_socket_base
 from hpc_kernels.paths import write_json, write_private_file
 from hpc_kernels.relay import serve_kernel, serve_node_tcp, socket_paths
 from hpc_kernels.state import KernelFiles
@@ -53,8 +54,8 @@ class TcpKernel:
 
     async def start(self, tmp_path: Path) -> TcpKernel:
         node_dir = tmp_path / "node"
-        node_dir.mkdir()
-        self.sockets = [await echo_server(Path(p)) for p in socket_paths(str(node_dir / "kernel"))]
+        (node_dir / "rw").mkdir(parents=True)
+        self.sockets = [await echo_server(Path(p)) for p in socket_paths(str(kernel_socket_base(node_dir)))]
         self.files = fake_kernel(tmp_path, 0, node_dir)
         self.connections: set[asyncio.BaseTransport] = set()
         self.listener = await serve_node_tcp(node_dir, CredentialFiles(self.files.dir), host="127.0.0.1",
@@ -220,3 +221,23 @@ def test_a_control_socket_in_a_directory_we_do_not_own_is_not_trusted(env: Path)
     with pytest.raises(HpcKernelsError, match="is not a directory; refusing to use it"):
         ask({"op": "list"})
     assert list(elsewhere.iterdir()) == []
+
+
+def test_the_node_side_connects_only_to_a_socket_of_ours_not_through_a_link(tmp_path: Path) -> None:
+    """The kernel's sockets lie where the sandbox can write: a link put there in place of one must
+    not make the node side (outside the sandbox) carry a client to another unix socket."""
+    import asyncio
+
+    from hpc_kernels.relay import _connect_kernel_socket
+
+    async def main() -> None:
+        other = await asyncio.start_unix_server(lambda r, w: None, path=str(tmp_path / "someone-elses.sock"))
+        (tmp_path / "kernel-1").symlink_to(tmp_path / "someone-elses.sock")
+        (tmp_path / "kernel-2").write_text("")
+        for name in ("kernel-1", "kernel-2"):
+            with pytest.raises(OSError, match="is not a socket of ours"):
+                await _connect_kernel_socket(asyncio.Protocol, str(tmp_path / name))
+        await _connect_kernel_socket(asyncio.Protocol, str(tmp_path / "someone-elses.sock"))  # a real one: fine
+        other.close()
+
+    asyncio.run(main())

@@ -45,7 +45,7 @@ slurm:
                      "#SBATCH --mem=8G", "#SBATCH --exclusive", "#SBATCH --licenses=matlab:1",
                      f"#SBATCH --output={tmp_path}/state/job.log", f"#SBATCH --chdir={tmp_path}/state",
                      "module load cuda/12.2 python/3.11",
-                     f"exec /opt/venv/bin/python -m hpc_kernels.agent {tmp_path}/state"]:
+                     f"exec /opt/venv/bin/python -I -m hpc_kernels.agent {tmp_path}/state"]:
         assert expected in lines, f"{expected!r} not in:\n{script}"
     # sbatch stops reading #SBATCH lines at the first command: all of them must come first.
     first_command = next(i for i, line in enumerate(lines) if line and not line.startswith("#"))
@@ -59,7 +59,7 @@ def test_optional_fields_leave_no_lines(tmp_path: Path) -> None:
 
 def test_shell_values_are_quoted(tmp_path: Path) -> None:
     script = render(profile_from(tmp_path, "{}\n"), tmp_path, python="/opt/my venv/bin/python")
-    assert "exec '/opt/my venv/bin/python' -m hpc_kernels.agent" in script
+    assert "exec '/opt/my venv/bin/python' -I -m hpc_kernels.agent" in script
 
 
 def test_paths_that_cannot_go_into_sbatch_lines_are_refused(tmp_path: Path) -> None:

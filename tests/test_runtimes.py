@@ -29,16 +29,34 @@ def test_bwrap_isolates_everything() -> None:
     assert argv[0] == "bwrap"
     for flag in ("--unshare-all", "--die-with-parent", "--new-session"):
         assert flag in argv
-    assert ("/", "/") in pairs(argv, "--ro-bind")
+    assert "--disable-userns" not in argv, "only where the node's bwrap has it (the agent asks it)"
+    assert "--disable-userns" in bwrap_argv(SandboxSpec(node_dir="/d", hide=[], disable_userns=True), ["k"])
+    # Deny by default: only the system paths of the node, never its root (/var, /run, /home, /sys)
+    assert ("/", "/") not in pairs(argv, "--ro-bind")
+    assert {"/usr", "/etc", "/opt"} <= {a for a, b in pairs(argv, "--ro-bind") if a == b}
+    assert not any(path.startswith(("/var", "/run", "/sys", "/home")) for path in singles(argv, "--ro-bind"))
     assert "/tmp" in singles(argv, "--tmpfs")
-    assert ("/tmp/hk-1-abc", "/tmp/hk-1-abc") in pairs(argv, "--bind")
+    # The node directory: its rw/ part read-write, ro/ read-only, nothing else of it
+    assert pairs(argv, "--bind") == [("/tmp/hk-1-abc/rw", "/tmp/hk-1-abc/rw")]
+    assert ("/tmp/hk-1-abc/ro", "/tmp/hk-1-abc/ro") in pairs(argv, "--ro-bind")
+    assert "/tmp/hk-1-abc" not in argv
     assert argv[argv.index("--") + 1:] == ["python", "-m", "k"]
     assert singles(argv, "--chdir") == [SANDBOX_HOME]
 
 
+def test_bwrap_shows_links_as_links_and_sys_only_with_gpus() -> None:
+    spec = SandboxSpec(node_dir="/d", hide=[], system_paths=["/usr", "/etc"], system_links=[("/bin", "usr/bin")])
+    argv = bwrap_argv(spec, ["k"])
+    assert [a for a, b in pairs(argv, "--ro-bind") if a == b][:2] == ["/usr", "/etc"]
+    assert pairs(argv, "--symlink") == [("usr/bin", "/bin")]
+    assert "/sys" not in argv
+    assert ("/sys", "/sys") in pairs(bwrap_argv(SandboxSpec(node_dir="/d", hide=[], gpus=True), ["k"]), "--ro-bind")
+
+
 def test_hidden_paths_are_sorted_and_not_nested() -> None:
-    argv = bwrap_argv(SandboxSpec(node_dir="/tmp/d", hide=["/run", "/home/u/.local/share/x", "/home", "/home/"]), ["k"])
-    assert singles(argv, "--tmpfs") == ["/tmp", "/home", "/run"]
+    spec = SandboxSpec(node_dir="/tmp/d", hide=["/opt/x", "/etc/u/.local/share/x", "/etc/u", "/etc/u/", "/home"])
+    # /home is not shown at all (not a system path): nothing to hide there
+    assert singles(bwrap_argv(spec, ["k"]), "--tmpfs") == ["/tmp", "/etc/u", "/opt/x"]
 
 
 def test_root_and_tmp_are_never_hidden_twice() -> None:
@@ -47,7 +65,8 @@ def test_root_and_tmp_are_never_hidden_twice() -> None:
 
 
 def test_workspace_read_only_by_default_and_bound_after_hiding() -> None:
-    ro = bwrap_argv(SandboxSpec(node_dir="/tmp/d", hide=["/home"], workspace="/home/u/proj"), ["k"])
+    ro = bwrap_argv(SandboxSpec(node_dir="/tmp/d", hide=["/home"], workspace="/home/u/proj",
+                                system_paths=["/usr", "/home"]), ["k"])
     assert ("/home/u/proj", "/home/u/proj") in pairs(ro, "--ro-bind")
     assert ro.index("/home/u/proj") > ro.index("/home"), "a bind under a hidden path must come after the tmpfs"
     assert singles(ro, "--chdir") == ["/home/u/proj"]
@@ -75,7 +94,7 @@ def test_hidden_paths_inside_the_workspace_stay_hidden() -> None:
 
 def test_binds_come_after_hiding_and_keep_hidden_paths_hidden() -> None:
     spec = SandboxSpec(node_dir="/tmp/d", hide=["/scratch", "/scratch/p/secret"],
-                       binds=["/scratch/p:ro", "/datasets", "/scratch/out:rw"])
+                       binds=["/scratch/p:ro", "/datasets", "/scratch/out:rw"], system_paths=["/usr", "/scratch"])
     argv = bwrap_argv(spec, ["k"])
     assert ("/scratch/p", "/scratch/p") in pairs(argv, "--ro-bind")
     assert ("/datasets", "/datasets") in pairs(argv, "--ro-bind"), "read-only unless :rw"
@@ -118,7 +137,9 @@ def test_apptainer_isolates_and_runs_the_kernel_in_the_image() -> None:
     assert argv[argv.index("--net"):argv.index("--net") + 3] == ["--net", "--network", "none"]
     assert singles(argv, "--home") == [SANDBOX_HOME], "HOME inside is the private /tmp, not the user's"
     assert singles(argv, "--no-mount") == ["bind-paths"], "the site's default binds stay out"
-    assert "/tmp/hk-1-abc:/tmp/hk-1-abc:rw" in singles(argv, "--bind")
+    assert "/tmp/hk-1-abc/rw:/tmp/hk-1-abc/rw:rw" in singles(argv, "--bind")
+    assert "/tmp/hk-1-abc/ro:/tmp/hk-1-abc/ro:ro" in singles(argv, "--bind")
+    assert not any(b.startswith("/tmp/hk-1-abc:") for b in singles(argv, "--bind"))
     assert "/home/u/proj:/home/u/proj:ro" in singles(argv, "--bind"), "the workspace is read-only by default"
     assert singles(argv, "--pwd") == ["/home/u/proj"]
     assert argv[-4:] == ["/images/k.sif", "python3", "-m", "k"]

@@ -195,3 +195,61 @@ def test_jobs_alive_from_squeue() -> None:
 
     out = "12|COMPLETED\n13|RUNNING\n14|PENDING\n15|CANCELLED\n16|COMPLETING\n99|RUNNING\n"
     assert parse_jobs_alive(out, ["12", "13", "14", "15", "16", "17"]) == {"13", "14", "16"}
+
+
+def test_node_tmp_must_be_safe_to_make_a_private_directory_in(tmp_path: Path) -> None:
+    """A shared parent without the sticky bit would let another user rename the kernel's
+    directory away (and put one of theirs in its place)."""
+    from hpc_kernels.agent import check_node_tmp
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(AgentError, match="writable by others without the sticky bit"):
+        check_node_tmp(str(shared))
+    shared.chmod(0o1777)
+    assert check_node_tmp(str(shared)) == str(shared)
+    assert check_node_tmp("/tmp") == "/tmp"
+    with pytest.raises(AgentError, match="writable by others without the sticky bit"):
+        choose_node_tmp(None, {"SLURM_TMPDIR": str(shared.chmod(0o777) or shared)})
+
+
+def test_untrusted_json_is_read_only_from_a_regular_file_of_ours(tmp_path: Path) -> None:
+    """What the sandbox writes (limits.json, hibernation's report) is read without following a
+    link, without blocking on a FIFO, and up to a size."""
+    from hpc_kernels.paths import read_untrusted_json
+
+    good = tmp_path / "good.json"
+    good.write_text('{"nproc": true}')
+    assert read_untrusted_json(good) == {"nproc": True}
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"key": "s3cret"}')
+    (tmp_path / "link.json").symlink_to(secret)
+    assert read_untrusted_json(tmp_path / "link.json") is None
+    os.mkfifo(tmp_path / "fifo.json")
+    assert read_untrusted_json(tmp_path / "fifo.json") is None, "and without waiting for a writer"
+    (tmp_path / "big.json").write_text('{"x": "' + "a" * 100 + '"}')
+    assert read_untrusted_json(tmp_path / "big.json", max_bytes=50) is None
+    (tmp_path / "bad.json").write_text("{not json")
+    assert read_untrusted_json(tmp_path / "bad.json") is None
+    assert read_untrusted_json(tmp_path / "missing.json") is None
+
+
+def test_a_squatted_runtime_directory_is_passed_by(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another user who made /tmp/hpc-kernels-<uid> first (here: something that is not our
+    directory) cannot keep us from relaying: the runtime directory moves under the home."""
+    import tempfile
+
+    from hpc_kernels.paths import runtime_root
+
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert runtime_root() == tmp_path / f"hpc-kernels-{os.getuid()}"
+    (tmp_path / f"hpc-kernels-{os.getuid()}").mkdir()
+    assert runtime_root() == tmp_path / f"hpc-kernels-{os.getuid()}", "ours: used"
+    (tmp_path / f"hpc-kernels-{os.getuid()}").rmdir()
+    (tmp_path / f"hpc-kernels-{os.getuid()}").symlink_to(tmp_path)
+    squatted = runtime_root()
+    assert squatted.parent == tmp_path / "home" and squatted.name.startswith(".hpc-kernels-run-")
+    assert ensure_private_dir(squatted) == squatted

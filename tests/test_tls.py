@@ -167,7 +167,8 @@ def test_the_relay_stream_over_tls_carries_every_byte(tmp_path: Path) -> None:
         return got
 
     async def scenario() -> list[bytes]:
-        kernel = [await echo_server(node_dir / f"kernel-{i + 1}") for i in range(5)]
+        (node_dir / "rw").mkdir()
+        kernel = [await echo_server(node_dir / "rw" / f"kernel-{i + 1}") for i in range(5)]
         listener = await serve_node_tcp(node_dir, files, host="127.0.0.1")
         port = listener.sockets[0].getsockname()[1]
         try:
