@@ -84,7 +84,7 @@ install_fault_tools() {
     local f
     mkdir -p "$HK_FAULT_TOOLS"
     chmod 0755 "$HK_FAULT_TOOLS"
-    for f in lib.sh up.sh node-power.sh node-tmp.sh ssh-authorized-keys.sh; do
+    for f in lib.sh up.sh node-power.sh node-tmp.sh node-procs.sh ssh-authorized-keys.sh; do
         cmp -s "$HERE/$f" "$HK_FAULT_TOOLS/$f" || install -m 0755 -o root -g root "$HERE/$f" "$HK_FAULT_TOOLS/$f"
     done
 }
@@ -95,10 +95,11 @@ install_sudoers() {
     cat >"$tmp" <<SUDO
 # hpc-kernels test suite: hk-alice may act as hk-bob (tests that a second user cannot reach a kernel),
 # power a test node off and on as a node failure does (tests of faults), and list a node's
-# private /tmp (nothing of a kernel may be left there).
+# private /tmp and its processes (nothing of a kernel may be left there).
 hk-alice ALL=(hk-bob) NOPASSWD: ALL
 hk-alice ALL=(root) NOPASSWD: $HK_FAULT_TOOLS/node-power.sh
 hk-alice ALL=(root) NOPASSWD: $HK_FAULT_TOOLS/node-tmp.sh
+hk-alice ALL=(root) NOPASSWD: $HK_FAULT_TOOLS/node-procs.sh
 SUDO
     if ! cmp -s "$tmp" "$dst"; then
         visudo -cqf "$tmp" || { rm -f "$tmp"; hk_die "sudoers drop-in did not validate"; }

@@ -271,6 +271,9 @@ class Agent:
             system_paths=system_paths,
             system_links=system_links,
             disable_userns=kind == "bwrap" and bwrap_can_disable_userns(found),
+            # each tmpfs of the sandbox at most the memory limit (the watch counts them all together)
+            tmpfs_size=memory_limit(str(launch.get("limits_memory") or "job"), os.environ)
+            if kind == "bwrap" and bwrap_can_disable_userns(found) else None,
         )
         self.runtime_forbids_userns = spec.disable_userns
         command = kernel_argv(launch["kernel_command"], python=kernel_python, connection_file=str(connection_file))

@@ -9,8 +9,10 @@ with a reason rather than starving the node or the user's other work in the job:
   growing where it counts only the sandbox (a user namespace of its own, Linux 5.14 or later),
   and ``RLIMIT_DATA`` makes one process's oversized allocation fail with ``MemoryError``;
 - in the agent (:class:`SandboxWatch`): every second it sums the memory of the sandbox's
-  processes (resident, then proportional when that is over) and counts their tasks; over the
-  memory limit, or at the process limit for 3 s, it ends the kernel and says why.
+  processes (resident, then proportional when that is over) and what they keep in memory as
+  files (the tmpfs mounts the sandbox made for itself, memfd objects: in no process's resident
+  size until mapped), and counts their tasks; over the memory limit, or at the process limit
+  for 3 s, it ends the kernel and says why. bubblewrap also sizes each tmpfs to the limit.
 
 The memory limit follows the allocation (``SLURM_MEM_PER_NODE``, or per CPU times CPUs) unless
 the profile sets a smaller one.
@@ -101,6 +103,71 @@ def proportional_bytes(pids: list[int]) -> int:
     return total
 
 
+def _unescape(field: str) -> str:
+    """mountinfo writes a space, tab, newline and backslash in a path as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def tmpfs_devices(pid: int | str = "self") -> set[str]:
+    """The devices (``major:minor``) of the tmpfs mounts in ``pid``'s mount namespace."""
+    devices = set()
+    try:
+        with open(f"/proc/{pid}/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if "-" in fields and fields[fields.index("-") + 1] == "tmpfs":
+                    devices.add(fields[2])
+    except OSError:
+        pass
+    return devices
+
+
+def file_memory_bytes(pids: list[int], outside: set[str]) -> int:
+    """Memory the sandbox holds as files, each counted once: the used space of every tmpfs in
+    its mount namespaces that is not one of ``outside`` (the node's own: a bind of the node's
+    /tmp is not the sandbox's), and the size of every memfd its processes hold open."""
+    total = 0
+    namespaces: set[str] = set()
+    devices: set[str] = set(outside)
+    inodes: set[tuple[int, int]] = set()
+    for pid in pids:
+        try:
+            namespace = os.readlink(f"/proc/{pid}/ns/mnt")
+        except OSError:
+            continue
+        if namespace not in namespaces:
+            namespaces.add(namespace)
+            try:
+                with open(f"/proc/{pid}/mountinfo") as f:
+                    mounts = [line.split() for line in f]
+            except OSError:
+                mounts = []
+            for fields in mounts:
+                if "-" not in fields or fields[fields.index("-") + 1] != "tmpfs" or fields[2] in devices:
+                    continue
+                devices.add(fields[2])
+                try:
+                    st = os.statvfs(f"/proc/{pid}/root{_unescape(fields[4])}")
+                except OSError:
+                    continue
+                total += (st.f_blocks - st.f_bfree) * st.f_frsize
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:"):
+                    continue
+                st = os.stat(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) not in inodes:
+                inodes.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
+    return total
+
+
 def task_count(pids: list[int]) -> int:
     """Processes and their threads: what RLIMIT_NPROC counts."""
     total = 0
@@ -125,6 +192,7 @@ class SandboxWatch:
         self.breach = breach
         self.stop_event = threading.Event()
         self.at_process_limit = 0
+        self.outside = tmpfs_devices()  # the node's tmpfs mounts, seen from the agent
 
     def start(self) -> None:
         threading.Thread(target=self._run, name="sandbox-watch", daemon=True).start()
@@ -135,11 +203,13 @@ class SandboxWatch:
     def check(self) -> str | None:
         """Why the sandbox is over a limit now, or None."""
         pids = [self.root, *descendants(self.root)]
-        if self.memory is not None and resident_bytes(pids) > self.memory:
+        files = file_memory_bytes(pids, self.outside) if self.memory is not None else 0
+        if self.memory is not None and resident_bytes(pids) + files > self.memory:
             used = proportional_bytes(pids)  # only now: memory shared after a fork counts once
-            if used > self.memory:
-                return (f"its processes used {human(used)} of memory, over the limit of {human(self.memory)} "
-                        "(limits.memory)")
+            if used + files > self.memory:
+                held = f" ({human(files)} of it in files in memory: tmpfs, memfd)" if files >= 1 << 20 else ""
+                return (f"its processes used {human(used + files)} of memory{held}, over the limit of "
+                        f"{human(self.memory)} (limits.memory)")
         tasks = task_count(pids) if self.processes is not None else 0
         if self.processes is not None and tasks > self.processes + RUNTIME_TASKS and not self.nproc_holds():
             return f"its processes and threads ({tasks}) went over the limit of {self.processes} (limits.processes)"

@@ -15,7 +15,7 @@ import re
 import subprocess
 from collections.abc import Sequence
 
-# bubblewrap learnt --disable-userns in 0.8.0.
+# bubblewrap learnt --disable-userns (and --size for a tmpfs) in 0.8.0.
 DISABLE_USERNS_SINCE = (0, 8, 0)
 
 

@@ -73,6 +73,7 @@ class SandboxSpec:
     system_paths: Sequence[str] = DEFAULT_SYSTEM_PATHS
     system_links: Sequence[tuple[str, str]] = ()
     disable_userns: bool = False  # bubblewrap >= 0.8: no user namespaces inside (--disable-userns)
+    tmpfs_size: int | None = None  # bubblewrap >= 0.8: each tmpfs at most this many bytes (--size)
 
 
 def _hidden_paths(paths: Sequence[str]) -> list[str]:
@@ -102,12 +103,13 @@ def bwrap_argv(spec: SandboxSpec, kernel_argv: Sequence[str], bwrap: str = "bwra
         argv += ["--ro-bind", path, path]
     for path, target in spec.system_links:
         argv += ["--symlink", target, path]
-    argv += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+    size = ["--size", str(spec.tmpfs_size)] if spec.tmpfs_size else []
+    argv += ["--dev", "/dev", "--proc", "/proc", *size, "--tmpfs", "/tmp"]
     if spec.gpus:
         argv += ["--ro-bind", "/sys", "/sys"]  # GPU libraries find their devices there
     for path in _hidden_paths(spec.hide):
         if any(_under(path, shown) for shown in spec.system_paths):
-            argv += ["--tmpfs", path]
+            argv += [*size, "--tmpfs", path]
     bound = []
     for bind in spec.binds:
         path, _, mode = bind.partition(":")
@@ -120,7 +122,7 @@ def bwrap_argv(spec: SandboxSpec, kernel_argv: Sequence[str], bwrap: str = "bwra
         bound.append(spec.workspace)
     # A hidden path inside something bound (the state directory inside a workspace, say) stays hidden.
     for path in _hidden_inside(spec.hide, bound):
-        argv += ["--tmpfs", path]
+        argv += [*size, "--tmpfs", path]
     # --dev gave the sandbox a minimal /dev: the GPUs must be bound in (the driver libraries are
     # already there, with the rest of the node's root file system).
     for device in spec.gpu_devices:

@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ TEST_USERS = ("hk-alice", SECOND_USER)
 NODES = ("c1", "c2")
 # Lists a node's private /tmp as root (a root-owned copy of cluster/node-tmp.sh; sudo rule by setup.sh).
 NODE_TMP = "/opt/hpc-kernels/cluster-tools/node-tmp.sh"
+NODE_PROCS = "/opt/hpc-kernels/cluster-tools/node-procs.sh"  # a node's processes, as root sees them
 # The shipped test-cluster profile of each sandbox runtime: the kernel tests run for both.
 # This login node's relay record in a kernel's state directory (each login node has its own).
 RELAY_RECORD = f"relay-{socket.gethostname()}.json"
@@ -78,6 +80,22 @@ def node_tmp_entries(node: str) -> list[tuple[str, str, str]]:
     return [tuple(line.split(" ", 2)) for line in proc.stdout.splitlines() if line.strip()]  # type: ignore[misc]
 
 
+def node_processes(node: str) -> list[str]:
+    """"USER PID COMMAND" of every process on the node (and in its sandboxes)."""
+    return [line.strip() for line in run(["sudo", "-n", NODE_PROCS, node], timeout=30).stdout.splitlines()
+            if line.strip()]
+
+
+def leftover_processes(nodes: tuple[str, ...] = NODES, wait: float = 30) -> dict[str, list[str]]:
+    """The test users' processes still on the nodes, after up to ``wait`` s for a job's end to take them."""
+    deadline = time.monotonic() + wait
+    while True:
+        left = {node: [p for p in node_processes(node) if p.split()[0] in TEST_USERS] for node in nodes}
+        if not any(left.values()) or time.monotonic() > deadline:
+            return {node: procs for node, procs in left.items() if procs}
+        time.sleep(1)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_kernel_left_behind(request: pytest.FixtureRequest) -> Iterator[None]:
     """After a run with cluster tests, no kernel of the test user may be left, and nothing of the
@@ -92,6 +110,8 @@ def no_kernel_left_behind(request: pytest.FixtureRequest) -> Iterator[None]:
     assert not rows, f"kernels left behind by the tests: {[(r['name'], r['profile']) for r in rows]}"
     left = {node: [" ".join(e) for e in node_tmp_entries(node) if e[0] in TEST_USERS] for node in NODES}
     assert not any(left.values()), f"left in the nodes' /tmp by the tests: {left}"
+    processes = leftover_processes()
+    assert not processes, f"processes of the test users outlived their jobs on the nodes: {processes}"
 
 
 @pytest.fixture(scope="session")

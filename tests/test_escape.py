@@ -269,3 +269,53 @@ def test_kernel_code_cannot_make_a_user_namespace(victim: str) -> None:
     assert "unshare: -1" in out and "made one" not in out, out
     assert "child: 0" in out, out
     assert "CapEff: 0000000000000000" in out, out
+
+
+MEMFD_HOG = """
+import os, time
+fd = os.memfd_create("hog")
+for _ in range(600):
+    os.write(fd, b"\\x01" * (1 << 20))
+print("written", flush=True)
+time.sleep(60)
+"""
+
+TMPFS_FILL = """
+import os
+written = 0
+try:
+    with open("/tmp/fill", "wb") as f:
+        for _ in range(600):
+            f.write(b"\\x01" * (1 << 20))
+            f.flush()
+            written += 1
+except OSError as e:
+    print("stopped:", e.strerror)
+print("MiB:", written)
+"""
+
+
+def test_memory_kept_in_a_memfd_or_the_sandboxs_tmp_counts(cluster: None, runtime_profile: str,
+                                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before the fix, 1.5 GiB written to a memfd from a 1 GiB kernel was accepted (the node's
+    Shmem grew, the kernel stayed ready): pages kept in a memfd or a tmpfs are in no process's
+    resident size. Now they count: a kernel with a 400 MiB limit that writes 600 MiB into a memfd
+    is ended, and exec and status say why."""
+    monkeypatch.setenv("HPC_KERNELS_PROFILE_PATH", str(tmp_path))
+    (tmp_path / "limited.yaml").write_text(f"extends: {runtime_profile}\nlimits:\n  memory: 400M\n")
+    names = [f"shm-{uuid.uuid4().hex[:6]}", f"shm-{uuid.uuid4().hex[:6]}"]
+    try:
+        hk("submit", "--profile", "limited", "--name", names[0], "--no-workspace")
+        proc = hk("exec", names[0], TMPFS_FILL, check=False, timeout=150)
+        if proc.returncode == 0:  # the tmpfs was full first: bubblewrap sizes it to the limit
+            assert "stopped:" in proc.stdout and int(proc.stdout.split("MiB:")[1]) <= 400, proc.stdout
+        else:  # or the watch ended the kernel
+            assert "over the limit of 400.0 MiB (limits.memory)" in proc.stderr, proc.stderr
+        hk("submit", "--profile", "limited", "--name", names[1], "--no-workspace")
+        proc = hk("exec", names[1], MEMFD_HOG, check=False, timeout=150)
+        assert proc.returncode == 1 and "has ended" in proc.stderr, proc.stderr
+        assert "over the limit of 400.0 MiB (limits.memory)" in proc.stderr, proc.stderr
+        assert "in files in memory: tmpfs, memfd" in proc.stderr, proc.stderr
+    finally:
+        for name in names:
+            hk("shutdown", name, check=False)

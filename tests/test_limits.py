@@ -104,6 +104,43 @@ time.sleep(30)
         parent.wait()
 
 
+def test_memory_kept_in_a_memfd_or_a_tmpfs_counts() -> None:
+    """Before the fix, 1.5 GiB written to a memfd from a 1 GiB kernel was accepted (the node's
+    Shmem grew; the kernel stayed ready): pages in a memfd or a tmpfs are in no process's resident
+    size until mapped. Here a process (40 MiB of its own) keeps 80 MiB in a memfd, and another, in a
+    mount namespace of its own (as a sandbox), 120 MiB in a tmpfs it mounted: each alone goes over a
+    100 MiB limit, and the node's own tmpfs mounts are not counted."""
+    from hpc_kernels.limits import file_memory_bytes, tmpfs_devices
+
+    memfd = subprocess.Popen([sys.executable, "-c", """
+import os, time
+x = b'\\x01' * (40 << 20)
+fd = os.memfd_create("hog")
+for _ in range(80):
+    os.write(fd, b'\\x02' * (1 << 20))
+print("ready", flush=True)
+time.sleep(30)
+"""], stdout=subprocess.PIPE, text=True)
+    tmpfs = subprocess.Popen(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                              "mount -t tmpfs hog /mnt && head -c 125829120 /dev/zero >/mnt/hog && echo ready && sleep 30"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert memfd.stdout is not None and memfd.stdout.readline().strip() == "ready"
+        assert tmpfs.stdout is not None and tmpfs.stdout.readline().strip() == "ready", "unprivileged mount namespace"
+        outside = tmpfs_devices()
+        assert file_memory_bytes([memfd.pid], outside) >= 80 * MiB
+        assert file_memory_bytes([tmpfs.pid], outside) >= 80 * MiB
+        assert file_memory_bytes([memfd.pid, memfd.pid], outside) < 90 * MiB, "one memfd counts once"
+        assert file_memory_bytes([tmpfs.pid], tmpfs_devices(tmpfs.pid)) == 0, "the node's own tmpfs: not counted"
+        for pid in (memfd.pid, tmpfs.pid):
+            said = watch_until_breach(pid, 100 * MiB, None)
+            assert said is not None and "in files in memory: tmpfs, memfd" in said, said
+    finally:
+        for proc in (memfd, tmpfs):
+            proc.kill()
+            proc.wait()
+
+
 @pytest.mark.parametrize(("sleepers", "said"), [(18, "stayed at its limit of 20 processes (limits.processes) for 3 s"),
                                               (40, "processes and threads (41) went over the limit of 20")])
 def test_the_watch_ends_a_sandbox_at_or_over_its_process_limit(sleepers: int, said: str) -> None:

@@ -177,3 +177,12 @@ def test_apptainer_process_environment_carries_the_kernel_env_and_no_site_binds(
     assert env["APPTAINERENV_CUDA_VISIBLE_DEVICES"] == "0", "Slurm's GPU choice survives --cleanenv"
     assert env["APPTAINERENV_SLURM_JOB_ID"] == "7" and env["APPTAINERENV_MPLBACKEND"] == "Agg"
     assert "APPTAINERENV_PATH" not in env and "APPTAINERENV_HOME" not in env, "the image keeps its PATH"
+
+
+def test_bwrap_sizes_every_tmpfs_when_told() -> None:
+    spec = SandboxSpec(node_dir="/d", hide=["/etc/secret"], workspace="/etc/w", tmpfs_size=1 << 30,
+                       system_paths=["/usr", "/etc"])
+    argv = bwrap_argv(spec, ["k"])
+    tmpfs = [i for i, a in enumerate(argv) if a == "--tmpfs"]
+    assert len(tmpfs) == 2 and all(argv[i - 2:i] == ["--size", str(1 << 30)] for i in tmpfs)
+    assert "--size" not in bwrap_argv(SandboxSpec(node_dir="/d", hide=[]), ["k"])
