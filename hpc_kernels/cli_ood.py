@@ -48,8 +48,9 @@ def cmd_install(args: argparse.Namespace) -> int:
     if not limits:
         _progress("sinfo did not answer: the form will not check partitions, hours, cores, memory or GPUs")
     if not args.portal_url:
-        _progress("no --portal-url: JupyterLab will accept requests from any origin (its XSRF check still holds); "
-                  "give the portal's URL to accept only OnDemand's")
+        raise HpcKernelsError("give --portal-url (the OnDemand portal's URL, e.g. https://ondemand.example.org): "
+                              "behind OnDemand's proxy the browser's requests come from the portal's origin, and "
+                              "JupyterLab accepts requests from that origin only, and loads scripts from it only")
     files = app_files(profiles, default, cluster=cluster, limits=limits, default_partition=default_partition,
                       hpc_kernel=args.hpc_kernel or _hpc_kernel(args.python),
                       python=args.python or default_python(profiles), portal_url=_origin(args.portal_url),
@@ -70,7 +71,7 @@ def cmd_install(args: argparse.Namespace) -> int:
 def _origin(url: str | None) -> str:
     """``https://ondemand.example.org/pun/sys/dashboard`` -> ``https://ondemand.example.org``."""
     if not url:
-        return "*"
+        return ""
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
@@ -92,7 +93,7 @@ def add_ood_parser(sub: Any) -> None:
     q.add_argument("--python", help="the Python with JupyterLab and hpc-kernels on the nodes "
                    "(default: the profiles' paths.python)")
     q.add_argument("--hpc-kernel", help="the hpc-kernel command on the nodes (default: beside --python)")
-    q.add_argument("--portal-url", help="the OnDemand portal's URL: JupyterLab accepts requests from its origin "
-                   "only (default: any origin)")
+    q.add_argument("--portal-url", help="the OnDemand portal's URL (required): JupyterLab accepts requests from "
+                   "its origin only, and loads scripts from it only")
     q.add_argument("--print", action="store_true", help="print the files instead of writing them")
     q.set_defaults(func=cmd_install)

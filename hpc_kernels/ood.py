@@ -192,7 +192,7 @@ def erb_text(text: str) -> str:
 
 
 def app_files(profiles: Sequence[Profile], default: str, *, cluster: str, limits: dict[str, PartitionLimits],
-              hpc_kernel: str, python: str, default_partition: str | None = None, portal_url: str = "*",
+              hpc_kernel: str, python: str, default_partition: str | None = None, portal_url: str = "",
               title: str = "JupyterLab (sandboxed kernels)", template_dir: Path | None = None) -> dict[str, str]:
     """The app's files (relative path -> text) for these profiles; ``default`` is preselected.
     ``portal_url``: the OnDemand portal's origin, the one JupyterLab accepts requests from."""
@@ -274,16 +274,49 @@ def default_python(profiles: Sequence[Profile]) -> str:
 # In the job: JupyterLab's configuration
 
 
+def content_security_policy(origins: list[str], base_url: str) -> str:
+    """What JupyterLab's pages may load and run: its own scripts only, from its static and
+    extension paths. Kernel output is HTML that JupyterLab trusts (it ran in this session): an
+    inline handler (``<img onerror=...>``), an inline ``<script>`` or a script the kernel wrote
+    into the notebook directory (served under ``files/``) would otherwise run on the portal's
+    origin, with the user's session. ``'unsafe-eval'``: JupyterLab 4 compiles its settings
+    schemas with ``new Function`` (checked in Chromium; it does not start without it); it lets
+    running script evaluate strings, not injected markup start script. No image, font or
+    connection leaves for another site."""
+    scripts = " ".join(f"{origin}{base_url}{path}" for origin in origins for path in ("static/", "lab/extensions/"))
+    sockets = " ".join("ws" + origin[len("http"):] for origin in origins if origin.startswith("http"))
+    return "; ".join([
+        "default-src 'none'",
+        f"script-src {scripts} 'unsafe-eval'",
+        "style-src 'self' 'unsafe-inline'",
+        "img-src 'self' data: blob:",
+        "media-src 'self' data: blob:",
+        "font-src 'self' data:",
+        f"connect-src 'self' {sockets}",
+        "worker-src 'self' blob:",
+        "manifest-src 'self'",
+        "frame-src 'self'",
+        "base-uri 'none'",
+        "object-src 'none'",
+        "form-action 'self'",
+        "frame-ancestors 'self'",
+    ])
+
+
 def jupyter_config(*, host: str, port: int, root: str, hashed_password: str, kernelspec: str,
-                   allow_origin: str = "*") -> str:
+                   allow_origin: str = "") -> str:
     """JupyterLab's configuration for one session: TCP on every interface (OnDemand's proxy
-    reaches it at host:port) under /node/<host>/<port>/, requests from the portal's origin, the
-    password's hash only, no terminals, and only the sandboxed kernelspec."""
+    reaches it at host:port) under /node/<host>/<port>/, requests from the portal's origin (none
+    but its own when the portal is not known), the password's hash only, no terminals, only the
+    sandboxed kernelspec, and a Content-Security-Policy that keeps kernel output from running
+    script (:func:`content_security_policy`)."""
+    base_url = f"/node/{host}/{port}/"
+    origins = [f"http://{host}:{port}", *([allow_origin] if allow_origin not in ("", "*") else [])]
     settings = [
         ("ServerApp.ip", "0.0.0.0"),
         ("ServerApp.port", port),
         ("ServerApp.port_retries", 0),
-        ("ServerApp.base_url", f"/node/{host}/{port}/"),
+        ("ServerApp.base_url", base_url),
         ("ServerApp.open_browser", False),
         ("ServerApp.root_dir", root),
         ("ServerApp.terminals_enabled", False),
@@ -293,7 +326,10 @@ def jupyter_config(*, host: str, port: int, root: str, hashed_password: str, ker
         # carry JupyterLab's _xsrf cookie: only the login form skips that check.
         ("IdentityProvider.login_handler_class", "hpc_kernels.ood_jupyter.LoginHandler"),
         # OnDemand's proxy passes the portal's Origin on, with the node's Host.
-        ("ServerApp.allow_origin", allow_origin),
+        ("ServerApp.allow_origin", "" if allow_origin == "*" else allow_origin),
+        ("ServerApp.tornado_settings", {"headers": {
+            "Content-Security-Policy": content_security_policy(origins, base_url),
+            "X-Content-Type-Options": "nosniff"}}),
         ("ServerApp.kernel_spec_manager_class", "hpc_kernels.ood_jupyter.SandboxedKernelSpecManager"),
         ("KernelSpecManager.ensure_native_kernel", False),
         ("KernelSpecManager.allowed_kernelspecs", {kernelspec}),
@@ -314,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--root", required=True)
     p.add_argument("--kernelspec", default=KERNELSPEC_NAME)
-    p.add_argument("--allow-origin", default="*", help="the portal's origin, e.g. https://ondemand.example.org")
+    p.add_argument("--allow-origin", default="", help="the portal's origin, e.g. https://ondemand.example.org "
+                   "(without it, only JupyterLab's own origin)")
     args = parser.parse_args(argv)
     password = sys.stdin.read()
     if not password:

@@ -74,6 +74,18 @@ NOTEBOOK_CELLS = [
     "try:\n    socket.create_connection(('10.77.7.1', 22), timeout=3)\nexcept OSError as e:\n    print('network:', e)",
 ]
 
+# Kernel output that tries to run script with the user's session (JupyterLab trusts the outputs of
+# cells run in the session): an inline handler, an inline script, and a script the kernel wrote into
+# the notebook directory (served under files/; {base} is JupyterLab's base URL). Before the
+# Content-Security-Policy all three ran (window.hk was ['script', 'img', 'files-js']).
+ATTACK_CELLS = [
+    "from IPython.display import HTML, display\n"
+    "display(HTML('<img src=x onerror=\"window.hk=(window.hk||[]).concat([\\'img\\'])\">'))",
+    "display(HTML(\"<script>window.hk=(window.hk||[]).concat(['script'])</script>\"))",
+    "display(HTML('<script src=\"{base}files/evil.js\"></script>'))\nprint('attacks shown')",
+]
+EVIL_JS = "window.hk = (window.hk || []).concat(['files-js']);"
+
 
 def wait_for(path: Path, job_id: str, log: Path, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
@@ -149,6 +161,10 @@ def test_a_session_runs_jupyterlab_on_c1_with_sandboxed_kernels(app: Path, varia
         assert password not in (session / "jupyter_server_config.py").read_text()  # only its hash
         origin = f"http://{host}:{port}"
         base = f"{origin}/node/{host}/{port}"
+        (ws / "evil.js").write_text(EVIL_JS)
+        nb.cells += [nbformat.v4.new_code_cell(source.replace("{base}", f"/node/{host}/{port}/"))
+                     for source in ATTACK_CELLS]
+        nbformat.write(nb, ws / "ood.ipynb")
         assert post(f"{base}/login", b"password=wrong") == 401
         assert post(f"{base}/api/contents/x.txt", b"{}") == 403  # every other POST keeps its XSRF check
 
@@ -163,8 +179,11 @@ def test_a_session_runs_jupyterlab_on_c1_with_sandboxed_kernels(app: Path, varia
             lab.wait_for_url(f"{base}/lab*", timeout=60_000)
             specs = lab.evaluate(f"fetch('{base}/api/kernelspecs').then(r => r.json())")
             lab.goto(f"{base}/lab/tree/ood.ipynb")
-            text = run_all_cells_in_lab(lab, until="Network is unreachable")
+            text = run_all_cells_in_lab(lab, until="attacks shown")
+            lab.wait_for_timeout(2000)
+            ran = lab.evaluate("() => window.hk || []")
             browser.close()
+        assert ran == [], f"kernel output ran script in JupyterLab: {ran}"
         assert "host: c1" in text, text
         assert gpus_line in text, text
         assert "network: [Errno 101] Network is unreachable" in text, text

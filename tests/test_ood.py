@@ -124,7 +124,20 @@ def test_jupyter_config_allows_only_the_sandboxed_kernel() -> None:
     exec(jupyter_config(host="c1", port=4242, root="/home/u/it's", hashed_password="argon2:x", kernelspec="hpc-sandbox"),
          {"c": c})
     config = {f"{s}.{k}": v for s, values in c.items() for k, v in values.items()}
-    assert config["ServerApp.allow_origin"] == "*"  # the default; ood install passes --portal-url's origin
+    assert config["ServerApp.allow_origin"] == "", "only its own origin (ood install passes --portal-url's)"
+    csp = config["ServerApp.tornado_settings"]["headers"]["Content-Security-Policy"]
+    directives = dict(d.split(" ", 1) for d in csp.split("; "))
+    assert directives["default-src"] == "'none'"
+    assert directives["script-src"] == ("http://c1:4242/node/c1/4242/static/ http://c1:4242/node/c1/4242/lab/extensions/ "
+                                        "'unsafe-eval'"), "no inline script, no script from files/ (kernel-written)"
+    assert directives["object-src"] == "'none'" and directives["base-uri"] == "'none'"
+    assert "'unsafe-inline'" not in directives["script-src"]
+    exec(jupyter_config(host="c1", port=4242, root="/r", hashed_password="x", kernelspec="k",
+                        allow_origin="https://ood.example.org"), {"c": (c := Config())})
+    portal = {f"{s}.{k}": v for s, values in c.items() for k, v in values.items()}
+    assert portal["ServerApp.allow_origin"] == "https://ood.example.org"
+    assert "https://ood.example.org/node/c1/4242/static/" in \
+        portal["ServerApp.tornado_settings"]["headers"]["Content-Security-Policy"]
     assert config["ServerApp.kernel_spec_manager_class"] == "hpc_kernels.ood_jupyter.SandboxedKernelSpecManager"
     assert config["ServerApp.base_url"] == "/node/c1/4242/" and config["ServerApp.root_dir"] == "/home/u/it's"
     assert config["KernelSpecManager.allowed_kernelspecs"] == {"hpc-sandbox"}
