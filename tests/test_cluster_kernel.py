@@ -294,7 +294,9 @@ def test_only_the_srun_transport_carries_the_tcp_tuning_and_never_the_node_side(
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if os.path.basename(argv[0]).startswith(b"python") and [b"hpc_kernels.relay", b"node", node_dir.encode()] == argv[2:5]:
+        module = argv.index(b"-m") + 1 if b"-m" in argv else 0  # python -I -m hpc_kernels.relay node DIR
+        if os.path.basename(argv[0]).startswith(b"python") and module and \
+                [b"hpc_kernels.relay", b"node", node_dir.encode()] == argv[module:module + 3]:
             node_side[pid] = [v for v in environ if v.startswith(b"LD_PRELOAD=")]
     assert list(node_side.values()) == ([] if kernel.relay == "tcp" else [[]]), node_side
 

@@ -99,7 +99,7 @@ def test_image_build_without_the_bootstrap_program_fails_at_once(tmp_path: Path)
     definition = tmp_path / "suse.def"
     definition.write_text("Bootstrap: zypper\nOSVersion: 15.6\n\n%post\n  true\n")
     out = tmp_path / "out.sif"
-    proc = subprocess.run([sys.executable, "-m", "hpc_kernels.cli", "image", "build", str(out),
+    proc = subprocess.run([sys.executable, "-I", "-m", "hpc_kernels.cli", "image", "build", str(out),
                            "--definition", str(definition)], capture_output=True, text=True, timeout=60,
                           cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr
