@@ -27,6 +27,7 @@ import random
 import shlex
 import shutil
 import socket
+import ssl
 import stat
 import subprocess
 import sys
@@ -59,6 +60,7 @@ from .state import KernelFiles, kernel_lives, state_json
 from .tls import NODE_NAME, CredentialFiles, login_context, node_context
 
 HELLO_TIMEOUT = 60.0
+MAX_PENDING_HANDSHAKES = 64  # connections to a tcp node side not yet through their TLS handshake
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,6 +175,9 @@ async def serve_node_tcp(node_dir: Path, credentials: CredentialFiles, *, host: 
     """The tcp transport's node side: a TLS listener (mutual: see :mod:`hpc_kernels.tls`) whose
     every connection is one relay stream to the kernel's sockets in ``node_dir``, as the srun
     step's stdio is. A peer without the kernel's login certificate is refused in the handshake.
+    At most MAX_PENDING_HANDSHAKES connections may be in their handshake at once (each for
+    HELLO_TIMEOUT at most): the port is open to every user of the network, who could otherwise
+    hold connections open until the agent runs out of file descriptors.
     It binds the first free port of ``ports`` (0: any); its connections are added to
     ``connections``, so that whoever stops the server can end them too."""
     loop = asyncio.get_running_loop()
@@ -190,6 +195,39 @@ async def serve_node_tcp(node_dir: Path, credentials: CredentialFiles, *, host: 
         write(p.encode_hello({"node": socket.gethostname(), "transport": "tcp"}))
         return Multiplexer(write, connect)
 
+    pending = 0
+    upgrades: set[asyncio.Task[None]] = set()
+
+    async def upgrade(raw: asyncio.BaseTransport) -> None:
+        nonlocal pending
+        end = StreamEnd(stream)
+        try:
+            tls = await loop.start_tls(raw, end, context, server_side=True,  # type: ignore[arg-type]
+                                       ssl_handshake_timeout=HELLO_TIMEOUT)
+        except (OSError, asyncio.TimeoutError, ssl.SSLError):
+            raw.abort()  # type: ignore[attr-defined]
+            return
+        finally:
+            pending -= 1
+        if tls is None:
+            raw.abort()  # type: ignore[attr-defined]
+            return
+        end.connection_made(tls)
+
+    class Handshake(asyncio.Protocol):
+        """A connection before its TLS handshake (start_tls then takes it over)."""
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            nonlocal pending
+            if pending >= MAX_PENDING_HANDSHAKES:
+                transport.abort()  # type: ignore[attr-defined]
+                return
+            pending += 1
+            transport.pause_reading()  # type: ignore[attr-defined]  # the ClientHello is start_tls's
+            task = asyncio.ensure_future(upgrade(transport))
+            upgrades.add(task)
+            task.add_done_callback(upgrades.discard)
+
     error: OSError | None = None
     for port in ports:
         try:
@@ -197,8 +235,7 @@ async def serve_node_tcp(node_dir: Path, credentials: CredentialFiles, *, host: 
         except OSError as e:  # in use: the next one
             error = e
             continue
-        return await loop.create_server(lambda: StreamEnd(stream), sock=listening, ssl=context,
-                                        ssl_handshake_timeout=HELLO_TIMEOUT)
+        return await loop.create_server(Handshake, sock=listening)
     raise OSError(f"no free port for the relay in {ports[0]}-{ports[-1]} (relay.tcp_ports): {error}")
 
 

@@ -203,3 +203,59 @@ def test_a_login_side_without_the_kernels_credentials_cannot_open_the_stream(tmp
             listener.close()
 
     asyncio.run(scenario())
+
+
+def test_connections_that_never_finish_their_handshake_are_capped(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tcp node side's port is open to every user: connections that never send a ClientHello
+    are held for the handshake timeout at most, and no more than a cap of them at once (else the
+    agent's file descriptors run out). The kernel's own login side still gets through."""
+    import socket as sockets
+
+    from test_multiplexer import echo_server
+
+    import hpc_kernels.relay as relay
+    from hpc_kernels.relay import connect_login_tcp, serve_node_tcp
+
+    monkeypatch.setattr(relay, "MAX_PENDING_HANDSHAKES", 4)
+    monkeypatch.setattr(relay, "HELLO_TIMEOUT", 2.0)
+    files = credentials_in(tmp_path / "state", "k")
+    node_dir = tmp_path / "node"
+    (node_dir / "rw").mkdir(parents=True)
+
+    async def scenario() -> tuple[int, int, bool]:
+        kernel = [await echo_server(node_dir / "rw" / f"kernel-{i + 1}") for i in range(5)]
+        listener = await serve_node_tcp(node_dir, files, host="127.0.0.1")
+        port = listener.sockets[0].getsockname()[1]
+        loop = asyncio.get_running_loop()
+        silent = []
+        for _ in range(10):
+            s = sockets.create_connection(("127.0.0.1", port))
+            s.setblocking(False)
+            silent.append(s)
+        await asyncio.sleep(0.5)
+
+        async def closed(s: sockets.socket) -> bool:
+            try:
+                return await asyncio.wait_for(loop.sock_recv(s, 1), 0.2) == b""
+            except asyncio.TimeoutError:  # (an OSError too, since Python 3.11: first)
+                return False
+            except OSError:  # reset
+                return True
+
+        refused_at_once = sum([await closed(s) for s in silent])
+        await asyncio.sleep(2.5)  # past the handshake timeout
+        dropped_later = sum([await closed(s) for s in silent])
+        _, mux = await connect_login_tcp("127.0.0.1", port, files)
+        hello = await asyncio.wait_for(mux.hello, 5)
+        for s in silent:
+            s.close()
+        listener.close()
+        for server in kernel:
+            server.close()
+        return refused_at_once, dropped_later, hello.get("transport") == "tcp"
+
+    refused_at_once, dropped_later, through = asyncio.run(scenario())
+    assert refused_at_once == 6, "four in their handshake, the other six closed at once"
+    assert dropped_later == 10, "the four are dropped at the handshake timeout"
+    assert through
