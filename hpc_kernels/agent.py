@@ -47,7 +47,7 @@ from .errors import SlurmError
 from .hibernation import CLIENTS_DIR, IdleWatch, copy_checked, snapshot_dir
 from .kernel_hibernate import RESTORE
 from .limits import SandboxWatch, human, memory_limit
-from .node_view import bwrap_can_disable_userns, python_prefixes, shown_system_paths
+from .node_view import bwrap_can_disable_userns, hidden_here, python_prefixes, shown_system_paths
 from .userns import forbid_user_namespaces
 from .runtimes import (
     DEFAULT_SYSTEM_PATHS,
@@ -226,9 +226,7 @@ class Agent:
                 f"workspace {workspace} does not exist on {self.node}: it must be on a file system "
                 "the compute nodes share (e.g. under your home), not on login-node-local storage"
             )
-        # A hidden directory is hidden under its real path too (a home /home/u -> /gpfs/home/u).
-        hide = sorted({p for path in launch.get("hide", []) if os.path.isdir(path)
-                       for p in (path, os.path.realpath(path))})
+        hide = hidden_here(launch.get("hide", []))
         binds = launch.get("binds", [])
         missing = [b for b in binds if not os.path.exists(b.partition(":")[0])]
         if missing:

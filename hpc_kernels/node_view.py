@@ -32,6 +32,13 @@ def shown_system_paths(paths: Sequence[str]) -> tuple[list[str], list[tuple[str,
     return shown, links
 
 
+def hidden_here(paths: Sequence[str]) -> list[str]:
+    """The paths to hide that exist on this node, each also under its real path: a home
+    ``/home/u`` that links to ``/gpfs/home/u`` is hidden there too (a bind or a system path may
+    show ``/gpfs``)."""
+    return sorted({p for path in paths if os.path.isdir(path) for p in (path, os.path.realpath(path))})
+
+
 def _under(path: str, parents: Sequence[str]) -> bool:
     return any(path == p or path.startswith(p.rstrip("/") + "/") for p in parents)
 

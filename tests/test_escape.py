@@ -46,6 +46,8 @@ def rw_workspace() -> Iterator[Path]:
 
 def payload(loot: Path, label: str) -> str:
     """A module body that, wherever it is imported, records where and by what."""
+    if label == "pth":
+        return f"import os; open({str(loot)!r} + '/pth-' + str(os.getpid()), 'w').write('pth')\n"
     return textwrap.dedent(f"""
         import os as _os, socket as _socket, sys as _sys
         try:
@@ -67,6 +69,7 @@ PLANTS = {
     "sitecustomize.py": "sitecustomize",
     "usercustomize.py": "usercustomize",
     "jupyterlab/__init__.py": "jupyterlab",
+    "zz-planted.pth": "pth",  # a .pth runs its "import" lines, were the directory a site directory
 }
 
 
@@ -319,3 +322,34 @@ def test_memory_kept_in_a_memfd_or_the_sandboxs_tmp_counts(cluster: None, runtim
     finally:
         for name in names:
             hk("shutdown", name, check=False)
+
+
+def test_the_nodes_abstract_unix_sockets_are_out_of_reach(victim: str) -> None:
+    """Abstract unix sockets have no file to hide: they belong to a network namespace. A service
+    of the user's on the node listening on one (as X11, D-Bus or a debugger may) cannot be reached
+    from the sandbox, which has a network namespace of its own."""
+    name = f"hk-escape-{uuid.uuid4().hex[:8]}"
+    status = json.loads(hk("status", victim, "--json").stdout)
+    listener = subprocess.Popen(
+        ["srun", f"--jobid={status['job_id']}", "--overlap", "--chdir=/", "/usr/bin/python3", "-c",
+         "import socket, sys, time\n"
+         f"s = socket.socket(socket.AF_UNIX); s.bind('\\0{name}'); s.listen(1)\n"
+         "print('listening', flush=True)\n"
+         "s.settimeout(30)\n"
+         "try:\n    s.accept(); print('ACCEPTED', flush=True)\nexcept OSError:\n    pass\n"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert listener.stdout is not None and listener.stdout.readline().strip() == "listening"
+        out = hk("exec", victim, textwrap.dedent(f"""
+            import socket
+            s = socket.socket(socket.AF_UNIX)
+            try:
+                s.connect("\\0{name}")
+                print("connected")
+            except OSError as e:
+                print("refused:", e.strerror)
+            """)).stdout
+        assert "refused: Connection refused" in out, out
+    finally:
+        listener.kill()
+        listener.wait()

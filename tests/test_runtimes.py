@@ -186,3 +186,21 @@ def test_bwrap_sizes_every_tmpfs_when_told() -> None:
     tmpfs = [i for i, a in enumerate(argv) if a == "--tmpfs"]
     assert len(tmpfs) == 2 and all(argv[i - 2:i] == ["--size", str(1 << 30)] for i in tmpfs)
     assert "--size" not in bwrap_argv(SandboxSpec(node_dir="/d", hide=[]), ["k"])
+
+
+def test_a_hidden_path_is_hidden_under_its_real_path_too(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A home that is a link (/home/u -> /gpfs/home/u) must not stay readable at /gpfs/home/u."""
+    from hpc_kernels.node_view import hidden_here, python_prefixes
+
+    real = tmp_path / "gpfs" / "home" / "u"
+    real.mkdir(parents=True)
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "u").symlink_to(real)
+    assert hidden_here([str(tmp_path / "home" / "u"), str(tmp_path / "nowhere")]) == sorted(
+        [str(tmp_path / "home" / "u"), str(real)])
+    venv = tmp_path / "gpfs" / "envs" / "e"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to("/usr/bin/python3")
+    assert python_prefixes(str(venv / "bin" / "python"), ["/usr", "/opt"]) == [str(venv)], \
+        "the env's prefix is shown; its base Python (/usr) already is"
+    assert python_prefixes("python3", ["/usr"]) == []
