@@ -77,14 +77,14 @@ install_openssh_server() {
     fi
 }
 
-# The fault tests power nodes off and on (node-power.sh), and the tests list the nodes' /tmp
-# (node-tmp.sh), as root, through sudo: a root-owned copy
+# The fault tests power nodes off and on (node-power.sh), and the tests list the nodes' /tmp and
+# processes (node-inspect.sh), as root, through sudo: a root-owned copy
 # of the cluster scripts it needs, so that the rule names files no test user can change.
 install_fault_tools() {
     local f
     mkdir -p "$HK_FAULT_TOOLS"
     chmod 0755 "$HK_FAULT_TOOLS"
-    for f in lib.sh up.sh node-power.sh node-tmp.sh node-procs.sh ssh-authorized-keys.sh; do
+    for f in lib.sh up.sh node-power.sh node-inspect.sh ssh-authorized-keys.sh; do
         cmp -s "$HERE/$f" "$HK_FAULT_TOOLS/$f" || install -m 0755 -o root -g root "$HERE/$f" "$HK_FAULT_TOOLS/$f"
     done
 }
@@ -98,8 +98,7 @@ install_sudoers() {
 # private /tmp and its processes (nothing of a kernel may be left there).
 hk-alice ALL=(hk-bob) NOPASSWD: ALL
 hk-alice ALL=(root) NOPASSWD: $HK_FAULT_TOOLS/node-power.sh
-hk-alice ALL=(root) NOPASSWD: $HK_FAULT_TOOLS/node-tmp.sh
-hk-alice ALL=(root) NOPASSWD: $HK_FAULT_TOOLS/node-procs.sh
+hk-alice ALL=(root) NOPASSWD: $HK_FAULT_TOOLS/node-inspect.sh
 SUDO
     if ! cmp -s "$tmp" "$dst"; then
         visudo -cqf "$tmp" || { rm -f "$tmp"; hk_die "sudoers drop-in did not validate"; }

@@ -25,9 +25,9 @@ import pytest
 SECOND_USER = "hk-bob"
 TEST_USERS = ("hk-alice", SECOND_USER)
 NODES = ("c1", "c2")
-# Lists a node's private /tmp as root (a root-owned copy of cluster/node-tmp.sh; sudo rule by setup.sh).
-NODE_TMP = "/opt/hpc-kernels/cluster-tools/node-tmp.sh"
-NODE_PROCS = "/opt/hpc-kernels/cluster-tools/node-procs.sh"  # a node's processes, as root sees them
+# Lists a node's private /tmp or its processes as root (a root-owned copy of cluster/node-inspect.sh;
+# the sudo rule is setup.sh's).
+NODE_INSPECT = "/opt/hpc-kernels/cluster-tools/node-inspect.sh"
 # The shipped test-cluster profile of each sandbox runtime: the kernel tests run for both.
 # This login node's relay record in a kernel's state directory (each login node has its own).
 RELAY_RECORD = f"relay-{socket.gethostname()}.json"
@@ -76,13 +76,13 @@ def as_second_user(argv: list[str], timeout: float = 60) -> subprocess.Completed
 
 def node_tmp_entries(node: str) -> list[tuple[str, str, str]]:
     """(owner, octal mode, name) of each entry in the node's private /tmp, as root sees them."""
-    proc = run(["sudo", "-n", NODE_TMP, node], timeout=30)
+    proc = run(["sudo", "-n", NODE_INSPECT, "tmp", node], timeout=30)
     return [tuple(line.split(" ", 2)) for line in proc.stdout.splitlines() if line.strip()]  # type: ignore[misc]
 
 
 def node_processes(node: str) -> list[str]:
     """"USER PID COMMAND" of every process on the node (and in its sandboxes)."""
-    return [line.strip() for line in run(["sudo", "-n", NODE_PROCS, node], timeout=30).stdout.splitlines()
+    return [line.strip() for line in run(["sudo", "-n", NODE_INSPECT, "procs", node], timeout=30).stdout.splitlines()
             if line.strip()]
 
 

@@ -2,7 +2,7 @@
 its key or its sockets, however the job ended.
 
 A node's /tmp is listed as root sees it, through the node's own mount namespace
-(cluster/node-tmp.sh, run through sudo): the test user could not see another job's private
+(cluster/node-inspect.sh tmp, run through sudo): the test user could not see another job's private
 directory, nor another user's. Partition ``short`` has only c1, so every job here lands there.
 """
 
