@@ -197,7 +197,9 @@ def test_the_runtime_is_called_without_the_key_and_with_its_isolation_flags(kern
     if kernel.profile == RUNTIME_PROFILES["apptainer"]:
         flags = ("--containall", "--no-home", "--cleanenv", "--network none", "--no-mount bind-paths")
     else:
-        flags = ("--unshare-all", "--die-with-parent", "--new-session", "--ro-bind / /")
+        # deny by default: the system paths, never the node's root; no user namespaces inside
+        flags = ("--unshare-all", "--die-with-parent", "--new-session", "--disable-userns", "--ro-bind /usr /usr")
+        assert "--ro-bind / /" not in argv, argv
     for flag in flags:
         assert flag in argv, argv
     key = (STATE_ROOT / kernel.name / "key").read_text().strip()
