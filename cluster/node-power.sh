@@ -25,6 +25,9 @@ if [[ $action == off ]]; then
     for _ in $(seq 50); do
         mapfile -t pids < <(hk_node_pids "$node")
         (( ${#pids[@]} )) || break
+        # All stopped first, then all killed: as at a power cut, no process of the node may see
+        # another die and act on it (a loaded machine can pause this loop between two kills).
+        kill -STOP "${pids[@]}" 2>/dev/null || true
         kill -KILL "${pids[@]}" 2>/dev/null || true
         sleep 0.1
     done
