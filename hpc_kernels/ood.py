@@ -340,11 +340,45 @@ def jupyter_config(*, host: str, port: int, root: str, hashed_password: str, ker
     return "\n".join(lines) + "\n"
 
 
+SERVE_GRACE_SECONDS = 30.0
+
+
+def serve(lab_args: list[str], grace: float = SERVE_GRACE_SECONDS) -> None:
+    """Run JupyterLab in this process, ending it for sure once OnDemand's job script (our
+    parent) is gone: JupyterLab's own stop on SIGTERM (``setpriv --pdeathsig``, or Slurm's)
+    shuts its kernels down, but was seen to hang afterwards, still listening on the node's network
+    after its job had ended, where Slurm's proctrack/linuxproc no longer saw it (reparented).
+    ``grace`` seconds after the parent is gone, the process exits whatever JupyterLab is doing."""
+    import os
+    import runpy
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        time.sleep(grace)
+        print(f"hpc-kernels: OnDemand's job script is gone and JupyterLab did not stop within {grace:.0f} s: "
+              "ending it", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+    sys.argv = ["jupyter-lab", *lab_args]
+    runpy.run_module("jupyterlab", run_name="__main__", alter_sys=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
+    args_in = sys.argv[1:] if argv is None else argv
+    if args_in[:1] == ["serve"]:  # everything after it is JupyterLab's
+        serve(args_in[1:])
+        return 0
     parser = argparse.ArgumentParser(prog="python -m hpc_kernels.ood")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="run JupyterLab (its arguments follow), ending with OnDemand's job script")
     p = sub.add_parser("config", help="print JupyterLab's configuration; the password comes on stdin")
     p.add_argument("--host", required=True)
     p.add_argument("--port", type=int, required=True)

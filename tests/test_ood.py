@@ -102,7 +102,7 @@ def test_job_scripts_are_valid_bash_and_quote_what_the_user_typed(app: Path, tmp
         assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0, text
     script = (tmp_path / "script.sh").read_text()
     assert "--profile local-apptainer --mode node" in script and "--image /img/k.sif" in script
-    assert "cd /\nexec setpriv --pdeathsig TERM /opt/hpc-kernels/venv/bin/python -m jupyterlab" in script
+    assert "cd /\nexec setpriv --pdeathsig TERM /opt/hpc-kernels/venv/bin/python -m hpc_kernels.ood serve" in script
     before = (tmp_path / "before.sh").read_text()
     assert "notebook_root=/home/u/my\\ notebooks/it\\'s" in before
     assert "password" not in before.split("| ", 1)[1].split("\n")[0]  # stdin only: not on the command line
