@@ -29,7 +29,6 @@ import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Mapping
@@ -251,6 +250,7 @@ class Agent:
                              "with slurm.modules")
         kernel_python = launch.get("kernel_python", launch["python"])
         system_paths, system_links = shown_system_paths(launch.get("system_paths") or DEFAULT_SYSTEM_PATHS)
+        newer_bwrap = kind == "bwrap" and bwrap_can_disable_userns(found)  # --disable-userns, --size
         if kind == "bwrap":
             for prefix in python_prefixes(kernel_python, system_paths):  # a Python outside them
                 why = exposes_private_files(prefix, private[0], private[1:]) if private else None
@@ -268,10 +268,9 @@ class Agent:
             gpu_devices=devices,
             system_paths=system_paths,
             system_links=system_links,
-            disable_userns=kind == "bwrap" and bwrap_can_disable_userns(found),
+            disable_userns=newer_bwrap,
             # each tmpfs of the sandbox at most the memory limit (the watch counts them all together)
-            tmpfs_size=memory_limit(str(launch.get("limits_memory") or "job"), os.environ)
-            if kind == "bwrap" and bwrap_can_disable_userns(found) else None,
+            tmpfs_size=memory_limit(str(launch.get("limits_memory") or "job"), os.environ) if newer_bwrap else None,
         )
         self.runtime_forbids_userns = spec.disable_userns
         command = kernel_argv(launch["kernel_command"], python=kernel_python, connection_file=str(connection_file))

@@ -108,18 +108,20 @@ def _unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
-def tmpfs_devices(pid: int | str = "self") -> set[str]:
-    """The devices (``major:minor``) of the tmpfs mounts in ``pid``'s mount namespace."""
-    devices = set()
+def tmpfs_mounts(pid: int | str = "self") -> list[tuple[str, str]]:
+    """(device ``major:minor``, mount point) of each tmpfs mount in ``pid``'s mount namespace."""
     try:
         with open(f"/proc/{pid}/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                if "-" in fields and fields[fields.index("-") + 1] == "tmpfs":
-                    devices.add(fields[2])
+            lines = [line.split() for line in f]
     except OSError:
-        pass
-    return devices
+        return []
+    return [(fields[2], _unescape(fields[4])) for fields in lines
+            if "-" in fields and fields[fields.index("-") + 1] == "tmpfs"]
+
+
+def tmpfs_devices(pid: int | str = "self") -> set[str]:
+    """The devices of the tmpfs mounts in ``pid``'s mount namespace."""
+    return {device for device, _ in tmpfs_mounts(pid)}
 
 
 def file_memory_bytes(pids: list[int], outside: set[str]) -> int:
@@ -137,17 +139,12 @@ def file_memory_bytes(pids: list[int], outside: set[str]) -> int:
             continue
         if namespace not in namespaces:
             namespaces.add(namespace)
-            try:
-                with open(f"/proc/{pid}/mountinfo") as f:
-                    mounts = [line.split() for line in f]
-            except OSError:
-                mounts = []
-            for fields in mounts:
-                if "-" not in fields or fields[fields.index("-") + 1] != "tmpfs" or fields[2] in devices:
+            for device, mountpoint in tmpfs_mounts(pid):
+                if device in devices:
                     continue
-                devices.add(fields[2])
+                devices.add(device)
                 try:
-                    st = os.statvfs(f"/proc/{pid}/root{_unescape(fields[4])}")
+                    st = os.statvfs(f"/proc/{pid}/root{mountpoint}")
                 except OSError:
                     continue
                 total += (st.f_blocks - st.f_bfree) * st.f_frsize

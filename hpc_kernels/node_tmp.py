@@ -13,8 +13,9 @@ ends. Inside, what the sandbox may write is kept apart from what processes outsi
 - ``ro/``: bound read-only. What the agent tells the kernel as it runs: the deadline.
 - everything else stays outside the sandbox: ``client/`` (the connection file a frontend on this
   node uses), ``clients/`` (the relay node sides' client counts), ``empty/``.
- An agent that cannot (SIGKILL after
-Slurm's KillWait, a node that rebooted with a persistent /tmp) leaves it behind; so the next
+
+An agent that cannot remove its directory (SIGKILL after Slurm's KillWait, a node that
+rebooted with a persistent /tmp) leaves it behind; so the next
 kernel of the same user on that node, before it starts, removes every such directory of that
 user whose job Slurm no longer runs. Nothing is removed unless all of this holds: the name is
 ours, the entry is a real directory (not a link) owned by this user, it is not this job's, and
