@@ -159,11 +159,29 @@ install_repo() {
     done
 }
 
+# Wheels the tests install into environments of their own (a user's venv, uv env, a second
+# environment with nbgrader), fetched once from PyPI: the tests then install offline
+# (--no-index --find-links). Fetched again only when cluster/test-wheels.txt changes.
+HK_WHEELS=/var/cache/hpc-kernels/wheels
+cache_test_wheels() {
+    local list=$HERE/test-wheels.txt stamp
+    [[ -f $list ]] || return 0
+    stamp=$(sha256sum "$list" | cut -d' ' -f1)
+    if [[ $(cat "$HK_WHEELS/.stamp" 2>/dev/null) != "$stamp" ]]; then
+        hk_log "downloading the tests' wheels into $HK_WHEELS"
+        mkdir -p "$HK_WHEELS"
+        "$HK_VENV/bin/pip" download -q --disable-pip-version-check -d "$HK_WHEELS" -r "$list"
+        echo "$stamp" > "$HK_WHEELS/.stamp"
+    fi
+    chmod -R a+rX "$(dirname "$HK_WHEELS")"
+}
+
 main() {
     hk_need_root
     if [[ ${1:-} == --venv-only ]]; then
         make_venv
         install_repo "${2:-}"
+        cache_test_wheels
         return
     fi
     local packages
@@ -175,6 +193,7 @@ main() {
     install_sudoers
     make_venv
     install_repo "${1:-}"
+    cache_test_wheels
     # Apptainer, as a site installs it: on every user's PATH (spython looks for `singularity`).
     "$HERE/install-apptainer.sh"
     ln -sfn "$HK_APPTAINER_PREFIX/bin/apptainer" /usr/local/bin/apptainer
