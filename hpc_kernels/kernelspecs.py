@@ -31,10 +31,12 @@ CURVE_IPYKERNEL = (7, 3)
 
 def kernelspec(profile: Profile, *, display_name: str | None = None, interrupt_mode: str = "signal",
                launch_timeout: float | None = None, mode: str = "auto", encryption: str = "auto",
-               python: str = sys.executable, image: str | None = None, relay: str | None = None) -> dict[str, Any]:
+               python: str = sys.executable, image: str | None = None, relay: str | None = None,
+               python_env: str | None = None) -> dict[str, Any]:
     """The kernel.json of a kernelspec that runs ``profile``'s kernels through the provisioner
     (``image``: an Apptainer image instead of the profile's; ``relay``: a transport of the
-    profile's ``relay.allow`` instead of its ``relay.transport``)."""
+    profile's ``relay.allow`` instead of its ``relay.transport``; ``python_env``: the user's own
+    Python environment for the kernel, checked by the caller)."""
     if interrupt_mode not in INTERRUPT_MODES:
         raise HpcKernelsError(f"--interrupt-mode {interrupt_mode!r}: expected one of {', '.join(INTERRUPT_MODES)}")
     if encryption not in ENCRYPTIONS:
@@ -50,6 +52,8 @@ def kernelspec(profile: Profile, *, display_name: str | None = None, interrupt_m
     if relay:
         apply_request(profile, KernelRequest(name=profile.name, relay=relay))  # refused as submit would refuse it
         config["relay"] = relay
+    if python_env:
+        config["python_env"] = python_env
     if mode != "auto":
         config["mode"] = mode
     if launch_timeout:

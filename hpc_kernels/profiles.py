@@ -398,6 +398,7 @@ class KernelRequest:
     idle_timeout: str | None = None  # hibernate after this long without a cell or a client (--idle-timeout)
     restore: str | None = None  # the snapshot of a hibernated kernel to load (submit --resume)
     restore_sha256: str | None = None  # what that snapshot held when it was saved
+    python_env: str | None = None  # the user's own Python environment for the kernel (--python-env)
 
 
 def check_kernel_name(name: str) -> str:
