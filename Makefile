@@ -3,7 +3,7 @@
 #
 #   make demo        set everything up, start the cluster, run the README demo as hk-alice
 #   make test        the whole test suite, as the unprivileged user hk-alice, on the real cluster
-#   make bench       relay transports vs direct IPC and an ssh tunnel, 100 kernels at once, start-up, batches (docs/performance.md)
+#   make bench       relay transports vs direct IPC and an ssh tunnel, 100 kernels at once, start-up, batches, nbgrader (docs/performance.md)
 
 SHELL := /bin/bash
 REPO := $(CURDIR)
@@ -49,7 +49,8 @@ bench: setup cluster-up           ## measured side by side in one run; prints a 
 	cp -r bench "$$tmp"/ && chmod -R a+rX "$$tmp" && \
 	cluster/as-user.sh $(TEST_USER) "$$tmp" $(VENV)/bin/python bench/bench_relay.py $(BENCH_ARGS) && \
 	cluster/as-user.sh $(TEST_USER) "$$tmp" $(VENV)/bin/python bench/bench_scale.py && \
-	cluster/as-user.sh $(TEST_USER) "$$tmp" $(VENV)/bin/python bench/bench_batch.py
+	cluster/as-user.sh $(TEST_USER) "$$tmp" $(VENV)/bin/python bench/bench_batch.py && \
+	cluster/as-user.sh $(TEST_USER) "$$tmp" $(VENV)/bin/python bench/bench_nbgrader.py
 
 clean:
 	rm -rf build *.egg-info

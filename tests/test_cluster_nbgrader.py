@@ -61,11 +61,11 @@ try:
     print("network: connected")
 except OSError as e:
     print("network:", e)
-for path in ({secret!r}, {ssh!r}):
+for path in {paths!r}:
     try:
-        print("home:", path, os.listdir(path) if os.path.isdir(path) else open(path).read())
+        print("read:", path, os.listdir(path) if os.path.isdir(path) else open(path).read())
     except OSError as e:
-        print("home:", path, type(e).__name__)
+        print("read:", path, type(e).__name__)
 try:
     with open("planted.py", "w") as f:
         f.write("print('planted')")
@@ -100,6 +100,13 @@ def make_course(root: Path, secret: Path, token: str) -> Course:
     (root / "source" / ASSIGNMENT).mkdir(parents=True)
     nbformat.write(nb, root / "source" / ASSIGNMENT / f"{ASSIGNMENT}.ipynb")
     return Course(root, secret, token)
+
+
+def out_of_reach(course: Course) -> list[Path]:
+    """What the hostile submission tries to read: the home's secrets, the course's gradebook and
+    hidden source, the other student's submission."""
+    return [course.secret, Path.home() / ".ssh", course.root / "gradebook.db",
+            course.root / "source" / ASSIGNMENT / f"{ASSIGNMENT}.ipynb", course.root / "submitted" / GOOD]
 
 
 def submit(course: Course, student: str, answer: str) -> None:
@@ -163,8 +170,7 @@ def autograde_the_course(bin_dir: Path, course: Course, kernel_name: str, env: d
     proc = nbgrader(bin_dir, course, "generate_assignment", ASSIGNMENT, env=env)
     assert proc.returncode == 0, proc.stderr
     submit(course, GOOD, GOOD_ANSWER)
-    submit(course, HOSTILE, HOSTILE_ANSWER.format(controller=CONTROLLER, secret=str(course.secret),
-                                                  ssh=str(Path.home() / ".ssh")))
+    submit(course, HOSTILE, HOSTILE_ANSWER.format(controller=CONTROLLER, paths=list(map(str, out_of_reach(course)))))
     proc = nbgrader(bin_dir, course, "autograde", ASSIGNMENT, f"--ExecutePreprocessor.kernel_name={kernel_name}",
                     f"--ExecutePreprocessor.timeout={CELL_TIMEOUT}", env=env)
     assert proc.returncode == 0, f"autograde exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
@@ -203,8 +209,8 @@ def check_the_grades(course: Course) -> None:
     # The hostile one: no network, no home, a read-only workspace, stopped by the cell timeout.
     text, errors = outputs(cells[HOSTILE]["add"])
     assert "network: [Errno 101] Network is unreachable" in text, text
-    assert f"home: {course.secret} FileNotFoundError" in text, text
-    assert f"home: {Path.home() / '.ssh'} FileNotFoundError" in text, text
+    for path in out_of_reach(course):
+        assert path.exists() and f"read: {path} FileNotFoundError" in text, text
     assert "workspace: [Errno 30] Read-only file system" in text, text
     assert "CellTimeoutError" in errors, errors
     assert outputs(cells[HOSTILE]["test_add"])[1] == ["NameError"], "add was never defined"
