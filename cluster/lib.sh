@@ -28,6 +28,15 @@ HK_KNOWN_HOSTS=/etc/ssh/ssh_known_hosts    # the nodes' host keys, lines marked 
 # Daemons are started with a clean, predictable environment.
 HK_DAEMON_ENV=(env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 "SLURM_CONF=$HK_CONF")
 
+# Close every file descriptor above 2 of the calling shell.
+hk_close_inherited_fds() {
+    local fd
+    for fd in /proc/$BASHPID/fd/*; do
+        fd=${fd##*/}
+        if (( fd > 2 )); then eval "exec $fd>&-"; fi
+    done
+}
+
 hk_node_ip() { echo "$HK_NET_PREFIX.1${1#c}"; }
 
 HK_LIB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

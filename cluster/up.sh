@@ -12,6 +12,9 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=lib.sh
 source "$HERE/lib.sh"
+# The daemons started here outlive this script: they must not inherit what its caller had open
+# (a `flock LOCK make test` lock would then be held by munged for ever).
+hk_close_inherited_fds
 
 LOGIN_HOST=$(hostname -s)
 RELEASE=$(hk_release)      # bookworm (Slurm 22.05, OpenSSH 9.2) or trixie (Slurm 24.11, OpenSSH 10)

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .bridge import argv_options
 from .errors import HpcKernelsError
 from .processes import python_module
 from .profiles import KernelRequest, Profile, apply_request, check_kernel_name
@@ -65,8 +66,9 @@ def kernelspec(profile: Profile, *, display_name: str | None = None, interrupt_m
     if encryption == "curve" or (encryption == "auto" and kernel_supports_curve(profile, python)):
         metadata["supported_encryption"] = ["curve"]
     return {
-        # Never run: the provisioner starts the kernel. A frontend without provisioners gets a clear error.
-        "argv": python_module(python, "hpc_kernels.provisioner", "-f", "{connection_file}"),
+        # Run only by frontends that ignore the provisioner (VS Code, PyCharm, ...): the bridge
+        # does the provisioner's work for them.
+        "argv": python_module(python, "hpc_kernels.bridge", "-f", "{connection_file}", *argv_options(config)),
         "display_name": display_name or profile.get("kernel", "display_name") or f"Python 3 ({profile.name})",
         "language": profile.get("kernel", "language"),
         "interrupt_mode": interrupt_mode,

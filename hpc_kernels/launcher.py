@@ -366,11 +366,11 @@ def profile_to_start(profile_name: str, request: KernelRequest) -> Profile:
     return profile
 
 
-def _write_secrets(files: KernelFiles, *, curve: bool, tls: bool = False) -> None:
-    """The HMAC key, with ``curve`` a CurveZMQ key pair for the kernel's sockets, with ``tls``
-    the relay's tcp transport's certificates (:mod:`hpc_kernels.tls`): 0600 files on the shared
-    file system, never on a command line or in an environment."""
-    write_private_file(files.key, secrets.token_hex(32) + "\n")
+def _write_secrets(files: KernelFiles, *, curve: bool, tls: bool = False, key: str | None = None) -> None:
+    """The HMAC key (``key``, else a new one), with ``curve`` a CurveZMQ key pair for the
+    kernel's sockets, with ``tls`` the relay's tcp transport's certificates (:mod:`hpc_kernels.tls`):
+    0600 files on the shared file system, never on a command line or in an environment."""
+    write_private_file(files.key, (key or secrets.token_hex(32)) + "\n")
     if tls:
         from .tls import CredentialFiles, make_credentials, write_credentials
 
@@ -394,9 +394,11 @@ def _claim_name(name: str, *, resuming: bool = False) -> KernelFiles:
         ) from None
 
 
-def submit(profile_name: str, request: KernelRequest, *, listen_tcp: bool | None = None) -> KernelRecord:
+def submit(profile_name: str, request: KernelRequest, *, listen_tcp: bool | None = None,
+           key: str | None = None) -> KernelRecord:
     """Write the kernel's state, render its job script and submit it. Returns at once.
-    ``listen_tcp`` overrides whether the agent listens for the relay's tcp transport."""
+    ``listen_tcp`` overrides whether the agent listens for the relay's tcp transport; ``key``
+    is the HMAC key to sign with (a frontend's own), else a new one."""
     profile = profile_to_start(profile_name, request)
     name = request.name
     python = node_python(profile)
@@ -413,7 +415,7 @@ def submit(profile_name: str, request: KernelRequest, *, listen_tcp: bool | None
         try:
             save_record(record)
             launch = launch_spec(profile, request, python, listen_tcp=listen_tcp)
-            _write_secrets(files, curve=request.curve, tls=launch["relay"]["listen_tcp"])
+            _write_secrets(files, curve=request.curve, tls=launch["relay"]["listen_tcp"], key=key)
             write_json(files.launch, launch)
             script = kernel_script(profile, name, request.allocation)
             write_private_file(files.script, script)
@@ -506,9 +508,10 @@ def on_a_node_of_a_job(environ: dict[str, str] | None = None) -> bool:
     return bool(env.get("SLURM_JOB_ID") and env.get("SLURMD_NODENAME"))
 
 
-def start_on_node(profile_name: str, request: KernelRequest) -> KernelRecord:
+def start_on_node(profile_name: str, request: KernelRequest, *, key: str | None = None) -> KernelRecord:
     """Start the kernel in the profile's sandbox on this node, for a frontend that already runs
-    in a job here: no job, no step, no relay. The agent runs as our child, in its own session."""
+    in a job here: no job, no step, no relay. The agent runs as our child, in its own session.
+    ``key``: as for :func:`submit`."""
     request = replace(request, allocation=None)
     profile = profile_to_start(profile_name, request)
     name = request.name
@@ -521,7 +524,7 @@ def start_on_node(profile_name: str, request: KernelRequest) -> KernelRecord:
         try:
             save_record(record)
             launch = launch_spec(profile, request, python, listen_tcp=False)  # no relay on the node
-            _write_secrets(files, curve=request.curve)
+            _write_secrets(files, curve=request.curve, key=key)
             write_json(files.launch, launch)
             write_private_file(files.log, "")
             # The agent ends with the frontend that started it (a JupyterLab, a batch task), even

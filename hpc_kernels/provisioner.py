@@ -258,12 +258,3 @@ class HpcKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self.generation = int(provisioner_info.get("generation") or 0)
         self.profile = provisioner_info.get("profile") or self.profile
 
-
-def main() -> int:
-    print("this kernelspec is started by the hpc-kernels kernel provisioner (jupyter_client >= 7); "
-          "the argv is not run", file=sys.stderr)
-    return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
