@@ -343,7 +343,7 @@ def cmd_kernelspec_install(args: argparse.Namespace) -> int:
     profile = load_profile(profile_name)
     spec = kernelspec(profile, display_name=args.display_name, interrupt_mode=args.interrupt_mode,
                       launch_timeout=args.launch_timeout, mode=args.mode, encryption=args.encryption,
-                      image=args.image, relay=args.relay)
+                      image=args.image, relay=args.relay, provisioner=not args.argv_only)
     prefix = sys.prefix if args.sys_prefix else args.prefix
     where = install(args.name or profile_name, spec, user=args.user, prefix=prefix)
     _progress(f"installed kernelspec {args.name or profile_name} ({spec['display_name']}) in {where}")
@@ -351,14 +351,14 @@ def cmd_kernelspec_install(args: argparse.Namespace) -> int:
 
 
 def cmd_kernelspec_list(args: argparse.Namespace) -> int:
-    from .kernelspecs import ours
+    from .kernelspecs import ours, profile_of
 
     found = ours()
     if not found:
         print("no hpc-kernels kernelspecs installed")
         return 0
-    rows = [[name, str(data["metadata"]["kernel_provisioner"]["config"].get("profile", "?")),
-             str(data.get("display_name", "")), directory] for name, (directory, data) in sorted(found.items())]
+    rows = [[name, str(profile_of(data)), str(data.get("display_name", "")), directory]
+            for name, (directory, data) in sorted(found.items())]
     _table(["name", "profile", "display_name", "directory"], rows)
     return 0
 
@@ -537,6 +537,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--mode", default="auto", choices=["auto", "job", "node"],
                    help="job: a Slurm job reached through the relay; node: the sandbox on the frontend's own "
                    "node (it runs in a job); auto (default): node inside a job on a compute node, else job")
+    q.add_argument("--argv-only", action="store_true",
+                   help="name no provisioner: every frontend runs the argv (the bridge). For a Jupyter tool in an "
+                   "environment without hpc-kernels (an nbgrader of its own), whose jupyter_client hides a "
+                   "kernelspec naming a provisioner it does not have")
     where = q.add_mutually_exclusive_group()
     where.add_argument("--user", action="store_true", help="for you only (the default without root)")
     where.add_argument("--sys-prefix", action="store_true", help="into this Python environment")

@@ -19,6 +19,7 @@ from .processes import python_module
 from .profiles import KernelRequest, Profile, apply_request, check_kernel_name
 
 PROVISIONER_NAME = "hpc-kernels"
+BRIDGE_MODULE = "hpc_kernels.bridge"
 INTERRUPT_MODES = ("signal", "message")
 
 
@@ -33,11 +34,13 @@ CURVE_IPYKERNEL = (7, 3)
 def kernelspec(profile: Profile, *, display_name: str | None = None, interrupt_mode: str = "signal",
                launch_timeout: float | None = None, mode: str = "auto", encryption: str = "auto",
                python: str = sys.executable, image: str | None = None, relay: str | None = None,
-               python_env: str | None = None) -> dict[str, Any]:
+               python_env: str | None = None, provisioner: bool = True) -> dict[str, Any]:
     """The kernel.json of a kernelspec that runs ``profile``'s kernels through the provisioner
     (``image``: an Apptainer image instead of the profile's; ``relay``: a transport of the
     profile's ``relay.allow`` instead of its ``relay.transport``; ``python_env``: the user's own
-    Python environment for the kernel, checked by the caller)."""
+    Python environment for the kernel, checked by the caller). Without ``provisioner``, it names
+    none and every frontend runs its argv (the bridge): jupyter_client hides a kernelspec whose
+    provisioner is not installed in its own environment (an nbgrader in an environment of its own)."""
     if interrupt_mode not in INTERRUPT_MODES:
         raise HpcKernelsError(f"--interrupt-mode {interrupt_mode!r}: expected one of {', '.join(INTERRUPT_MODES)}")
     if encryption not in ENCRYPTIONS:
@@ -59,16 +62,15 @@ def kernelspec(profile: Profile, *, display_name: str | None = None, interrupt_m
         config["mode"] = mode
     if launch_timeout:
         config["launch_timeout"] = launch_timeout
-    metadata: dict[str, Any] = {
-        "kernel_provisioner": {"provisioner_name": PROVISIONER_NAME, "config": config},
-        "debugger": False,
-    }
+    metadata: dict[str, Any] = {"debugger": False}
+    if provisioner:
+        metadata["kernel_provisioner"] = {"provisioner_name": PROVISIONER_NAME, "config": config}
     if encryption == "curve" or (encryption == "auto" and kernel_supports_curve(profile, python)):
         metadata["supported_encryption"] = ["curve"]
     return {
         # Run only by frontends that ignore the provisioner (VS Code, PyCharm, ...): the bridge
         # does the provisioner's work for them.
-        "argv": python_module(python, "hpc_kernels.bridge", "-f", "{connection_file}", *argv_options(config)),
+        "argv": python_module(python, BRIDGE_MODULE, "-f", "{connection_file}", *argv_options(config)),
         "display_name": display_name or profile.get("kernel", "display_name") or f"Python 3 ({profile.name})",
         "language": profile.get("kernel", "language"),
         "interrupt_mode": interrupt_mode,
@@ -106,8 +108,23 @@ def install(name: str, spec: dict[str, Any], *, user: bool = False, prefix: str 
             raise HpcKernelsError(f"cannot install kernelspec {name}: {e}; try --user") from None
 
 
+def profile_of(spec: dict[str, Any]) -> str | None:
+    """The profile of a kernelspec of ours (its provisioner's config, or the bridge's --profile
+    in the argv of one without provisioner); None for a kernelspec that is not ours."""
+    provisioner = (spec.get("metadata") or {}).get("kernel_provisioner") or {}
+    if provisioner.get("provisioner_name") == PROVISIONER_NAME:
+        return str((provisioner.get("config") or {}).get("profile", "?"))
+    argv = spec.get("argv") or []
+    for i, word in enumerate(argv[:-1]):
+        if word == "-m" and argv[i + 1] == BRIDGE_MODULE:
+            options = argv[i + 2:]
+            return str(options[options.index("--profile") + 1]) if "--profile" in options[:-1] else "?"
+    return None
+
+
 def ours() -> dict[str, tuple[str, dict[str, Any]]]:
-    """The installed kernelspecs that use this provisioner: name -> (directory, kernel.json)."""
+    """The installed kernelspecs that start hpc-kernels (through the provisioner, or the bridge
+    alone): name -> (directory, kernel.json)."""
     from jupyter_client.kernelspec import KernelSpecManager
 
     found = {}
@@ -116,8 +133,7 @@ def ours() -> dict[str, tuple[str, dict[str, Any]]]:
             data = json.loads((Path(directory) / "kernel.json").read_text())
         except (OSError, ValueError):
             continue
-        provisioner = (data.get("metadata") or {}).get("kernel_provisioner") or {}
-        if provisioner.get("provisioner_name") == PROVISIONER_NAME:
+        if isinstance(data, dict) and profile_of(data) is not None:
             found[name] = (directory, data)
     return found
 
