@@ -283,6 +283,11 @@ class HpcKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         info = json.loads(connection_file.read_text())
         info["key"] = info["key"].encode()
         self.connection_info = info
+        if hasattr(self.parent, "_attempted_start"):
+            # jupyter_client (8.10) renews a KernelManager's `ready` future for each start and
+            # shutdown only once it started a kernel itself; without this a restart of the kernel
+            # taken over fails with InvalidStateError (a future resolved twice).
+            self.parent._attempted_start = True
 
     def _take_over(self, name: str) -> tuple[Path, int]:
         current = launcher.view(name)
