@@ -12,12 +12,14 @@ transport: these tests use the bubblewrap profile over srun."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -171,6 +173,36 @@ def test_a_server_gone_without_its_clean_up_leaves_no_job_behind(how: str, kerne
     assert took >= ORPHAN_TIMEOUT - 1, f"the kernel ended {took:.1f} s after the server, before the grace period"
     assert not jupyter_kernels()
     print(f"\n{how}: the job and the kernel's state were gone {took:.1f} s after the server")
+
+
+def test_a_server_killed_while_its_kernel_waits_in_the_queue_leaves_no_job(
+        servers: list[Server], workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server is killed while the kernel's job waits in the queue (the DOWN partition: it
+    would wait forever): the job is cancelled after the grace period."""
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    (profiles / "never.yaml").write_text("extends: local\nslurm: {partition: down}\n")
+    monkeypatch.setenv("HPC_KERNELS_PROFILE_PATH", str(profiles))
+    monkeypatch.setenv("JUPYTER_DATA_DIR", str(tmp_path / "jupyter-data"))
+    monkeypatch.setenv("JUPYTER_PATH", "")
+    hk("kernelspec", "install", "-p", "never", "--name", "never", "--user")
+    servers.append(server := Server(workspace, tmp_path / "server.log"))
+
+    def start_kernel() -> None:
+        with contextlib.suppress(OSError):  # the server dies under the request
+            server.api("POST", "/api/kernels", {"name": "never"})
+
+    threading.Thread(target=start_kernel, daemon=True).start()
+    deadline = time.monotonic() + 60
+    while not (pending := [r for r in jupyter_kernels() if r["state"] == "pending" and r["job_id"]]):
+        assert time.monotonic() < deadline, "no pending kernel"
+        time.sleep(0.5)
+    time.sleep(1)
+    assert len(watchers(pending[0]["name"])) == 1, "a kernel in the queue is claimed too"
+    server.proc.kill()
+    server.proc.wait(60)
+    took = wait_until_gone(pending[0]["name"], pending[0]["job_id"], 60)
+    print(f"\nSIGKILL while queued: the job was cancelled {took:.1f} s after the server")
 
 
 FIRST_FRONTEND = r"""
