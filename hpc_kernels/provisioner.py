@@ -264,13 +264,12 @@ class HpcKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         return info  # type: ignore[no-any-return]
 
     async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
-        """Take over a running kernel from the info its first provisioner gave
-        (:meth:`get_provisioner_info`), in this or another process, on this login node or another:
-        its relay is started here if it does not run, ``connection_info`` is the login-side
-        connection here (with the key: pass it to ``KernelManager.load_connection_info``), and
-        the kernel now ends with this process (within ``orphan_timeout`` of it). The first
-        process must not be gone for longer than its ``orphan_timeout``: its kernel is then
-        shut down."""
+        """Take over a running kernel, in this or another process, from the info its first
+        provisioner gave (:meth:`get_provisioner_info`). The kernel's relay is started here if it
+        does not run (on another login node, say); ``connection_info`` is then the login-side
+        connection here, with the key (pass it to ``KernelManager.load_connection_info``), and
+        the kernel now ends with this process (within ``orphan_timeout``). The first process must
+        not have been gone for longer than its own ``orphan_timeout``: its kernel is shut down then."""
         await super().load_provisioner_info(provisioner_info)
         name = provisioner_info.get("name")
         if not isinstance(name, str):
@@ -299,6 +298,7 @@ class HpcKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         connection_file = launcher.ensure_relay(name)
         frontend_watch.claim(name, self.orphan_timeout)
         return connection_file, launcher.kernel_generation(name)
+
 
 def main() -> int:
     print("this kernelspec is started by the hpc-kernels kernel provisioner (jupyter_client >= 7); "
