@@ -63,10 +63,11 @@ def our_processes(marker: str) -> list[str]:
 
 
 def wait_all_gone(job_id: str, timeout: float = GONE_WITHIN) -> float:
-    """Seconds until no kernel, no job and no bridge is left; fails after ``timeout``."""
+    """Seconds until no kernel, no job, no bridge and no watcher is left; fails after ``timeout``."""
     started = time.monotonic()
     while True:
-        left = (json.loads(hk("list", "--json").stdout), job_id in squeue_ids(), our_processes("hpc_kernels.bridge"))
+        left = (json.loads(hk("list", "--json").stdout), job_id in squeue_ids(), our_processes("hpc_kernels.bridge"),
+                our_processes("hpc_kernels.frontend_watch"))
         if not any(left):
             return time.monotonic() - started
         assert time.monotonic() - started < timeout, f"still there after {timeout:.0f} s: {left}"
@@ -145,7 +146,7 @@ def test_a_frontend_killed_with_sigkill_ends_the_job(argv_kernelspec: str, works
 
 
 def test_the_argv_killed_by_a_forced_shutdown_ends_the_job(argv_kernelspec: str, workspace: Path) -> None:
-    """jupyter_client's shutdown_kernel(now=True) SIGKILLs the argv's process: its guardian ends the job."""
+    """jupyter_client's shutdown_kernel(now=True) SIGKILLs the argv's process: its kernel's watcher ends the job."""
     km = KernelManager(kernel_name=argv_kernelspec)
     km.start_kernel(cwd=str(workspace))
     try:
