@@ -13,9 +13,9 @@ wait for it to exit. The bridge does for them what the provisioner does for the 
   agent whether a restart follows, so that a restart keeps the job;
 - it ends the job when the frontend shuts the kernel down, sends SIGTERM, or dies.
 
-A guardian process, in a session of its own, holds the read end of a pipe from the bridge. If the
-bridge is killed (SIGKILL: jupyter_client's forced shutdown and restart), the guardian waits a
-moment for the frontend's next bridge to take the kernel over (a restart) and otherwise ends the job.
+The bridge claims its kernel as the provisioner does (:mod:`hpc_kernels.frontend_watch`): if it is
+killed (SIGKILL: jupyter_client's forced shutdown and restart), the kernel ends CLAIM_SECONDS later
+unless the frontend's next bridge has taken it over meanwhile (a restart).
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import hmac
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -37,23 +36,22 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from . import launcher
+from . import frontend_watch, launcher
 from .errors import HpcKernelsError, KernelNotFound
 from .paths import read_json, write_json
-from .processes import identity, is_running, parent_variable, python_module, watch_parent
+from .processes import parent_variable, watch_parent
 from .profiles import KernelRequest, load_profile
-from .state import kernel_files
+from .state import kernel_files, state_json
 
 CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
 SIGNATURE_SCHEME = "hmac-sha256"  # what the kernel's agent signs with (relay.connection_info)
 DELIMITER = b"<IDS|MSG>"
 POLL_SECONDS = 1.0
-# How long a restarted kernel may take to be ready again, and how long the guardian of a bridge
-# that ended without finishing the kernel waits for the frontend's next bridge to claim it.
+# How long a restarted kernel may take to be ready again, and how long a kernel outlives a bridge
+# that did not end it, for the frontend's next bridge to take it over.
 RESTART_TIMEOUT = 180.0
 CLAIM_SECONDS = 15.0
 RESTART_EXIT_SECONDS = 3.0
-GUARD_MARKER = "hpc_kernels.bridge --guard"
 
 
 def _say(line: str) -> None:
@@ -263,50 +261,9 @@ class Forwarder:
         self.context.destroy(linger=0)
 
 
-# ---------------------------------------------------------------------------------------------
-# The guardian: ends the job if the bridge is killed
-
-
 def _bridge_file(name: str) -> Path:
+    """Where a bridge that hands its kernel on for a restart says from which kernel process."""
     return kernel_files(name).dir / "bridge.json"
-
-
-def start_guardian(name: str, python: str = sys.executable) -> tuple[subprocess.Popen[bytes], Any]:
-    """The guardian of kernel ``name`` and the write end of its pipe (closed when we end, however)."""
-    read_end, write_end = os.pipe()
-    log = kernel_files(name).dir / "bridge.log"
-    with open(log, "ab") as out:
-        os.chmod(log, 0o600)
-        guardian = subprocess.Popen(python_module(python, "hpc_kernels.bridge", "--guard", name), stdin=read_end,
-                                    stdout=out, stderr=out, cwd="/", start_new_session=True)
-    os.close(read_end)
-    return guardian, os.fdopen(write_end, "wb", buffering=0)
-
-
-def guard(name: str) -> int:
-    """Read what the bridge says; when its pipe ends: nothing if it cleaned up ("done"); else, once
-    no new bridge has claimed the kernel within CLAIM_SECONDS (none after a shutdown began), end
-    the job. A restart ("restart") is claimed as soon as the frontend starts the argv again."""
-    said = {line.strip() for line in sys.stdin.buffer}
-    if b"done" in said:
-        return 0
-    # Killed while it shut the kernel down: no claim to wait for.
-    waited = 0.0 if b"shutdown" in said else CLAIM_SECONDS
-    deadline = time.monotonic() + waited
-    me = identity()
-    while time.monotonic() < deadline:
-        claim = (read_json(_bridge_file(name)) or {}).get("guardian") or {}
-        if not kernel_files(name).record.exists():
-            return 0  # shut down already
-        if claim.get("pid") != me["pid"] and is_running(claim, GUARD_MARKER):
-            _say(f"kernel {name}: taken over by a new bridge")
-            return 0
-        time.sleep(0.5)
-    _say(f"kernel {name}: its bridge ended without shutting it down and no frontend took it over "
-         f"within {waited:.0f} s: ending it")
-    with contextlib.suppress(KernelNotFound):
-        launcher.shutdown(name, graceful_timeout=0, progress=_say)
-    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,20 +271,15 @@ def guard(name: str) -> int:
 
 
 class Bridge:
-    def __init__(self, name: str, frontend: Connection, forwarder: Forwarder, guardian_pipe: Any):
+    def __init__(self, name: str, frontend: Connection, forwarder: Forwarder):
         self.name = name
         self.frontend = frontend
         self.forwarder = forwarder
-        self.guardian_pipe = guardian_pipe
         self.wake = threading.Event()
         self.stop: str | None = None  # why the bridge ends
         self.restart: bool | None = None  # None: no shutdown_request seen
         self.generation = 0
         self.serving = False
-
-    def tell_guardian(self, word: str) -> None:
-        with contextlib.suppress(OSError):
-            self.guardian_pipe.write(word.encode() + b"\n")
 
     def on_control(self, frames: list[bytes]) -> None:
         restart = shutdown_request(frames, self.frontend.key.encode())
@@ -336,13 +288,10 @@ class Bridge:
         self.restart = restart
         try:
             if restart:
-                write_json(_bridge_file(self.name), {**(read_json(_bridge_file(self.name)) or {}),
-                                                     "restart_from": self.generation})
+                write_json(_bridge_file(self.name), {"restart_from": self.generation})
                 launcher.request_restart(self.name)
-                self.tell_guardian("restart")
             else:
                 launcher.expect_shutdown(self.name)
-                self.tell_guardian("shutdown")
         except OSError as e:
             _say(f"could not pass the frontend's shutdown request on: {e}")
         self.wake.set()
@@ -415,32 +364,42 @@ class Bridge:
         except HpcKernelsError as e:
             _say(f"shutting kernel {self.name} down: {e}")
             return 1
-        self.tell_guardian("done")
         return code
 
 
 def _can_take_over(name: str) -> bool:
-    """Whether kernel ``name`` is there for this bridge to take over (the frontend restarts it):
-    a live kernel whose previous bridge is gone."""
-    if not kernel_files(name).record.exists():
+    """Whether kernel ``name`` is there for this bridge to take over (the frontend restarts it): a
+    live kernel whose previous bridge is gone. One that is ending is waited for."""
+    files = kernel_files(name)
+    if not files.record.exists():
         return False
-    previous = read_json(_bridge_file(name)) or {}
-    if is_running(previous.get("bridge") or {}, "hpc_kernels.bridge"):
-        raise HpcKernelsError(f"kernel {name} is already served by another bridge (pid {previous['bridge']['pid']}) "
-                              "for this connection file's key")
+    claim = state_json(frontend_watch.claim_file(files))
+    if frontend_watch.owner_alive(claim):
+        raise HpcKernelsError(f"kernel {name} is already served by another bridge (pid {claim.get('pid')}) for this "
+                              "connection file's key")
     try:
         current = launcher.view(name)
     except KernelNotFound:
         return False
-    return current.job_alive and current.agent_state not in ("ended", "failed")
+    if current.job_alive and current.agent_state not in ("ended", "failed") and not claim.get("ending") \
+            and not current.record.on_node:
+        return True
+    deadline = time.monotonic() + RESTART_TIMEOUT
+    while files.record.exists() and launcher.gone_reason(name) is None:  # its watcher is ending it
+        if time.monotonic() > deadline:
+            raise HpcKernelsError(f"kernel {name} is still being ended after {RESTART_TIMEOUT:.0f} s")
+        time.sleep(POLL_SECONDS)
+    return False
 
 
-def _take_over(name: str, guardian: dict[str, Any]) -> None:
+def _take_over(name: str) -> None:
     """Claim kernel ``name`` for this bridge and wait for its restarted kernel process."""
-    previous = read_json(_bridge_file(name)) or {}
-    write_json(_bridge_file(name), {"guardian": guardian, "bridge": identity()})
-    if "restart_from" in previous:
-        generation = int(previous["restart_from"])
+    frontend_watch.claim(name, CLAIM_SECONDS)
+    handed_on = read_json(_bridge_file(name)) or {}
+    with contextlib.suppress(FileNotFoundError):
+        _bridge_file(name).unlink()
+    if "restart_from" in handed_on:
+        generation = int(handed_on["restart_from"])
     else:
         # The previous bridge was killed (a forced restart): a fresh kernel process in the same job.
         generation = launcher.kernel_generation(name)
@@ -476,12 +435,9 @@ def _start_and_serve(args: argparse.Namespace, name: str, frontend: Connection, 
                  lambda: bridge.on_frontend_gone() if bridge is not None and bridge.serving
                  else os.kill(os.getpid(), signal.SIGTERM))
     taking_over = _can_take_over(name)  # raises if another bridge serves it: that one is left alone
-    pipe = None
     try:
         if taking_over:
-            guardian_process, pipe = start_guardian(name)
-            starting = Bridge(name, frontend, forwarder, pipe)
-            _take_over(name, identity(guardian_process.pid))
+            _take_over(name)
         else:
             request = KernelRequest(name=name, workspace=_workspace(args.workspace), workspace_rw=args.rw,
                                     image=args.image, relay=args.relay, python_env=args.python_env,
@@ -489,23 +445,19 @@ def _start_and_serve(args: argparse.Namespace, name: str, frontend: Connection, 
             on_node = _on_node(args.profile, args.mode)
             start = launcher.start_on_node if on_node else launcher.submit
             record = start(args.profile, request, key=frontend.key)
-            guardian_process, pipe = start_guardian(name)
-            starting = Bridge(name, frontend, forwarder, pipe)
-            write_json(_bridge_file(name), {"guardian": identity(guardian_process.pid), "bridge": identity()})
+            if not on_node:  # an on-node agent already ends with us (HPC_KERNELS_PARENT)
+                frontend_watch.claim(name, CLAIM_SECONDS)
             _say(f"{'starting on this node' if on_node else f'submitted job {record.job_id}'}: kernel {name} "
                  f"(profile {args.profile})")
             launcher.wait_until_ready(name, timeout=args.launch_timeout or None, progress=_say)
         connection = launcher.ensure_relay(name, progress=_say)
-        bridge = starting
+        bridge = Bridge(name, frontend, forwarder)
     except (KeyboardInterrupt, HpcKernelsError) as e:
         # A start that failed or was given up: nothing of it may stay behind (submit itself
         # removes what it made if it was interrupted).
         _say(str(e) if isinstance(e, HpcKernelsError) else "stopped before the kernel was ready")
         with contextlib.suppress(HpcKernelsError):
             launcher.shutdown(name, graceful_timeout=0, progress=_say)
-        if pipe is not None:
-            with contextlib.suppress(OSError):
-                pipe.write(b"done\n")
         return 1
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, bridge.on_signal)
@@ -551,14 +503,11 @@ def parser() -> argparse.ArgumentParser:
     parse.add_argument("--rw", action="store_true")
     parse.add_argument("--mode", choices=("auto", "job", "node"), default="auto")
     parse.add_argument("--launch-timeout", type=float, default=0.0)
-    parse.add_argument("--guard", metavar="NAME", help=argparse.SUPPRESS)
     return parse
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.guard:
-        return guard(args.guard)
     if not args.connection_file or not args.profile:
         parser().error("-f CONNECTION_FILE and --profile are required")
     try:

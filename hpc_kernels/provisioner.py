@@ -21,16 +21,17 @@ import sys
 import uuid
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import Bool, Enum, Float, Unicode
 
-from . import launcher
+from . import frontend_watch, launcher
 from .errors import HpcKernelsError, KernelNotFound, KernelStartError
 from .paths import exposes_private_files, private_paths
-from .profiles import KernelRequest, load_profile
+from .profiles import KernelRequest, check_kernel_name, load_profile
 
 POLL_SECONDS = 1.0
 # A restart has no queue to wait in: the new kernel is up in seconds, or something is wrong.
@@ -51,6 +52,10 @@ class HpcKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         "job: a Slurm job (or a step of the allocation) reached through the relay; node: the sandbox on "
         "this node, for a frontend that runs in a job here (no job, no relay); auto: node when this runs "
         "inside a job on a compute node and the profile's kernel.on_node allows it")).tag(config=True)
+    orphan_timeout = Float(20.0, help=(
+        "seconds a kernel in a job outlives the process that started it (a Jupyter server killed, a script "
+        "that exits without shutting it down), for another process to take it over with "
+        "load_provisioner_info; then it is shut down (hpc_kernels.frontend_watch)")).tag(config=True)
 
     name: str | None = None
     _waiter: concurrent.futures.ThreadPoolExecutor | None = None
@@ -97,6 +102,8 @@ class HpcKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 await asyncio.shield(started)
                 self.log.info("hpc-kernels: %s kernel %s (profile %s)", "starting on this node" if on_node
                               else "submitted", self.name, self.profile)
+                if not on_node:  # an on-node agent already ends with us (HPC_KERNELS_PARENT)
+                    await asyncio.to_thread(frontend_watch.claim, self.name, self.orphan_timeout)
                 await self._in_waiter(launcher.wait_until_ready, self.name, timeout=self.launch_timeout or None,
                                       progress=self._progress)
                 connection_file = await asyncio.to_thread(launcher.ensure_relay, self.name)
@@ -248,13 +255,47 @@ class HpcKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         return max(recommended, 20.0)
 
     async def get_provisioner_info(self) -> dict[str, Any]:
+        """What another process needs to take this kernel over (:meth:`load_provisioner_info`):
+        JSON as it is. The HMAC key is left out: it stays in the kernel's 0600 state, where the
+        taking process reads it."""
         info = await super().get_provisioner_info()
-        info.update(name=self.name, generation=self.generation, profile=self.profile)
+        connection = {k: v for k, v in dict(info.get("connection_info") or {}).items() if k != "key"}
+        info.update(connection_info=connection, name=self.name, generation=self.generation, profile=self.profile)
         return info  # type: ignore[no-any-return]
 
     async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
+        """Take over a running kernel, in this or another process, from the info its first
+        provisioner gave (:meth:`get_provisioner_info`). The kernel's relay is started here if it
+        does not run (on another login node, say); ``connection_info`` is then the login-side
+        connection here, with the key (pass it to ``KernelManager.load_connection_info``), and
+        the kernel now ends with this process (within ``orphan_timeout``). The first process must
+        not have been gone for longer than its own ``orphan_timeout``: its kernel is shut down then."""
         await super().load_provisioner_info(provisioner_info)
-        self.name = provisioner_info.get("name")
-        self.generation = int(provisioner_info.get("generation") or 0)
+        name = provisioner_info.get("name")
+        if not isinstance(name, str):
+            raise HpcKernelsError(f"provisioner info: 'name' is {name!r}: expected the hpc-kernels name of the "
+                                  "kernel, as get_provisioner_info gives it")
+        check_kernel_name(name)
+        connection_file, generation = await asyncio.to_thread(self._take_over, name)
+        self.name, self.generation, self.ended, self.restarting = name, generation, None, False
         self.profile = provisioner_info.get("profile") or self.profile
+        info = json.loads(connection_file.read_text())
+        info["key"] = info["key"].encode()
+        self.connection_info = info
+        if hasattr(self.parent, "_attempted_start"):
+            # jupyter_client (8.10) renews a KernelManager's `ready` future for each start and
+            # shutdown only once it started a kernel itself; without this a restart of the kernel
+            # taken over fails with InvalidStateError (a future resolved twice).
+            self.parent._attempted_start = True
+
+    def _take_over(self, name: str) -> tuple[Path, int]:
+        current = launcher.view(name)
+        if current.record.on_node:
+            raise HpcKernelsError(f"kernel {name!r} runs on the node of its frontend's job {current.record.job_id} "
+                                  "and ends with that frontend: it cannot be taken over")
+        if not current.job_alive or current.agent_state != "ready":
+            raise HpcKernelsError(f"kernel {name!r} is {current.state}: there is no running kernel to take over")
+        connection_file = launcher.ensure_relay(name)
+        frontend_watch.claim(name, self.orphan_timeout)
+        return connection_file, launcher.kernel_generation(name)
 

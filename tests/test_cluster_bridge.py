@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import SECOND_USER, as_second_user, hk, run
+from conftest import SECOND_USER, as_second_user, hk
 from jupyter_client import KernelManager
 from test_cluster_jupyter import execute, interrupt_a_busy_loop, jupyter_dirs  # noqa: F401 (a fixture)
 from test_cluster_kernel import LOGIN_ADDRESS
@@ -63,10 +63,11 @@ def our_processes(marker: str) -> list[str]:
 
 
 def wait_all_gone(job_id: str, timeout: float = GONE_WITHIN) -> float:
-    """Seconds until no kernel, no job and no bridge is left; fails after ``timeout``."""
+    """Seconds until no kernel, no job, no bridge and no watcher is left; fails after ``timeout``."""
     started = time.monotonic()
     while True:
-        left = (json.loads(hk("list", "--json").stdout), job_id in squeue_ids(), our_processes("hpc_kernels.bridge"))
+        left = (json.loads(hk("list", "--json").stdout), job_id in squeue_ids(), our_processes("hpc_kernels.bridge"),
+                our_processes("hpc_kernels.frontend_watch"))
         if not any(left):
             return time.monotonic() - started
         assert time.monotonic() - started < timeout, f"still there after {timeout:.0f} s: {left}"
@@ -145,7 +146,7 @@ def test_a_frontend_killed_with_sigkill_ends_the_job(argv_kernelspec: str, works
 
 
 def test_the_argv_killed_by_a_forced_shutdown_ends_the_job(argv_kernelspec: str, workspace: Path) -> None:
-    """jupyter_client's shutdown_kernel(now=True) SIGKILLs the argv's process: its guardian ends the job."""
+    """jupyter_client's shutdown_kernel(now=True) SIGKILLs the argv's process: its kernel's watcher ends the job."""
     km = KernelManager(kernel_name=argv_kernelspec)
     km.start_kernel(cwd=str(workspace))
     try:
@@ -159,9 +160,13 @@ def test_the_argv_killed_by_a_forced_shutdown_ends_the_job(argv_kernelspec: str,
 def test_jupyter_console_runs_the_argv(jupyter_dirs: Path, workspace: Path) -> None:  # noqa: F811
     name = install_argv_only("local", jupyter_dirs / "jupyter-data")
     try:
-        proc = run(["jupyter", "console", "--kernel", name, "--simple-prompt", "--ZMQTerminalInteractiveShell.kernel_timeout=300"],
-                   input="print(6 * 7)\nimport socket; print('host', socket.gethostname())\nexit\n", timeout=300)
-        assert "42" in proc.stdout and ("host c1" in proc.stdout or "host c2" in proc.stdout), proc.stdout
+        # In the workspace, as a user starts it: the kernel's workspace is the frontend's directory.
+        proc = subprocess.run(["jupyter", "console", "--kernel", name, "--simple-prompt",
+                               "--ZMQTerminalInteractiveShell.kernel_timeout=120"],
+                              input="print(6 * 7)\nimport socket, os; print('host', socket.gethostname(), os.getcwd())\n"
+                                    "exit\n", capture_output=True, text=True, timeout=180, cwd=workspace)
+        assert "42" in proc.stdout, (proc.stdout, proc.stderr)
+        assert f"host c1 {workspace}" in proc.stdout or f"host c2 {workspace}" in proc.stdout, proc.stdout
     finally:
         hk("kernelspec", "remove", "hk-local", check=False)
     rows = json.loads(hk("list", "--json").stdout)
