@@ -228,10 +228,18 @@ def test_nbgrader_autogrades_submissions_in_sandboxed_kernels(runtime_profile: s
 
 
 @pytest.fixture(scope="module")
-def other_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def other_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A venv of the system Python with nbgrader and not hpc-kernels (offline, from the wheel
-    cache that `make install` fills from cluster/test-wheels.txt); its bin directory."""
+    cache that `make install` fills from cluster/test-wheels.txt); its bin directory. Removed
+    afterwards (about 200 MB)."""
     venv = tmp_path_factory.mktemp("other-env") / "venv"
+    try:
+        yield make_other_env(venv)
+    finally:
+        shutil.rmtree(venv, ignore_errors=True)
+
+
+def make_other_env(venv: Path) -> Path:
     run(["/usr/bin/python3", "-m", "venv", str(venv)])
     run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-index",
          "--find-links", str(WHEELS), "nbgrader"], timeout=600)
