@@ -185,6 +185,11 @@ class Agent:
         if pid is None:
             _say("SIGINT: no kernel process to interrupt")
             return
+        if not self.kernel_ready:
+            # A kernel process still starting runs nothing of the user's yet, and a SIGINT would end
+            # it (a frontend's interrupt before a restart can arrive when the next kernel starts).
+            _say("SIGINT while the kernel starts: not passed on")
+            return
         try:
             if os.getpgid(pid) == pid:
                 os.killpg(pid, signal.SIGINT)
