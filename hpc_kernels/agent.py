@@ -225,6 +225,10 @@ class Agent:
                 f"workspace {workspace} does not exist on {self.node}: it must be on a file system "
                 "the compute nodes share (e.g. under your home), not on login-node-local storage"
             )
+        python_env = launch.get("python_env")
+        if python_env and not os.path.isdir(python_env):
+            raise AgentError(f"the Python environment {python_env} does not exist on {self.node}: it must be on a "
+                             "file system the compute nodes share")
         hide = hidden_here(launch.get("hide", []))
         binds = launch.get("binds", [])
         missing = [b for b in binds if not os.path.exists(b.partition(":")[0])]
