@@ -164,7 +164,7 @@ def needed_paths(layout: Layout, shown: Sequence[str], also: Sequence[str] = ())
                             "to the kernel as a whole")
             continue
         needed.append(path)
-    return needed, problems
+    return sorted(needed), problems
 
 
 _GLIBC = re.compile(rb"GLIBC_(\d+)\.(\d+)")
