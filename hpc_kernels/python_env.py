@@ -64,7 +64,7 @@ class Layout:
     kind: str | None  # one of KINDS; None: not a Python environment
     python: str | None  # <path>/bin/python (a venv's is a link: not resolved)
     links: tuple[str, ...] = ()  # where each link from bin/python on points, hop by hop (absolute)
-    outside: tuple[str, ...] = ()  # targets of links in the env's bin/ and lib/ that lie outside it
+    outside: tuple[str, ...] = ()  # targets of links in the env's bin/python* and lib/ that lie outside it
     home: str | None = None  # pyvenv.cfg's home: the directory of the base interpreter of a venv
     conda_base: str | None = None  # the conda installation a named environment (<base>/envs/NAME) belongs to
 
@@ -227,15 +227,15 @@ def _link_chain(path: str) -> list[str]:
     return chain
 
 
-def _links_out_of(directory: str, env: str) -> list[str]:
-    """The targets of the links directly in ``directory`` that lie outside ``env``."""
+def _links_out_of(directory: str, env: str, prefix: str = "") -> list[str]:
+    """The targets of the links directly in ``directory`` (named ``prefix``...) that lie outside ``env``."""
     out = []
     try:
         entries = list(os.scandir(directory))
     except OSError:
         return []
     for entry in entries:
-        if entry.is_symlink():
+        if entry.name.startswith(prefix) and entry.is_symlink():
             for target in _link_chain(entry.path):
                 if not _under(target, env):
                     out.append(target)
@@ -271,7 +271,9 @@ def read_layout(path: str) -> Layout:
     return Layout(
         path=path, kind=kind, python=python,
         links=tuple(_link_chain(python)) if python else (),
-        outside=tuple(t for d in ("bin", "lib") for t in _links_out_of(os.path.join(path, d), path)),
+        # The interpreters in bin/ (a link to some tool elsewhere is not the kernel's business), all of lib/.
+        outside=tuple(t for d, names in (("bin", "python"), ("lib", "")) for t in _links_out_of(os.path.join(path, d),
+                                                                                                  path, names)),
         home=os.path.normpath(home) if home and os.path.isabs(home) else None,
         conda_base=conda_base,
     )

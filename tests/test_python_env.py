@@ -104,6 +104,7 @@ def test_a_conda_environment_and_its_base(tmp_path: Path) -> None:
     (base / "pkgs" / "python-3.11" / "bin" / "python3.11").write_text("")
     # Files copied or hard-linked from the package cache: the environment alone.
     alone = make_conda(base / "envs" / "alone")
+    (alone / "bin" / "mytool").symlink_to(tmp_path / "bin" / "mytool")  # a tool elsewhere: not the kernel's
     layout = read_layout(str(alone))
     assert layout.kind == "conda" and layout.conda_base == str(base) and layout.links == ()
     assert needed_paths(layout, SHOWN)[0] == [str(alone)]
