@@ -171,7 +171,10 @@ def refused(*args: str) -> str:
     """A submit that must fail before anything is queued: its message; no job and no kernel left."""
     name = f"bad-{uuid.uuid4().hex[:6]}"
     before = squeue_ids()
-    proc = hk("submit", "--profile", "local", "--name", name, "--no-workspace", *args, check=False, timeout=120)
+    where = [] if "--workspace" in args else ["--no-workspace"]
+    proc = hk("submit", "--profile", "local", "--name", name, *where, *args, check=False, timeout=120)
+    if proc.returncode == 0:
+        hk("shutdown", name)
     assert proc.returncode == 1, proc
     assert squeue_ids() == before, "a job was submitted"
     assert name not in hk("list").stdout + hk("list").stderr
