@@ -373,7 +373,7 @@ def check(given: str, *, system_paths: Sequence[str], home: str, private: Sequen
     judge(report, info, failure)
     for path_needed in needed:
         why = exposes_private_files(path_needed, home, list(private), what="the path")
-        if why:
+        if why and path_needed != path:  # the environment itself: said above
             report.problems.append(f"its Python needs {path_needed} shown to the kernel, but {why}: put that "
                                    "Python in a directory of its own")
         elif any(c in path_needed for c in ",:"):
