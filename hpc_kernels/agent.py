@@ -47,6 +47,7 @@ from .hibernation import CLIENTS_DIR, IdleWatch, copy_checked, snapshot_dir
 from .kernel_hibernate import RESTORE
 from .limits import SandboxWatch, human, memory_limit
 from .node_view import bwrap_can_disable_userns, hidden_here, python_prefixes, shown_system_paths
+from .python_env import start_failure_hint
 from .userns import forbid_user_namespaces
 from .runtimes import (
     DEFAULT_SYSTEM_PATHS,
@@ -417,7 +418,8 @@ class Agent:
             if code is not None:
                 reason = self.failure_reason()
                 raise AgentError(f"the kernel exited with code {code} before it was ready"
-                                 + (f":\n{reason}" if reason else " (it said nothing)"))
+                                 + (f":\n{reason}" if reason else " (it said nothing)")
+                                 + start_failure_hint(reason, str(self.launch.get("runtime", "")), self.launch.get("python_env")))
             if time.monotonic() > deadline:
                 raise AgentError(f"the kernel did not create its sockets within {timeout:.0f} s (kernel.start_timeout)")
             time.sleep(0.02)

@@ -193,6 +193,16 @@ def judge(report: EnvReport, info: dict[str, Any] | None, failure: str | None) -
                                f"install it: {install_hint(report.kind, report.path, report.python)}")
 
 
+def start_failure_hint(said: str, runtime: str, python_env: str | None) -> str:
+    """What to add to a kernel's start failure (its last words ``said``) when it ran a user's
+    environment: the image's C library too old for its interpreter, in plain words; else ""."""
+    if not python_env or "GLIBC_" not in said:
+        return ""
+    where = "the image's" if runtime == "apptainer" else "this node's"
+    return (f"\nthe Python of {python_env} needs a newer C library (glibc) than {where}: use an environment made "
+            "with the runtime's own Python" + (", bubblewrap, or a newer image" if runtime == "apptainer" else ""))
+
+
 def apply(profile: Profile, report: EnvReport, origin: str) -> Profile:
     """The profile whose kernel runs the environment's Python, with what it needs bound
     read-only, and its ``bin`` first on the kernel's PATH (bubblewrap; an image keeps its own)."""

@@ -26,6 +26,7 @@ from hpc_kernels.python_env import (
     needed_paths,
     parse_pyvenv_cfg,
     read_layout,
+    start_failure_hint,
 )
 
 SHOWN = ["/usr", "/bin", "/lib", "/etc", "/opt"]
@@ -204,3 +205,11 @@ def test_env_check_says_why_and_exits_1(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["env", "check", str(tmp_path / "nosuch")]) == 1
     out = capsys.readouterr().out
     assert f"problem: {tmp_path}/nosuch does not exist" in out and "cannot run a kernel" in out
+
+
+def test_a_c_library_too_old_for_the_environment_is_said_in_plain_words() -> None:
+    said = "/home/u/env/bin/python: /lib/x86_64-linux-gnu/libc.so.6: version `GLIBC_2.38' not found"
+    hint = start_failure_hint(said, "apptainer", "/home/u/env")
+    assert "needs a newer C library (glibc) than the image's" in hint and "bubblewrap" in hint
+    assert start_failure_hint(said, "apptainer", None) == ""
+    assert start_failure_hint("No module named ipykernel_launcher", "bwrap", "/home/u/env") == ""
