@@ -419,7 +419,8 @@ class Agent:
                 reason = self.failure_reason()
                 raise AgentError(f"the kernel exited with code {code} before it was ready"
                                  + (f":\n{reason}" if reason else " (it said nothing)")
-                                 + start_failure_hint(reason, str(self.launch.get("runtime", "")), self.launch.get("python_env")))
+                                 + start_failure_hint(reason, str(self.launch.get("runtime", "")),
+                                                      self.launch.get("python_env")))
             if time.monotonic() > deadline:
                 raise AgentError(f"the kernel did not create its sockets within {timeout:.0f} s (kernel.start_timeout)")
             time.sleep(0.02)

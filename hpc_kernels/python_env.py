@@ -178,7 +178,8 @@ def glibc_needed(binaries: Sequence[bytes]) -> tuple[int, int] | None:
 
 
 def install_hint(kind: str | None, path: str, python: str | None) -> str:
-    return INSTALL_HINTS.get(kind or "venv", INSTALL_HINTS["venv"]).format(path=path, python=python or os.path.join(path, "bin", "python"))
+    hint = INSTALL_HINTS.get(kind or "venv", INSTALL_HINTS["venv"])
+    return hint.format(path=path, python=python or os.path.join(path, "bin", "python"))
 
 
 def judge(report: EnvReport, info: dict[str, Any] | None, failure: str | None) -> None:
@@ -423,4 +424,5 @@ def _try_in_image(report: EnvReport, image: str, apptainer: str, timeout: float)
     elif not info.get("ipykernel"):
         report.problems.append(f"in the image {image}, ipykernel cannot be imported ({info.get('ipykernel_error')})")
     else:
-        report.notes.append(f"runs in the image {image} (Python {info.get('python')}, ipykernel {info.get('ipykernel')})")
+        report.notes.append(f"runs in the image {image} (Python {info.get('python')}, "
+                            f"ipykernel {info.get('ipykernel')})")

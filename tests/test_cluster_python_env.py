@@ -93,7 +93,8 @@ def envs(cluster: None) -> Iterator[Envs]:
         (home_python / "bin").mkdir(parents=True)
         shutil.copy2(os.path.realpath(SYSTEM_PYTHON), home_python / "bin" / "python3.11")
         shutil.copytree("/usr/lib/python3.11", home_python / "lib" / "python3.11", symlinks=True)
-        found = run([str(home_python / "bin" / "python3.11"), "-I", "-c", "import os, sys; print(sys.prefix, os.__file__)"])
+        found = run([str(home_python / "bin" / "python3.11"), "-I", "-c",
+                     "import os, sys; print(sys.prefix, os.__file__)"])
         assert found.stdout.split() == [str(home_python), f"{home_python}/lib/python3.11/os.py"], found.stdout
         home_venv = root / "home-venv"
         run([str(home_python / "bin" / "python3.11"), "-m", "venv", "--without-pip", str(home_venv)], timeout=120)
@@ -101,7 +102,8 @@ def envs(cluster: None) -> Iterator[Envs]:
            str(tiny_wheel(root, "only_in_home_venv")))
         # uv's own environment.
         uv_env = root / "uv"
-        uv("venv", "--python", SYSTEM_PYTHON, "--no-python-downloads", str(uv_env), "--cache-dir", str(root / "uv-cache"))
+        uv("venv", "--python", SYSTEM_PYTHON, "--no-python-downloads", str(uv_env),
+           "--cache-dir", str(root / "uv-cache"))
         uv("pip", "install", "--python", str(uv_env / "bin" / "python"), *offline, "ipykernel",
            str(tiny_wheel(root, "only_in_uv")))
         bare = root / "bare"
@@ -185,7 +187,8 @@ def test_bad_environments_are_refused_before_anything_is_queued(envs: Envs, tmp_
     missing = envs.root / "nosuch"
     assert f"{missing} does not exist" in refused("--python-env", str(missing))
     said = refused("--python-env", str(envs.bare))
-    assert "ipykernel cannot be imported" in said and f"uv pip install --python {python_of(envs.bare)} ipykernel" in said
+    assert "ipykernel cannot be imported" in said
+    assert f"uv pip install --python {python_of(envs.bare)} ipykernel" in said
     said = refused("--python-env", str(Path.home()))
     assert "would show the kernel your home directory" in said, said
     assert "not a Python environment" in refused("--python-env", str(envs.home_python))

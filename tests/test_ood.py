@@ -183,8 +183,9 @@ def test_the_form_checks_the_python_environment_before_anything_is_queued(tmp_pa
                           f"{sys.executable} -m hpc_kernels.cli \"$@\"\n")
     hpc_kernel.chmod(0o755)
     limits, default_partition = parse_sinfo(SINFO)
-    files = app_files([load_profile("local")], "local", cluster="hk", limits=limits, default_partition=default_partition,
-                      hpc_kernel=str(hpc_kernel), python=sys.executable, portal_url="https://ood.example.org")
+    files = app_files([load_profile("local")], "local", cluster="hk", limits=limits,
+                      default_partition=default_partition, hpc_kernel=str(hpc_kernel), python=sys.executable,
+                      portal_url="https://ood.example.org")
     install(tmp_path / "app", files)
     with pytest.raises(ErbError, match=f"Python environment {tmp_path}/nosuch: {tmp_path}/nosuch does not exist"):
         submit_options(tmp_path / "app", form(python_env=f"{tmp_path}/nosuch"))

@@ -90,7 +90,8 @@ def test_a_venv_of_a_python_elsewhere_needs_that_pythons_installation(tmp_path: 
 
 
 def test_a_link_into_a_system_directory_that_is_no_link_binds_only_that_directory() -> None:
-    layout = Layout(path="/p/env", kind="venv", python="/p/env/bin/python", links=("/p/env/bin/python3", "/sbin2/python3"))
+    layout = Layout(path="/p/env", kind="venv", python="/p/env/bin/python",
+                    links=("/p/env/bin/python3", "/sbin2/python3"))
     assert needed_paths(layout, SHOWN) == (["/p/env", "/sbin2"], [])
     # A Python that needs / itself is refused, never bound whole.
     layout = Layout(path="/p/env", kind="venv", python="/p/env/bin/python", links=("/python3",))
@@ -194,7 +195,8 @@ def test_the_profile_key_and_the_flag_are_checked_like_the_others() -> None:
 
 def test_exec_argv_binds_each_path_at_its_own(tmp_path: Path) -> None:
     argv = exec_argv("apptainer", "/i.sif", ["/p/env:ro", "/p/py"])
-    assert argv[argv.index("--pwd") - 4:argv.index("--pwd")] == ["--bind", "/p/env:/p/env:ro", "--bind", "/p/py:/p/py:ro"]
+    binds = argv[argv.index("--pwd") - 4:argv.index("--pwd")]
+    assert binds == ["--bind", "/p/env:/p/env:ro", "--bind", "/p/py:/p/py:ro"]
     assert argv[-1] == "/i.sif" and "--containall" in argv and "--cleanenv" in argv
 
 
