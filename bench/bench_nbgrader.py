@@ -27,11 +27,12 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import nbformat
 
 ASSIGNMENT, COURSE_ID, POINTS = "ps1", "bench101", 2
-CELLS = [
+CELLS: list[tuple[str, str, dict[str, Any]]] = [
     ("host", "import socket\nprint('host:', socket.gethostname())", {}),
     ("mean", "def mean(xs):\n    ### BEGIN SOLUTION\n    return sum(xs) / len(xs)\n    ### END SOLUTION",
      {"solution": True}),
@@ -63,7 +64,7 @@ def make_course(root: Path, students: list[str], env: dict[str, str]) -> None:
         f"c = get_config()\nc.CourseDirectory.course_id = {COURSE_ID!r}\nc.CourseDirectory.root = {str(root)!r}\n")
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.cells = [cell(source, grade_id, **flags) for grade_id, source, flags in CELLS]  # type: ignore[arg-type]
+    nb.cells = [cell(source, grade_id, **flags) for grade_id, source, flags in CELLS]
     nbformat.write(nb, root / "source" / ASSIGNMENT / f"{ASSIGNMENT}.ipynb")
     sh("nbgrader", "generate_assignment", ASSIGNMENT, cwd=root, env=env)
     for student in students:

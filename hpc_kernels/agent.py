@@ -47,6 +47,7 @@ from .hibernation import CLIENTS_DIR, IdleWatch, copy_checked, snapshot_dir
 from .kernel_hibernate import RESTORE
 from .limits import SandboxWatch, human, memory_limit
 from .node_view import bwrap_can_disable_userns, hidden_here, python_prefixes, shown_system_paths
+from .python_env import start_failure_hint
 from .userns import forbid_user_namespaces
 from .runtimes import (
     DEFAULT_SYSTEM_PATHS,
@@ -185,6 +186,11 @@ class Agent:
         if pid is None:
             _say("SIGINT: no kernel process to interrupt")
             return
+        if not self.kernel_ready:
+            # A kernel process still starting runs nothing of the user's yet, and a SIGINT would end
+            # it (a frontend's interrupt before a restart can arrive when the next kernel starts).
+            _say("SIGINT while the kernel starts: not passed on")
+            return
         try:
             if os.getpgid(pid) == pid:
                 os.killpg(pid, signal.SIGINT)
@@ -225,6 +231,10 @@ class Agent:
                 f"workspace {workspace} does not exist on {self.node}: it must be on a file system "
                 "the compute nodes share (e.g. under your home), not on login-node-local storage"
             )
+        python_env = launch.get("python_env")
+        if python_env and not os.path.isdir(python_env):
+            raise AgentError(f"the Python environment {python_env} does not exist on {self.node}: it must be on a "
+                             "file system the compute nodes share")
         hide = hidden_here(launch.get("hide", []))
         binds = launch.get("binds", [])
         missing = [b for b in binds if not os.path.exists(b.partition(":")[0])]
@@ -413,7 +423,9 @@ class Agent:
             if code is not None:
                 reason = self.failure_reason()
                 raise AgentError(f"the kernel exited with code {code} before it was ready"
-                                 + (f":\n{reason}" if reason else " (it said nothing)"))
+                                 + (f":\n{reason}" if reason else " (it said nothing)")
+                                 + start_failure_hint(reason, str(self.launch.get("runtime", "")),
+                                                      self.launch.get("python_env")))
             if time.monotonic() > deadline:
                 raise AgentError(f"the kernel did not create its sockets within {timeout:.0f} s (kernel.start_timeout)")
             time.sleep(0.02)

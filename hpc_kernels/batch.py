@@ -218,6 +218,7 @@ class BatchRecord:
     workspace: str | None = None
     workspace_rw: bool = False
     image: str | None = None
+    python_env: str | None = None  # --python-env: the user's own Python environment for every task
     # the command line's resources (time already derived from --timeout), for retries to match
     resources: dict[str, Any] = field(default_factory=dict)
     task_timeout: float | None = None
@@ -419,7 +420,7 @@ def submit(request: BatchRequest) -> tuple[BatchRecord | None, int]:
     files = _create_batch_dir(request.name, Path(request.notebooks[0]).stem)
     batch = BatchRecord(
         name=files.dir.name, profile=profile.name, out_dir=out_dir, created=utc_time(),
-        workspace=kernel.workspace, workspace_rw=kernel.workspace_rw, image=kernel.image,
+        workspace=kernel.workspace, workspace_rw=kernel.workspace_rw, image=kernel.image, python_env=kernel.python_env,
         resources={key: getattr(kernel, key) for key in _RESOURCES if getattr(kernel, key) is not None},
         task_timeout=request.task_timeout, cell_timeout=request.cell_timeout)
     try:
@@ -472,7 +473,7 @@ def _submit_tasks(files: BatchFiles, batch: BatchRecord, profile: Profile, indic
 def kernel_request_of(batch: BatchRecord, name: str) -> KernelRequest:
     """What the batch's tasks were submitted with (for a retry to submit the same)."""
     return KernelRequest(name=name, image=batch.image, workspace=batch.workspace, workspace_rw=batch.workspace_rw,
-                         **batch.resources)
+                         python_env=batch.python_env, **batch.resources)
 
 
 def view(name: str) -> tuple[BatchRecord, list[TaskStatus]]:

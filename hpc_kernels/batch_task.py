@@ -242,7 +242,8 @@ class TaskRunner:
         )
 
         batch = self.batch
-        spec = kernelspec(load_profile(batch.profile), mode="node", encryption="none", image=batch.image)
+        spec = kernelspec(load_profile(batch.profile), mode="node", encryption="none", image=batch.image,
+                          python_env=batch.python_env)
         spec["metadata"]["kernel_provisioner"]["config"].update(
             kernel_name=self.kernel_name, workspace=batch.workspace or "", workspace_rw=batch.workspace_rw)
 

@@ -52,6 +52,7 @@ POLL_SECONDS = 1.0
 RESTART_TIMEOUT = 180.0
 CLAIM_SECONDS = 15.0
 RESTART_EXIT_SECONDS = 3.0
+INTERRUPT_DEBOUNCE_SECONDS = 0.3
 
 
 def _say(line: str) -> None:
@@ -304,6 +305,11 @@ class Bridge:
             self.wake.set()
 
     def _interrupt(self) -> None:
+        # jupyter_client interrupts a kernel just before it asks it to shut down or restart: an
+        # interrupt followed at once by a shutdown_request is not passed on.
+        time.sleep(INTERRUPT_DEBOUNCE_SECONDS)
+        if self.restart is not None:
+            return
         try:
             launcher.interrupt(self.name)
         except HpcKernelsError as e:

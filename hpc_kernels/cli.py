@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -33,12 +34,16 @@ from .paths import exposes_private_files, private_paths
 from .terminal import shown
 from .profiles import (
     KernelRequest,
+    Profile,
     RELAY_TRANSPORTS,
+    apply_request,
     available_profiles,
     default_profile_name,
     load_profile,
     parse_profile,
+    validate_profile,
 )
+from .python_env import EnvReport
 from .slurm import sbatch_test_only
 from .state import damaged_kernels, kernel_files, list_records
 
@@ -89,7 +94,14 @@ def _request(args: argparse.Namespace, profile_name: str) -> KernelRequest:
         time_warning=args.time_warning,
         allow_hosts=tuple(args.allow_host or ()),
         idle_timeout=getattr(args, "idle_timeout", None),
+        python_env=python_env_argument(args),
     )
+
+
+def python_env_argument(args: argparse.Namespace) -> str | None:
+    """``--python-env``, absolute (relative to the current directory)."""
+    given = getattr(args, "python_env", None)
+    return os.path.abspath(os.path.expanduser(given)) if given else None
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -341,13 +353,79 @@ def cmd_kernelspec_install(args: argparse.Namespace) -> int:
 
     profile_name = _profile_name(args)
     profile = load_profile(profile_name)
+    python_env = python_env_argument(args)
+    encryption = args.encryption
+    if python_env or profile.get("kernel", "python_env"):
+        # Refused now, not when a frontend starts it; the kernel's ipykernel decides CurveZMQ.
+        report = _checked_env(profile, python_env or profile.get("kernel", "python_env"), args.image)
+        if encryption == "auto":
+            encryption = "curve" if _takes_curve(profile, report.ipykernel) else "none"
+        _progress(f"the kernel will run {report.python} (Python {report.python_version}, ipykernel {report.ipykernel})")
     spec = kernelspec(profile, display_name=args.display_name, interrupt_mode=args.interrupt_mode,
-                      launch_timeout=args.launch_timeout, mode=args.mode, encryption=args.encryption,
-                      image=args.image, relay=args.relay, provisioner=not args.argv_only)
+                      launch_timeout=args.launch_timeout, mode=args.mode, encryption=encryption,
+                      image=args.image, relay=args.relay, python_env=python_env,
+                      provisioner=not args.argv_only)
     prefix = sys.prefix if args.sys_prefix else args.prefix
     where = install(args.name or profile_name, spec, user=args.user, prefix=prefix)
     _progress(f"installed kernelspec {args.name or profile_name} ({spec['display_name']}) in {where}")
     return 0
+
+
+def _checked_env(profile: Profile, path: str, image: str | None = None) -> EnvReport:
+    """The environment's verdict for ``profile`` (with ``image`` instead of its own); an error if
+    it cannot run a kernel."""
+    from .launcher import check_python_env
+
+    if image:
+        profile = apply_request(profile, KernelRequest(name=profile.name, image=image))
+    report = check_python_env(profile, path)
+    if not report.ok:
+        raise HpcKernelsError(f"--python-env {path}: cannot run the kernel:\n"
+                              + "\n".join(f"  - {problem}" for problem in report.problems))
+    return report
+
+
+def _takes_curve(profile: Profile, ipykernel: str | None) -> bool:
+    """The environment's ipykernel takes CurveZMQ keys (bubblewrap only: an image's is not known)."""
+    from .kernelspecs import CURVE_IPYKERNEL
+
+    version = tuple(int(n) for n in re.findall(r"\d+", ipykernel or "")[:2])
+    return profile.get("runtime", "kind") == "bwrap" and version >= CURVE_IPYKERNEL
+
+
+def cmd_env_check(args: argparse.Namespace) -> int:
+    from .launcher import check_python_env
+
+    name = args.profile or default_profile_name()
+    # Without a profile: the defaults (bubblewrap, the default system paths).
+    profile = load_profile(name) if name else validate_profile({}, Path("defaults"))
+    if args.image:
+        profile = apply_request(profile, KernelRequest(name=profile.name, image=args.image))
+    report = check_python_env(profile, os.path.abspath(os.path.expanduser(args.path)))
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=1))
+        return 0 if report.ok else 1
+    rows = [
+        ("environment", f"{report.path}" + (f" ({report.kind})" if report.kind else "")),
+        ("python", f"{report.python or '(none)'}" + (f" ({report.python_version})" if report.python_version else "")),
+        ("ipykernel", report.ipykernel or "(missing)"),
+        ("made from", report.made_from or ""),
+        ("needs glibc", report.glibc or ""),
+        ("bound (ro)", "\n".join(report.binds)),
+    ]
+    for key, value in rows:
+        if value:
+            lines = value.splitlines()
+            print(f"{key:12} {lines[0]}")
+            for line in lines[1:]:
+                print(f"{'':12} {line}")
+    for note in report.notes:
+        print(f"note: {note}")
+    for problem in report.problems:
+        print(f"problem: {problem}")
+    print(f"{report.path}: {'can run a kernel' if report.ok else 'cannot run a kernel'}"
+          f" (profile {profile.name}, {profile.get('runtime', 'kind')})")
+    return 0 if report.ok else 1
 
 
 def cmd_kernelspec_list(args: argparse.Namespace) -> int:
@@ -419,6 +497,9 @@ def add_resource_arguments(p: argparse.ArgumentParser) -> None:
                         "adds to the profile's runtime.allow_hosts; default port 443)")
     p.add_argument("--time-warning", metavar="DURATION",
                    help="warn in the kernel's output this long before the time limit, e.g. 10m (0: never)")
+    p.add_argument("--python-env", metavar="PATH",
+                   help="run the kernel with the Python of this venv, uv, conda or pixi environment (it needs "
+                        "ipykernel; checked before anything is queued; overrides the profile's kernel.python_env)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -531,6 +612,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--launch-timeout", type=float, help="give up a start (and cancel the job) after S seconds")
     q.add_argument("--image", help="kernel image for an apptainer profile (instead of the profile's)")
     q.add_argument("--relay", choices=RELAY_TRANSPORTS, help="the relay's transport (one of the profile's relay.allow)")
+    q.add_argument("--python-env", metavar="PATH",
+                   help="run the kernel with the Python of this venv, uv, conda or pixi environment (checked now)")
     q.add_argument("--encryption", default="auto", choices=["auto", "curve", "none"],
                    help="declare CurveZMQ support (frontends then encrypt with transport_encryption=auto); "
                    "auto: when the kernel is known to support it (bubblewrap with ipykernel >= 7.3)")
@@ -551,6 +634,16 @@ def build_parser() -> argparse.ArgumentParser:
     q = specs.add_parser("remove", help="remove one")
     q.add_argument("name")
     q.set_defaults(func=cmd_kernelspec_remove)
+
+    p = sub.add_parser("env", help="your own Python environments for kernels: check")
+    envs = p.add_subparsers(dest="env_command", required=True, metavar="SUBCOMMAND")
+    q = envs.add_parser("check", help="say whether a venv, uv, conda or pixi environment can run a kernel, and "
+                        "what the sandbox will show of it (exit 1 if it cannot)")
+    q.add_argument("path", metavar="PATH")
+    q.add_argument("--profile", "-p", help="site profile (default: $HPC_KERNELS_PROFILE, or 'default')")
+    q.add_argument("--image", help="with an apptainer profile: try it in this image instead of the profile's")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_env_check)
 
     from .cli_batch import add_batch_parser
 

@@ -28,6 +28,7 @@ from .cli import (
     _table,
     _workspace,
     add_resource_arguments,
+    python_env_argument,
 )
 from .errors import BatchError
 from .notebooks import load_parameter_file, parse_assignment, skip_iri_format_checker
@@ -51,7 +52,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         profile=profile,
         kernel=KernelRequest(name="batch", time=args.time, cpus=args.cpus, mem=args.mem, partition=args.partition,
                              gpus=args.gpus, image=args.image, workspace=_workspace(args), workspace_rw=args.rw,
-                             time_warning=args.time_warning, allow_hosts=tuple(args.allow_host or ())),
+                             time_warning=args.time_warning, allow_hosts=tuple(args.allow_host or ()),
+                             python_env=python_env_argument(args)),
         max_parallel=args.max_parallel,
         task_timeout=batches.parse_duration(args.timeout, "--timeout") if args.timeout else None,
         cell_timeout=batches.parse_duration(args.cell_timeout, "--cell-timeout") if args.cell_timeout else None,

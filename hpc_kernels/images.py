@@ -193,11 +193,20 @@ class ImageReport:
         return not self.problems
 
 
+def exec_argv(apptainer: str, image: str, binds: Sequence[str] = ()) -> list[str]:
+    """``apptainer exec`` of ``image`` as the agent starts it (runtimes.apptainer_argv, with only
+    ``binds``: ``PATH:ro`` or ``PATH:rw``, each at its own path); the command follows."""
+    argv = [apptainer, "exec", "--containall", "--no-home", "--home", SANDBOX_HOME, "--cleanenv",
+            "--net", "--network", "none", "--no-mount", "bind-paths"]
+    for bind in binds:
+        path, _, mode = bind.partition(":")
+        argv += ["--bind", f"{path}:{path}:{'rw' if mode == 'rw' else 'ro'}"]
+    return [*argv, "--pwd", SANDBOX_HOME, image]
+
+
 def check_argv(apptainer: str, image: str, python: str = "python3") -> list[str]:
     """Start the image as the agent does (runtimes.apptainer_argv, without the binds)."""
-    return [apptainer, "exec", "--containall", "--no-home", "--home", SANDBOX_HOME, "--cleanenv",
-            "--net", "--network", "none", "--no-mount", "bind-paths", "--pwd", SANDBOX_HOME,
-            image, python, "-c", PROBE]
+    return [*exec_argv(apptainer, image), python, "-c", PROBE]
 
 
 def judge(image: str, info: dict[str, object]) -> ImageReport:

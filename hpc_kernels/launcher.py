@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from . import relay_daemon
+from . import python_env, relay_daemon
 from .errors import HpcKernelsError, KernelNotFound, KernelStartError, RelayError
 from .node_tmp import kernel_socket_base
 from .paths import exposes_private_files, private_paths, read_json, runtime_root, write_json, write_private_file
@@ -253,6 +253,7 @@ def launch_spec(profile: Profile, request: KernelRequest, python: str, *,
         "limits_memory": profile.get("limits", "memory"),
         "limits_processes": profile.get("limits", "processes"),
         "idle_timeout": profile.get("limits", "idle_timeout"),
+        **({"python_env": profile.get("kernel", "python_env")} if profile.get("kernel", "python_env") else {}),
         "restore": request.restore,
         "restore_sha256": request.restore_sha256,
         "private": [home, *state],  # the home first: what a workspace or bind must not show
@@ -363,7 +364,39 @@ def profile_to_start(profile_name: str, request: KernelRequest) -> Profile:
         where = profile.origins.get("runtime.image", str(profile.source))
         raise HpcKernelsError(f"runtime.image ({where}): {image} does not exist; build one with "
                               "`hpc-kernel image build`, check one with `hpc-kernel image check`")
-    return profile
+    return with_python_env(profile, request.workspace)
+
+
+def check_python_env(profile: Profile, path: str, workspace: str | None = None) -> python_env.EnvReport:
+    """The verdict on Python environment ``path`` (``~`` and variables expanded) for a kernel of
+    ``profile`` (its system paths, what it binds read-write, its image) with ``workspace``."""
+    home, state = private_paths()
+    read_write = [b.partition(":")[0] for b in profile.get("runtime", "binds") if b.endswith(":rw")]
+    if workspace and profile.get("workspace", "mode") == "rw":
+        read_write.append(workspace)
+    apptainer = profile.get("runtime", "kind") == "apptainer"
+    return python_env.check(
+        os.path.expanduser(os.path.expandvars(path)), system_paths=profile.get("runtime", "system_paths"),
+        home=home, private=state, read_write=read_write, node_tmp=profile.get("paths", "node_tmp"),
+        image=profile.get("runtime", "image") if apptainer else None,
+        apptainer=profile.get("runtime", "executable") or "apptainer")
+
+
+def with_python_env(profile: Profile, workspace: str | None = None) -> Profile:
+    """The profile's ``kernel.python_env`` (or ``--python-env``), checked here, before anything is
+    queued, and made the kernel's Python with what it needs bound read-only; the profile as it
+    is without one. A problem stops the start with every reason found."""
+    path = profile.get("kernel", "python_env")
+    if not path:
+        return profile
+    report = check_python_env(profile, path, workspace)
+    where = profile.origins.get("kernel.python_env", str(profile.source))
+    what = "--python-env" if where.startswith("command line") else f"kernel.python_env ({where})"
+    if not report.ok:
+        raise HpcKernelsError(f"{what} {path}: cannot run the kernel (nothing was submitted):\n"
+                              + "\n".join(f"  - {problem}" for problem in report.problems)
+                              + "\n`hpc-kernel env check PATH` says what is there")
+    return python_env.apply(profile, report, what)
 
 
 def _write_secrets(files: KernelFiles, *, curve: bool, tls: bool = False, key: str | None = None) -> None:
@@ -497,7 +530,7 @@ def resume_request(name: str, request: KernelRequest) -> tuple[str, KernelReques
 # What a resumed kernel keeps of the command line that started the hibernated one (a flag given
 # to --resume wins).
 CARRIED_ON_RESUME = ("time", "cpus", "mem", "partition", "gpus", "image", "relay", "time_warning", "allow_hosts",
-                     "idle_timeout")
+                     "idle_timeout", "python_env")
 ALLOCATION_FIXED = ("time", "cpus", "mem", "partition", "gpus")  # a step of an allocation has the allocation's
 
 

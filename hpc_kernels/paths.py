@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .errors import HpcKernelsError
+from .limits import tmpfs_devices
 from .profiles import state_setting
 
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
@@ -211,6 +212,38 @@ def check_socket_path(path: str | os.PathLike[str], what: str) -> None:
 def private_paths() -> tuple[str, list[str]]:
     """What no workspace or bind may show a kernel: the user's home, and hpc-kernels' state."""
     return os.path.expanduser("~"), [str(state_root())]
+
+
+# Directories that are each node's own on a cluster (and /run/user/<uid>, XDG_RUNTIME_DIR's home).
+NODE_LOCAL_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run")
+
+
+def node_local(path: str, node_tmp: str | None = None, environ: dict[str, str] | None = None) -> str | None:
+    """Why ``path`` is not on a file system the compute nodes share, as far as the login node can
+    tell, or None: it lies in a directory that is each node's own (/tmp, /var/tmp, /dev/shm,
+    /run, ``$TMPDIR``, ``$XDG_RUNTIME_DIR``, the profile's ``paths.node_tmp``), or on a tmpfs.
+    Anything else may still be missing on the nodes: the agent then says so in the job's words."""
+    env = os.environ if environ is None else environ
+    real = os.path.realpath(path)
+    places = [*NODE_LOCAL_DIRS, env.get("TMPDIR") or "", env.get("XDG_RUNTIME_DIR") or ""]
+    if node_tmp:
+        expanded = os.path.expandvars(node_tmp)
+        if "$" not in expanded:
+            places.append(expanded)
+    for place in places:
+        if not place or not os.path.isabs(place):
+            continue
+        for variant in {place, os.path.realpath(place)}:
+            if real == variant or real.startswith(variant.rstrip("/") + "/"):
+                return (f"{path} is in {place}, which each node has of its own: the compute nodes would not "
+                        "see it; put it on a file system they share (e.g. under your home or project directory)")
+    try:
+        device = os.stat(real).st_dev
+    except OSError:
+        return None
+    if f"{os.major(device)}:{os.minor(device)}" in tmpfs_devices():
+        return f"{path} is on a tmpfs (this node's memory): the compute nodes would not see it"
+    return None
 
 
 def exposes_private_files(workspace: str, home: str, private: list[str], what: str = "the workspace") -> str | None:

@@ -219,6 +219,14 @@ def _state_path(value: Any) -> str:
     return text
 
 
+def _python_env(value: Any) -> str:
+    text = _str(value)
+    if not (text.startswith("/") or text.startswith("$") or text.startswith("~")):
+        raise ValueError("expected the absolute path of a venv, uv, conda or pixi environment, which may use "
+                         "~ or $HOME (e.g. ~/envs/analysis)")
+    return text
+
+
 def _image(value: Any) -> str:
     text = _abs_path(value)
     if any(c.isspace() for c in text) or ":" in text:
@@ -330,6 +338,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     "kernel": {
         "command": (_kernel_command, _DEFAULT_KERNEL_COMMAND),
         "python": (_opt(_str), None),
+        "python_env": (_opt(_python_env), None),
         "display_name": (_opt(_str), None),
         "language": (_str, "python"),
         "env": (_env, {}),
@@ -763,6 +772,7 @@ def apply_request(profile: Profile, request: KernelRequest) -> Profile:
         ("relay", "transport"): request.relay,
         ("kernel", "time_warning"): request.time_warning,
         ("limits", "idle_timeout"): request.idle_timeout,
+        ("kernel", "python_env"): request.python_env,
     }
     settings = {section: dict(values) for section, values in profile.settings.items()}
     origins = dict(profile.origins)

@@ -46,6 +46,8 @@ class HpcKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     workspace_rw = Bool(False, help="bind the workspace read-write (default: the profile's workspace.mode)").tag(config=True)
     image = Unicode("", help="the Apptainer image, instead of the profile's runtime.image").tag(config=True)
     relay = Unicode("", help="the relay's transport, instead of the profile's relay.transport").tag(config=True)
+    python_env = Unicode("", help="the user's own Python environment for the kernel, instead of the profile's "
+                         "kernel.python_env").tag(config=True)
     kernel_name = Unicode("", help="the hpc-kernels name of the kernel (default: jupyter-<kernel id>)").tag(config=True)
     launch_timeout = Float(0.0, help="seconds to wait for the job (0: as long as it takes)").tag(config=True)
     mode = Enum(["auto", "job", "node"], "auto", help=(
@@ -92,7 +94,7 @@ class HpcKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         else:
             request = KernelRequest(name=self.name, workspace=self._workspace(kwargs.get("cwd")), curve=self.curve,
                                     workspace_rw=self.workspace_rw, image=self.image or None,
-                                    relay=self.relay or None)
+                                    relay=self.relay or None, python_env=self.python_env or None)
             on_node = await asyncio.to_thread(self._on_node)
             start = launcher.start_on_node if on_node else launcher.submit
             # Once started, the submit finishes even if the frontend gives up meanwhile, so that

@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nbformat
 import pytest
@@ -45,7 +46,7 @@ def nbgrader_cell(source: str, grade_id: str, *, solution: bool = False, grade: 
     return nbformat.v4.new_code_cell(source, metadata={"nbgrader": meta})
 
 
-SOURCE_CELLS = [
+SOURCE_CELLS: list[tuple[str, str, dict[str, Any]]] = [
     # The instructor's (locked: autograde puts it back as written): where the kernel ran.
     ("host", "import socket\nprint('host:', socket.gethostname())", {}),
     ("add", "def add(a, b):\n    ### BEGIN SOLUTION\n    return a + b\n    ### END SOLUTION", {"solution": True}),
@@ -96,7 +97,7 @@ def make_course(root: Path, secret: Path, token: str) -> Course:
         f"c = get_config()\nc.CourseDirectory.course_id = {COURSE_ID!r}\nc.CourseDirectory.root = {str(root)!r}\n")
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.cells = [nbgrader_cell(source, grade_id, **flags) for grade_id, source, flags in SOURCE_CELLS]  # type: ignore[arg-type]
+    nb.cells = [nbgrader_cell(source, grade_id, **flags) for grade_id, source, flags in SOURCE_CELLS]
     (root / "source" / ASSIGNMENT).mkdir(parents=True)
     nbformat.write(nb, root / "source" / ASSIGNMENT / f"{ASSIGNMENT}.ipynb")
     return Course(root, secret, token)

@@ -44,7 +44,7 @@ def app(cluster: None) -> Iterator[Path]:
 
 def form(**changes: str) -> dict[str, str]:
     values = {"profile": "local", "partition_name": "short", "hours": "1", "cores": "2", "memory_gb": "2", "gpus": "0",
-              "image": "", "working_dir": ""}
+              "image": "", "python_env": "", "working_dir": ""}
     values.update(changes)
     return values
 

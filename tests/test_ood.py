@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,7 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def form(**changes: str) -> dict[str, str]:
     values = {"profile": "local", "partition_name": "debug", "hours": "2", "cores": "4", "memory_gb": "8", "gpus": "0",
-              "image": "", "working_dir": ""}
+              "image": "", "python_env": "", "working_dir": ""}
     values.update(changes)
     return values
 
@@ -85,6 +86,7 @@ def test_submit_options_follow_the_form(app: Path) -> None:
     ({"image": "/x.sif"}, "profile local runs kernels in bwrap, not in an image"),
     ({"profile": "local-apptainer", "image": "relative.sif"}, "is not an absolute path"),
     ({"working_dir": "$(reboot)"}, "notebook directory"),
+    ({"python_env": "envs/mine"}, "Python environment: \"envs/mine\" is not an absolute path"),
 ])
 def test_bad_form_input_stops_the_submission_with_a_message(app: Path, changes: dict[str, str], message: str) -> None:
     with pytest.raises(ErbError) as caught:
@@ -102,6 +104,9 @@ def test_job_scripts_are_valid_bash_and_quote_what_the_user_typed(app: Path, tmp
         assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0, text
     script = (tmp_path / "script.sh").read_text()
     assert "--profile local-apptainer --mode node" in script and "--image /img/k.sif" in script
+    assert "--python-env" not in script  # none chosen: the profile's Python
+    with_env = render_erb(app / "template" / "script.sh.erb", form(python_env=weird))
+    assert "--python-env /home/u/my\\ notebooks/it\\'s\n" in with_env
     assert "cd /\nexec setpriv --pdeathsig TERM /opt/hpc-kernels/venv/bin/python -m hpc_kernels.ood serve" in script
     before = (tmp_path / "before.sh").read_text()
     assert "notebook_root=/home/u/my\\ notebooks/it\\'s" in before
@@ -168,3 +173,21 @@ def test_install_replaces_only_an_app_it_wrote(app: Path, tmp_path: Path) -> Non
         assert (other / content).read_text() == "keep"
     install(app, {path: (app / path).read_text() for path in APP_FILES})
     assert not [p for p in app.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_the_form_checks_the_python_environment_before_anything_is_queued(tmp_path: Path) -> None:
+    """submit.yml.erb runs `hpc-kernel env check` (here: this source tree's) and stops the submission
+    with its problems; an environment it accepts passes."""
+    hpc_kernel = tmp_path / "hpc-kernel"
+    hpc_kernel.write_text(f"#!/bin/sh\nexec env PYTHONPATH={Path(__file__).resolve().parent.parent} "
+                          f"{sys.executable} -m hpc_kernels.cli \"$@\"\n")
+    hpc_kernel.chmod(0o755)
+    limits, default_partition = parse_sinfo(SINFO)
+    files = app_files([load_profile("local")], "local", cluster="hk", limits=limits,
+                      default_partition=default_partition, hpc_kernel=str(hpc_kernel), python=sys.executable,
+                      portal_url="https://ood.example.org")
+    install(tmp_path / "app", files)
+    with pytest.raises(ErbError, match=f"Python environment {tmp_path}/nosuch: {tmp_path}/nosuch does not exist"):
+        submit_options(tmp_path / "app", form(python_env=f"{tmp_path}/nosuch"))
+    with pytest.raises(ErbError, match="is not a Python environment"):
+        submit_options(tmp_path / "app", form(python_env="/usr"))
