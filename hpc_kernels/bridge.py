@@ -41,9 +41,10 @@ from .errors import HpcKernelsError, KernelNotFound
 from .paths import read_json, write_json
 from .processes import parent_variable, watch_parent
 from .profiles import KernelRequest, load_profile
+from .protocol import SOCKET_NAMES
 from .state import kernel_files, state_json
 
-CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
+CHANNELS = SOCKET_NAMES  # Jupyter's five channels
 SIGNATURE_SCHEME = "hmac-sha256"  # what the kernel's agent signs with (relay.connection_info)
 DELIMITER = b"<IDS|MSG>"
 POLL_SECONDS = 1.0
