@@ -37,7 +37,7 @@ from types import FrameType, ModuleType
 from typing import Any
 
 from .paths import check_socket_path, exposes_private_files, read_json, read_untrusted_json, write_json
-from .processes import cmdline, descendants, identity, is_running, watch_parent
+from .processes import cmdline, descendants, identity, is_running, unblock_signals, watch_parent
 from .relay import NodeListener, connection_info, socket_paths
 from . import kernel_egress, kernel_hibernate, kernel_limits, kernel_startup, kernel_time_warning
 from .egress import SOCKET_NAME as EGRESS_SOCKET
@@ -690,6 +690,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m hpc_kernels.agent STATE_DIR | {interrupt,restart} STATE_DIR", file=sys.stderr)
         return 2
+    unblock_signals()  # an on-node agent may be started by a bridge, which blocks them
     return Agent(Path(args[0])).run()
 
 

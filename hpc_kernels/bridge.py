@@ -33,7 +33,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from . import frontend_watch, launcher
@@ -54,6 +53,8 @@ RESTART_TIMEOUT = 180.0
 CLAIM_SECONDS = 15.0
 RESTART_EXIT_SECONDS = 3.0
 INTERRUPT_DEBOUNCE_SECONDS = 0.3
+# What a frontend sends the argv's process group: taken by a thread of the bridge (_take_signals).
+SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 
 def _say(line: str) -> None:
@@ -298,7 +299,8 @@ class Bridge:
             _say(f"could not pass the frontend's shutdown request on: {e}")
         self.wake.set()
 
-    def on_signal(self, signum: int, frame: FrameType | None) -> None:
+    def on_signal(self, signum: int) -> None:
+        """A signal from the frontend (taken by the signal thread)."""
         if signum == signal.SIGINT:
             threading.Thread(target=self._interrupt, daemon=True).start()
         else:
@@ -348,8 +350,9 @@ class Bridge:
                 continue
             try:
                 gone = launcher.gone_reason(self.name)
-            except HpcKernelsError as e:
-                gone = str(e)
+            except HpcKernelsError as e:  # Slurm did not answer this time: not a reason to end it
+                _say(f"cannot tell whether kernel {self.name} runs: {e}")
+                continue
             if gone is not None:
                 if self.restart is None:
                     _say(gone)
@@ -424,23 +427,34 @@ def _on_node(profile: str, mode: str) -> bool:
 def run(args: argparse.Namespace) -> int:
     frontend = read_connection(args.connection_file)
     name = args.name or bridge_name(frontend.key)
-    forwarder = Forwarder(frontend, lambda frames: None)
+    # Blocked before any thread starts (libzmq's too), so that every thread inherits the block.
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
     try:
-        return _start_and_serve(args, name, frontend, forwarder)
+        forwarder = Forwarder(frontend, lambda frames: None)
+        try:
+            return _start_and_serve(args, name, frontend, forwarder)
+        finally:
+            forwarder.close()
     finally:
-        forwarder.close()
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def _start_and_serve(args: argparse.Namespace, name: str, frontend: Connection, forwarder: Forwarder) -> int:
     bridge: Bridge | None = None
-    # Until the kernel is ready, SIGTERM/SIGHUP (the frontend gave up, or its startup timeout) and
-    # the frontend's death end the start (KeyboardInterrupt), and an interrupt has nothing to do.
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.default_int_handler)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def on_signal(signum: int) -> None:
+        if bridge is not None and bridge.serving:
+            bridge.on_signal(signum)
+        elif signum != signal.SIGINT:
+            # Until the kernel is ready, SIGTERM/SIGHUP (the frontend gave up, or its startup
+            # timeout) and the frontend's death end the start; an interrupt has nothing to do.
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGUSR2)
+
+    signal.signal(signal.SIGUSR2, signal.default_int_handler)  # KeyboardInterrupt, even in a sleep
+    _take_signals(on_signal)
     watch_parent(parent_variable(os.getppid()),
                  lambda: bridge.on_frontend_gone() if bridge is not None and bridge.serving
-                 else os.kill(os.getpid(), signal.SIGTERM))
+                 else on_signal(signal.SIGTERM))
     taking_over = _can_take_over(name)  # raises if another bridge serves it: that one is left alone
     try:
         if taking_over:
@@ -466,9 +480,21 @@ def _start_and_serve(args: argparse.Namespace, name: str, frontend: Connection, 
         with contextlib.suppress(HpcKernelsError):
             launcher.shutdown(name, graceful_timeout=0, progress=_say)
         return 1
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        signal.signal(sig, bridge.on_signal)
     return bridge.serve(connection)
+
+
+def _take_signals(handle: Callable[[int], None]) -> None:
+    """SIGINT, SIGTERM and SIGHUP, blocked in every thread and taken by one of their own.
+
+    jupyter_client signals the argv's whole process group (``killpg``): a SIGINT meant for the
+    kernel would otherwise also end the scontrol or scancel the bridge runs at that moment. With
+    the signals blocked, children inherit the block; our own daemons unblock them
+    (:func:`processes.unblock_signals`)."""
+    def take() -> None:
+        while True:
+            handle(signal.sigwait(SIGNALS))
+
+    threading.Thread(target=take, name="signals", daemon=True).start()
 
 
 def _workspace(asked: str | None) -> str | None:

@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from .errors import HpcKernelsError, KernelNotFound
 from .paths import kernels_root, write_json
-from .processes import identity, python_module, start_time
+from .processes import identity, python_module, start_time, unblock_signals
 from .state import KernelFiles, kernel_files, load_record, locked, state_json
 
 CHECK_SECONDS = 2.0
@@ -151,6 +151,7 @@ def _end(files: KernelFiles, token: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    unblock_signals()
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
         print(f"usage: python -m {WATCH_MODULE} STATE_DIR TOKEN", file=sys.stderr)

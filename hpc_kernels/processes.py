@@ -90,6 +90,13 @@ def is_running(recorded: dict[str, Any], marker: str) -> bool:
     return marker in cmdline(pid)
 
 
+def unblock_signals() -> None:
+    """Take no blocked signals from whoever started us: the bridge blocks SIGINT, SIGTERM and
+    SIGHUP in all its threads (so that a frontend's signal to its process group does not reach
+    its children), and a daemon of ours that it starts must still stop on them."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+
+
 PARENT_VARIABLE = "HPC_KERNELS_PARENT"  # "PID:START_TIME" of the process that must outlive us
 PARENT_CHECK_SECONDS = 2.0
 

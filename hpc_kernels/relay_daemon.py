@@ -42,7 +42,7 @@ from typing import Any
 
 from .errors import RelayError
 from .paths import ensure_private_dir, runtime_root, state_root
-from .processes import python_module
+from .processes import python_module, unblock_signals
 from .relay import launch_transport, serve_kernel
 from .state import KernelFiles, state_json
 
@@ -259,6 +259,7 @@ def _raise_open_files_limit() -> None:
 
 
 def main() -> int:
+    unblock_signals()
     _raise_open_files_limit()
     root = ensure_private_dir(runtime_root())
     lock = os.open(root / "relay.lock", os.O_WRONLY | os.O_CREAT, 0o600)
