@@ -37,9 +37,9 @@ from typing import Any
 
 from . import frontend_watch, launcher
 from .errors import HpcKernelsError, KernelNotFound
-from .paths import read_json, write_json
+from .paths import frontend_workspace, read_json, write_json
 from .processes import parent_variable, watch_parent
-from .profiles import KernelRequest, load_profile
+from .profiles import KernelRequest
 from .protocol import SOCKET_NAMES
 from .state import kernel_files, state_json
 
@@ -418,12 +418,6 @@ def _take_over(name: str) -> None:
     launcher.wait_for_generation(name, generation + 1, timeout=RESTART_TIMEOUT)
 
 
-def _on_node(profile: str, mode: str) -> bool:
-    if mode != "auto":
-        return mode == "node"
-    return launcher.on_a_node_of_a_job() and bool(load_profile(profile).get("kernel", "on_node"))
-
-
 def run(args: argparse.Namespace) -> int:
     frontend = read_connection(args.connection_file)
     name = args.name or bridge_name(frontend.key)
@@ -463,7 +457,7 @@ def _start_and_serve(args: argparse.Namespace, name: str, frontend: Connection, 
             request = KernelRequest(name=name, workspace=_workspace(args.workspace), workspace_rw=args.rw,
                                     image=args.image, relay=args.relay, python_env=args.python_env,
                                     curve=bool(frontend.curve_secret))
-            on_node = _on_node(args.profile, args.mode)
+            on_node = launcher.starts_on_node(args.profile, args.mode)
             start = launcher.start_on_node if on_node else launcher.submit
             record = start(args.profile, request, key=frontend.key)
             if not on_node:  # an on-node agent already ends with us (HPC_KERNELS_PARENT)
@@ -500,16 +494,12 @@ def _take_signals(handle: Callable[[int], None]) -> None:
 def _workspace(asked: str | None) -> str | None:
     """The configured workspace, else the frontend's working directory, unless that would show the
     kernel the user's home (a frontend started in ~): then none, as `hpc-kernel submit` does."""
-    from .paths import exposes_private_files, private_paths
-
     if asked:
         return asked
-    cwd = os.getcwd()
-    why = exposes_private_files(cwd, *private_paths())
+    workspace, why = frontend_workspace(os.getcwd())
     if why:
         _say(f"no workspace bound: {why}")
-        return None
-    return cwd
+    return workspace
 
 
 def argv_options(config: dict[str, Any]) -> list[str]:

@@ -541,6 +541,15 @@ def on_a_node_of_a_job(environ: dict[str, str] | None = None) -> bool:
     return bool(env.get("SLURM_JOB_ID") and env.get("SLURMD_NODENAME"))
 
 
+def starts_on_node(profile_name: str, mode: str) -> bool:
+    """Where a frontend's kernel starts (``mode``: a kernelspec's auto, job or node): ``auto`` is
+    this node when the frontend runs inside a job on a compute node and the profile's
+    ``kernel.on_node`` allows it, else a job."""
+    if mode != "auto":
+        return mode == "node"
+    return on_a_node_of_a_job() and bool(load_profile(profile_name).get("kernel", "on_node"))
+
+
 def start_on_node(profile_name: str, request: KernelRequest, *, key: str | None = None) -> KernelRecord:
     """Start the kernel in the profile's sandbox on this node, for a frontend that already runs
     in a job here: no job, no step, no relay. The agent runs as our child, in its own session.

@@ -246,6 +246,15 @@ def node_local(path: str, node_tmp: str | None = None, environ: dict[str, str] |
     return None
 
 
+def frontend_workspace(cwd: str | None) -> tuple[str | None, str | None]:
+    """A frontend's working directory as its kernel's workspace, or (None, why) when binding it
+    would show the kernel the user's home (a frontend started in ~), as `hpc-kernel submit` does."""
+    if not cwd:
+        return None, None
+    why = exposes_private_files(cwd, *private_paths())
+    return (None, why) if why else (str(cwd), None)
+
+
 def exposes_private_files(workspace: str, home: str, private: list[str], what: str = "the workspace") -> str | None:
     """Why binding ``workspace`` (``what``: "the workspace", "the bind") would hand the kernel
     what it must not see, or None.

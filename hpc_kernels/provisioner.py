@@ -17,7 +17,6 @@ import concurrent.futures
 import contextlib
 import json
 import signal
-import sys
 import uuid
 from collections.abc import Callable
 from functools import partial
@@ -30,8 +29,8 @@ from traitlets import Bool, Enum, Float, Unicode
 
 from . import frontend_watch, launcher
 from .errors import HpcKernelsError, KernelNotFound, KernelStartError
-from .paths import exposes_private_files, private_paths
-from .profiles import KernelRequest, check_kernel_name, load_profile
+from .paths import frontend_workspace
+from .profiles import KernelRequest, check_kernel_name
 
 POLL_SECONDS = 1.0
 # A restart has no queue to wait in: the new kernel is up in seconds, or something is wrong.
@@ -95,7 +94,7 @@ class HpcKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             request = KernelRequest(name=self.name, workspace=self._workspace(kwargs.get("cwd")), curve=self.curve,
                                     workspace_rw=self.workspace_rw, image=self.image or None,
                                     relay=self.relay or None, python_env=self.python_env or None)
-            on_node = await asyncio.to_thread(self._on_node)
+            on_node = await asyncio.to_thread(launcher.starts_on_node, self.profile, self.mode)
             start = launcher.start_on_node if on_node else launcher.submit
             # Once started, the submit finishes even if the frontend gives up meanwhile, so that
             # whatever it made is then ended (below), never left behind.
@@ -138,23 +137,15 @@ class HpcKernelProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         policy = km._transport_encryption_policy(asked or getattr(km, "transport_encryption", "disabled"))
         return bool(policy == "required" or (policy == "auto" and km._kernel_supports_curve_encryption()))
 
-    def _on_node(self) -> bool:
-        if self.mode != "auto":
-            return bool(self.mode == "node")
-        return launcher.on_a_node_of_a_job() and bool(load_profile(self.profile).get("kernel", "on_node"))
-
     def _workspace(self, cwd: str | None) -> str | None:
         """The configured workspace, else the kernel's working directory, unless that would show
         the kernel the user's home (a frontend started in ~): then none, as `hpc-kernel submit` does."""
         if self.workspace:
             return self.workspace
-        if not cwd:
-            return None
-        why = exposes_private_files(cwd, *private_paths())
+        workspace, why = frontend_workspace(cwd)
         if why:
             self.log.warning("hpc-kernels: no workspace bound: %s", why)
-            return None
-        return str(cwd)
+        return workspace
 
     def _progress(self, line: str) -> None:
         self.log.info("hpc-kernels %s: %s", self.name, line)
