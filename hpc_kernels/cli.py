@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from collections.abc import Sequence
@@ -371,14 +370,16 @@ def cmd_kernelspec_install(args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_image(profile: Profile, image: str | None) -> Profile:
+    return apply_request(profile, KernelRequest(name=profile.name, image=image)) if image else profile
+
+
 def _checked_env(profile: Profile, path: str, image: str | None = None) -> EnvReport:
     """The environment's verdict for ``profile`` (with ``image`` instead of its own); an error if
     it cannot run a kernel."""
     from .launcher import check_python_env
 
-    if image:
-        profile = apply_request(profile, KernelRequest(name=profile.name, image=image))
-    report = check_python_env(profile, path)
+    report = check_python_env(_with_image(profile, image), path)
     if not report.ok:
         raise HpcKernelsError(f"--python-env {path}: cannot run the kernel:\n"
                               + "\n".join(f"  - {problem}" for problem in report.problems))
@@ -387,10 +388,9 @@ def _checked_env(profile: Profile, path: str, image: str | None = None) -> EnvRe
 
 def _takes_curve(profile: Profile, ipykernel: str | None) -> bool:
     """The environment's ipykernel takes CurveZMQ keys (bubblewrap only: an image's is not known)."""
-    from .kernelspecs import CURVE_IPYKERNEL
+    from .kernelspecs import ipykernel_takes_curve
 
-    version = tuple(int(n) for n in re.findall(r"\d+", ipykernel or "")[:2])
-    return profile.get("runtime", "kind") == "bwrap" and version >= CURVE_IPYKERNEL
+    return profile.get("runtime", "kind") == "bwrap" and ipykernel_takes_curve(ipykernel)
 
 
 def cmd_env_check(args: argparse.Namespace) -> int:
@@ -398,9 +398,7 @@ def cmd_env_check(args: argparse.Namespace) -> int:
 
     name = args.profile or default_profile_name()
     # Without a profile: the defaults (bubblewrap, the default system paths).
-    profile = load_profile(name) if name else validate_profile({}, Path("defaults"))
-    if args.image:
-        profile = apply_request(profile, KernelRequest(name=profile.name, image=args.image))
+    profile = _with_image(load_profile(name) if name else validate_profile({}, Path("defaults")), args.image)
     report = check_python_env(profile, os.path.abspath(os.path.expanduser(args.path)))
     if args.json:
         print(json.dumps(report.as_dict(), indent=1))

@@ -8,6 +8,7 @@ own KernelSpecManager, so it lands where every frontend looks (``--user``, ``--s
 from __future__ import annotations
 
 import json
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -89,8 +90,12 @@ def kernel_supports_curve(profile: Profile, python: str) -> bool:
         import ipykernel
     except ImportError:
         return False
-    version = tuple(int(part) for part in ipykernel.__version__.split(".")[:2] if part.isdigit())
-    return version >= CURVE_IPYKERNEL
+    return ipykernel_takes_curve(ipykernel.__version__)
+
+
+def ipykernel_takes_curve(version: str | None) -> bool:
+    """Whether an ipykernel of this version takes CurveZMQ keys from its connection file."""
+    return tuple(int(n) for n in re.findall(r"\d+", version or "")[:2]) >= CURVE_IPYKERNEL
 
 
 def install(name: str, spec: dict[str, Any], *, user: bool = False, prefix: str | None = None) -> str:
