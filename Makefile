@@ -3,7 +3,7 @@
 #
 #   make demo        set everything up, start the cluster, run the README demo as hk-alice
 #   make test        the whole test suite, as the unprivileged user hk-alice, on the real cluster
-#   make bench       relay transports vs direct IPC and an ssh tunnel, 100 kernels at once, start-up, batches, nbgrader (docs/performance.md)
+#   make bench       relay transports vs direct IPC and an ssh tunnel, start-up of each runtime (podman cold/warm), 100 kernels at once, batches, nbgrader (docs/performance.md)
 
 SHELL := /bin/bash
 REPO := $(CURDIR)
@@ -48,6 +48,7 @@ bench: setup cluster-up           ## measured side by side in one run; prints a 
 	@tmp=$$(mktemp -d /tmp/hk-bench.XXXXXX); trap 'rm -rf "$$tmp"' EXIT; \
 	cp -r bench "$$tmp"/ && chmod -R a+rX "$$tmp" && \
 	cluster/as-user.sh $(TEST_USER) "$$tmp" $(VENV)/bin/python bench/bench_relay.py $(BENCH_ARGS) && \
+	cluster/as-user.sh $(TEST_USER) "$$tmp" $(VENV)/bin/python bench/bench_startup.py && \
 	cluster/as-user.sh $(TEST_USER) "$$tmp" $(VENV)/bin/python bench/bench_scale.py && \
 	cluster/as-user.sh $(TEST_USER) "$$tmp" $(VENV)/bin/python bench/bench_batch.py && \
 	cluster/as-user.sh $(TEST_USER) "$$tmp" $(VENV)/bin/python bench/bench_nbgrader.py

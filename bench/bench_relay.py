@@ -17,8 +17,7 @@ connected at once and take turns in batches of 20 against the same kernel, so th
 machine hits every row alike. Output goes to every client subscribed to IOPub, so the bulk rows
 connect one client at a time (in turns, twice each).
 
-Then the time from ``hpc-kernel submit`` to kernel ready, next to a bare ``sbatch`` of a no-op
-job (submitted until COMPLETED), alternating, on the same idle cluster.
+Start-up is bench_startup.py's.
 
 Prints Markdown tables; docs/performance.md keeps the latest figures. Nothing here asserts a
 speed: it measures.
@@ -121,26 +120,6 @@ def sh(*argv: str, input: str | None = None) -> str:
 def job_state(job_id: str) -> str:
     out = sh("scontrol", "show", "job", "-o", job_id)
     return out.split("JobState=")[1].split()[0]
-
-
-def bare_sbatch_seconds() -> float:
-    t = time.perf_counter()
-    job_id = sh("sbatch", "--parsable", "--output=/dev/null", "--wrap", "true").strip()
-    while job_state(job_id) not in ("COMPLETED", "FAILED", "CANCELLED"):
-        time.sleep(0.02)
-    return time.perf_counter() - t
-
-
-def submit_seconds(name: str, profile: str = "local") -> float:
-    t = time.perf_counter()
-    sh("hpc-kernel", "submit", "--profile", profile, "--name", name, "--no-workspace")
-    return time.perf_counter() - t
-
-
-def agent_startup_seconds(name: str) -> float:
-    """The agent's own figure: from launching the runtime until the kernel's five sockets exist."""
-    status = json.loads(sh("hpc-kernel", "status", name, "--json"))
-    return float(json.loads((Path(status["log"]).parent / "agent.json").read_text())["startup_seconds"])
 
 
 def pct(samples: list[float], q: float) -> float:
@@ -252,47 +231,14 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=300, help="execute round trips per row")
     parser.add_argument("--stream-mb", type=int, default=50, help="MB of output to stream per row")
     parser.add_argument("--display-mb", type=int, default=20, help="MB of one display_data payload")
-    parser.add_argument("--starts", type=int, default=3, help="submit-to-ready and bare sbatch runs each")
     args = parser.parse_args()
 
     name = f"bench-{uuid.uuid4().hex[:6]}"
     node, results = transport_rows(args, f"{name}-relay")
-    startups, bares, app_startups = [], [], []
-    in_job: dict[str, list[float]] = {"bwrap": [], "apptainer": []}
-    try:
-        for i in range(args.starts):  # the three kinds of start take turns
-            bares.append(bare_sbatch_seconds())
-            app_startups.append(submit_seconds(f"{name}-app-{i}", "local-apptainer"))
-            in_job["apptainer"].append(agent_startup_seconds(f"{name}-app-{i}"))
-            sh("hpc-kernel", "shutdown", f"{name}-app-{i}")
-            startups.append(submit_seconds(f"{name}-{i}"))
-            in_job["bwrap"].append(agent_startup_seconds(f"{name}-{i}"))
-            sh("hpc-kernel", "shutdown", f"{name}-{i}")
-    finally:
-        for i in range(args.starts):
-            for kernel_name in (f"{name}-{i}", f"{name}-app-{i}"):
-                subprocess.run(["hpc-kernel", "shutdown", kernel_name], capture_output=True)
-
-    s_med, b_med, a_med = statistics.median(startups), statistics.median(bares), statistics.median(app_startups)
     print(f"hpc-kernels relay benchmark, {time.strftime('%Y-%m-%d %H:%M')}, node {node}, "
-          f"{args.runs} round trips, {args.stream_mb} MB stream, {args.display_mb} MB display_data, "
-          f"{args.starts} starts\n")
+          f"{args.runs} round trips, {args.stream_mb} MB stream, {args.display_mb} MB display_data\n")
     print_transport_table(args, results)
-    print()
-
-    def runs(values: list[float]) -> str:
-        return ", ".join(f"{v:.2f}" for v in values) + " s"
-
-    print("| start-up | bare `sbatch --wrap true` until COMPLETED | `submit` until ready, bubblewrap | "
-          "`submit` until ready, Apptainer |")
-    print("|---|---|---|---|")
-    print(f"| median of {args.starts} | {b_med:.2f} s | {s_med:.2f} s ({s_med / b_med:.2f}x) "
-          f"| {a_med:.2f} s ({a_med / b_med:.2f}x) |")
-    print(f"| all runs | {runs(bares)} | {runs(startups)} | {runs(app_startups)} |")
-    print(f"| of which the kernel start in the job (agent: launch to five sockets), median | | "
-          f"{statistics.median(in_job['bwrap']):.2f} s | {statistics.median(in_job['apptainer']):.2f} s |")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

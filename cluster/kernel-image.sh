@@ -11,6 +11,8 @@
 #
 # Results, readable by every user and node:
 #   $HK_IMAGES/kernel.sif        Debian bookworm, python3-ipykernel
+#   $HK_IMAGES/kernel.oci.tar    the same as an OCI archive for podman (`hpc-kernel image export`),
+#                                image localhost/hpc-kernels/kernel:latest
 #   $HK_IMAGES/no-ipykernel/     the same as a sandbox directory, ipykernel removed (bad-input tests)
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -46,6 +48,26 @@ build() {
     trap - EXIT
 }
 
+# The OCI archive of kernel.sif for the podman runtime, made by `hpc-kernel image export` as the
+# test user (an unprivileged unpack, as a site admin without root would make it); rebuilt when the
+# SIF's key changes.
+export_oci() {
+    local key=$1 work
+    [[ -s $HK_IMAGES/kernel.oci.tar && -f $HK_IMAGES/kernel.oci.tar.key &&
+       $(cat "$HK_IMAGES/kernel.oci.tar.key") == "$key" ]] && return 0
+    work=$(mktemp -d "$HK_CACHE/images/oci.XXXXXX")
+    trap 'rm -rf "$work"' EXIT
+    chown "$BUILDER" "$work"
+    hk_log "exporting $HK_IMAGES/kernel.sif as an OCI archive for podman"
+    (cd "$work" && runuser -u "$BUILDER" -- env "PATH=$PATH" hpc-kernel image export "$HK_IMAGES/kernel.sif" \
+        "$work/kernel.oci.tar") || hk_die "hpc-kernel image export failed"
+    install -m 0644 -o root -g root "$work/kernel.oci.tar" "$HK_IMAGES/.kernel.oci.tar.new"
+    mv "$HK_IMAGES/.kernel.oci.tar.new" "$HK_IMAGES/kernel.oci.tar"
+    rm -rf "$work"
+    trap - EXIT
+    echo "$key" >"$HK_IMAGES/kernel.oci.tar.key"
+}
+
 main() {
     hk_need_root
     [[ -x $APPTAINER ]] || hk_die "no Apptainer in $HK_APPTAINER_PREFIX: run cluster/install-apptainer.sh"
@@ -55,6 +77,7 @@ main() {
     key=$(image_key)
     cached=$HK_CACHE/images/kernel-$key.sif
     if [[ -f $HK_IMAGES/kernel.sif.key && $(cat "$HK_IMAGES/kernel.sif.key") == "$key" ]] && checks_out "$HK_IMAGES/kernel.sif"; then
+        export_oci "$key"
         return 0
     fi
     if [[ ! -s $cached ]] || ! checks_out "$cached"; then
@@ -81,6 +104,7 @@ main() {
     rm -rf "$work"
     trap - EXIT
     echo "$key" >"$HK_IMAGES/kernel.sif.key"
+    export_oci "$key"
 }
 
 main "$@"

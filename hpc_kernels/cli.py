@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +30,7 @@ from .launcher import (
     view,
     view_all,
 )
+from .oci_archive import DEFAULT_OCI_REFERENCE
 from .paths import exposes_private_files, private_paths
 from .terminal import shown
 from .profiles import (
@@ -299,7 +301,7 @@ def cmd_interrupt(args: argparse.Namespace) -> int:
 
 
 def cmd_image_build(args: argparse.Namespace) -> int:
-    from .images import build_image, image_definition
+    from .images import build_image, export_oci, image_definition
 
     if args.definition:
         if args.source or args.packages:
@@ -314,27 +316,69 @@ def cmd_image_build(args: argparse.Namespace) -> int:
         sys.stdout.write(definition)
         return 0
     if not args.output:
-        raise HpcKernelsError("name the image to build: hpc-kernel image build OUTPUT.sif")
+        raise HpcKernelsError("name the image to build: hpc-kernel image build OUTPUT.sif (or OUTPUT.tar --format oci)")
+    if args.format == "oci":
+        with tempfile.TemporaryDirectory(prefix="hk-image-") as work:
+            sif = Path(work) / "kernel.sif"
+            build_image(sif, definition, apptainer=args.apptainer)
+            export_oci(sif, Path(args.output), args.name, apptainer=args.apptainer, compressed=args.gzip)
+        _progress(f"built {Path(args.output).resolve()} (OCI archive, image {args.name}); "
+                  "podman loads it: set runtime.image and runtime.image_archive")
+        return 0
     build_image(Path(args.output), definition, apptainer=args.apptainer)
     _progress(f"built {Path(args.output).resolve()}; check it with `hpc-kernel image check {args.output}`")
     return 0
 
 
+def _oci_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--name", default=DEFAULT_OCI_REFERENCE,
+                        help=f"the image's name in the archive (default {DEFAULT_OCI_REFERENCE}); runtime.image")
+    parser.add_argument("--gzip", action="store_true",
+                        help="compress the layer (a smaller archive, a slower first start on each node)")
+
+
+def cmd_image_export(args: argparse.Namespace) -> int:
+    from .images import export_oci
+
+    digest = export_oci(Path(args.image), Path(args.output), args.name, apptainer=args.apptainer,
+                        compressed=args.gzip)
+    _progress(f"wrote {Path(args.output).resolve()}: image {args.name} ({digest}); "
+              f"`podman load --input {args.output}` takes it")
+    return 0
+
+
 def cmd_image_check(args: argparse.Namespace) -> int:
-    from .images import check_image
+    from .images import archive_reference, check_image, check_podman_image, scratch_podman
 
     image, apptainer, python = args.image, args.apptainer, "python3"
+    kind = "podman" if image and image.endswith(".tar") else "apptainer"
+    archive = Path(image) if kind == "podman" else None
+    podman = [args.podman]
     if args.profile:
         profile = load_profile(args.profile)
-        if profile.get("runtime", "kind") != "apptainer":
-            raise HpcKernelsError(f"profile {args.profile} runs kernels in {profile.get('runtime', 'kind')}, "
-                                  "not in an image")
-        image = image or profile.get("runtime", "image")
-        apptainer = profile.get("runtime", "executable") or apptainer
+        kind = profile.get("runtime", "kind")
+        if kind not in ("apptainer", "podman"):
+            raise HpcKernelsError(f"profile {args.profile} runs kernels in {kind}, not in an image")
         python = profile.get("kernel", "python") or python
+        if kind == "apptainer":
+            image = image or profile.get("runtime", "image")
+            apptainer = profile.get("runtime", "executable") or apptainer
+        else:
+            archive = Path(image) if image and image.endswith(".tar") else profile.get("runtime", "image_archive")
+            archive = Path(archive) if archive else None
+            image = image if image and not image.endswith(".tar") else profile.get("runtime", "image")
+            podman = podman_command_line(profile.section("runtime"))
     if not image:
         raise HpcKernelsError("name an image, or a profile with --profile")
-    report = check_image(image, apptainer=apptainer, python=python)
+    if kind == "podman":
+        if archive is not None and image.endswith(".tar"):
+            image = archive_reference(archive) or ""
+            if not image:
+                raise HpcKernelsError(f"{archive}: not an OCI archive with an image name (index.json)")
+        with scratch_podman(podman) as (argv, env):
+            report = check_podman_image(image, argv, archive=archive, env=env, python=python)
+    else:
+        report = check_image(image, apptainer=apptainer, python=python)
     if args.json:
         print(json.dumps({"image": report.image, "ok": report.ok, "problems": report.problems, **report.info}))
     else:
@@ -579,7 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.set_defaults(func=cmd_interrupt)
 
-    p = sub.add_parser("image", help="kernel images for the apptainer runtime: build, check")
+    p = sub.add_parser("image", help="kernel images for the apptainer and podman runtimes: build, export, check")
     images = p.add_subparsers(dest="image_command", required=True, metavar="SUBCOMMAND")
     q = images.add_parser("build", help="build a kernel image (SIF) with Python and ipykernel")
     q.add_argument("output", nargs="?", metavar="OUTPUT.sif")
@@ -591,11 +635,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--definition", metavar="FILE", help="build from this Apptainer definition instead")
     q.add_argument("--print-definition", action="store_true", help="print the definition and build nothing")
     q.add_argument("--apptainer", default="apptainer", help="the apptainer binary (default: on PATH)")
+    q.add_argument("--format", choices=("sif", "oci"), default="sif",
+                   help="sif (Apptainer, the default) or oci: an OCI archive for the podman runtime")
+    _oci_options(q)
     q.set_defaults(func=cmd_image_build)
+    q = images.add_parser("export", help="turn an Apptainer image into an OCI archive that podman loads")
+    q.add_argument("image", metavar="IMAGE.sif")
+    q.add_argument("output", metavar="OUTPUT.tar")
+    q.add_argument("--apptainer", default="apptainer", help="the apptainer binary (default: on PATH)")
+    _oci_options(q)
+    q.set_defaults(func=cmd_image_export)
     q = images.add_parser("check", help="say whether an image can run a kernel (before anyone queues)")
-    q.add_argument("image", nargs="?")
+    q.add_argument("image", nargs="?", help="an Apptainer image, or an OCI archive (.tar) for podman")
     q.add_argument("--profile", "-p", help="check this profile's image, with its runtime settings")
     q.add_argument("--apptainer", default="apptainer", help="the apptainer binary (default: on PATH)")
+    q.add_argument("--podman", default="podman", help="the podman command for an OCI archive (default: on PATH)")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_image_check)
 

@@ -12,18 +12,21 @@ name ``singularity`` and builds with sudo by default; neither suits a login node
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import subprocess
+import tarfile
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
 from .errors import HpcKernelsError
+from .oci_archive import REF_NAME, write_oci_archive
 from .render import template_environment
 from .runtimes import SANDBOX_HOME, apptainer_process_environment
 
@@ -236,6 +239,133 @@ def check_image(image: str, *, apptainer: str = "apptainer", python: str = "pyth
                               env=apptainer_process_environment(os.environ, {}))
     except subprocess.TimeoutExpired:
         return ImageReport(image, problems=[f"{python} in the image did not answer within {timeout:.0f} s"])
+    return _report(image, proc, python)
+
+
+def unpack_argv(apptainer: str, image: str, directory: str) -> list[str]:
+    """``apptainer build --sandbox``: the image's root file system as a directory (unprivileged)."""
+    return [apptainer, "build", "--force", "--sandbox", directory, image]
+
+
+def export_oci(image: Path, output: Path, reference: str, *, apptainer: str = "apptainer",
+               compressed: bool = False) -> str:
+    """Turn an Apptainer image into an OCI archive that ``podman load`` takes, the image named
+    ``reference``; return its manifest digest. Only a complete archive appears at ``output``."""
+    if not image.exists():
+        raise HpcKernelsError(f"{image} does not exist")
+    if not is_image_reference(reference):
+        raise HpcKernelsError(f"--name {reference!r}: expected an image reference like "
+                              "localhost/hpc-kernels/kernel:latest")
+    executable = _find(apptainer)
+    with tempfile.TemporaryDirectory(prefix="hk-export-") as work:
+        root = Path(work) / "root"
+        proc = subprocess.run(unpack_argv(executable, str(image), str(root)), capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL, env=apptainer_process_environment(os.environ, {}))
+        if proc.returncode != 0:
+            raise HpcKernelsError(f"apptainer could not unpack {image} (exit code {proc.returncode}):\n"
+                                  + proc.stderr.strip())
+        try:
+            return write_oci_archive(root, output.resolve(), reference, compressed=compressed)
+        except OSError as e:
+            raise HpcKernelsError(f"cannot write {output}: {e.strerror or e}") from None
+        finally:
+            _make_removable(root)
+
+
+def _make_removable(root: Path) -> None:
+    """An unpacked image may hold directories without write permission: give them the owner's, so
+    that the temporary directory can go."""
+    for directory, _, _ in os.walk(root):
+        with contextlib.suppress(OSError):
+            os.chmod(directory, 0o700)
+
+
+_REFERENCE = re.compile(r"[a-z0-9][a-z0-9._\-]*(:[0-9]+)?(/[a-z0-9][a-z0-9._\-]*)*(:[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127})?"
+                        r"(@sha256:[0-9a-f]{64})?")
+
+
+def is_image_reference(text: str) -> bool:
+    """An OCI image reference (``registry/name:tag`` or ``@sha256:...``), nothing else: no option, no
+    transport prefix, no white space."""
+    return bool(_REFERENCE.fullmatch(text))
+
+
+def archive_reference(archive: Path) -> str | None:
+    """The image name an OCI archive carries (what ``podman load`` tags it with), if one."""
+    try:
+        with tarfile.open(archive) as tar:
+            member = tar.extractfile("index.json")
+            data = json.loads(member.read(1 << 20)) if member else {}
+    except (OSError, KeyError, tarfile.TarError, json.JSONDecodeError):
+        return None
+    for entry in data.get("manifests", []) if isinstance(data, dict) else []:
+        name = (entry.get("annotations") or {}).get(REF_NAME) if isinstance(entry, dict) else None
+        if isinstance(name, str) and is_image_reference(name):
+            return name
+    return None
+
+
+def podman_check_argv(podman: Sequence[str], reference: str, python: str = "python3") -> list[str]:
+    """Start ``reference`` as the agent does (runtimes.podman_argv's isolation, no binds) and probe.
+    ``podman`` is the podman command with its global options."""
+    return [*podman, "run", "--rm", "--pull", "never", "--network", "none", "--userns", "keep-id",
+            "--cap-drop", "ALL", "--security-opt", "no-new-privileges", "--read-only",
+            "--tmpfs", "/tmp", "--env", f"HOME={SANDBOX_HOME}", "--workdir", SANDBOX_HOME,
+            reference, python, "-c", PROBE]
+
+
+def check_podman_image(reference: str, podman: Sequence[str], *, archive: Path | None = None,
+                       env: Mapping[str, str] | None = None, python: str = "python3",
+                       timeout: float = 300) -> ImageReport:
+    """Run the probe in a podman image, first loading ``archive`` when the image is not in the
+    storage ``podman`` (the command and its global options) names."""
+    run_env = dict(env if env is not None else os.environ)
+
+    def run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                              env=run_env)
+
+    try:
+        if run([*podman, "image", "exists", reference]).returncode != 0:
+            if archive is None:
+                return ImageReport(reference, problems=[f"{reference} is not in podman's image storage here "
+                                                        "(and no runtime.image_archive to load it from)"])
+            if not archive.is_file():
+                return ImageReport(reference, problems=[f"{archive} does not exist"])
+            loaded = run([*podman, "load", "--input", str(archive)])
+            if loaded.returncode != 0:
+                return ImageReport(reference, problems=[f"podman load --input {archive} failed "
+                                                        f"(exit code {loaded.returncode}): {loaded.stderr.strip()}"])
+            if run([*podman, "image", "exists", reference]).returncode != 0:
+                named = archive_reference(archive)
+                return ImageReport(reference, problems=[f"{archive} holds {named or 'an image with no name'}, "
+                                                        f"not {reference}"])
+        proc = run(podman_check_argv(podman, reference, python))
+    except subprocess.TimeoutExpired:
+        return ImageReport(reference, problems=[f"podman did not answer within {timeout:.0f} s"])
+    return _report(reference, proc, python)
+
+
+@contextlib.contextmanager
+def scratch_podman(podman: Sequence[str]) -> Iterator[tuple[list[str], dict[str, str]]]:
+    """A throw-away rootless storage for one check on this host: ``podman`` (the command and the
+    site's global options) extended with its own storage, and the environment to run it in. The
+    user's own podman storage is not touched; everything goes at the end, files of other IDs of the
+    user namespace included (``podman unshare rm``)."""
+    with tempfile.TemporaryDirectory(prefix="hk-podman-") as work:
+        runtime_dir = Path(work) / "xdg"
+        runtime_dir.mkdir(mode=0o700)
+        argv = [*podman, "--root", f"{work}/root", "--runroot", f"{work}/run", "--tmpdir", f"{work}/tmp"]
+        env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime_dir)}
+        try:
+            yield argv, env
+        finally:
+            if Path(work, "root").exists() and os.getuid() != 0:
+                subprocess.run([*argv, "unshare", "rm", "-rf", f"{work}/root", f"{work}/run", f"{work}/tmp"],
+                               capture_output=True, stdin=subprocess.DEVNULL, env=env, timeout=120)
+
+
+def _report(image: str, proc: subprocess.CompletedProcess[str], python: str) -> ImageReport:
     lines = proc.stdout.strip().splitlines()
     try:
         info = json.loads(lines[-1]) if lines else None
