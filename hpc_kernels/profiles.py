@@ -26,7 +26,8 @@ import yaml
 from .egress import parse_allowed
 from .errors import HpcKernelsError, ProfileError
 from .resources import data_dir
-from .runtimes import DEFAULT_SYSTEM_PATHS, RUNTIME_KINDS
+from .runtimes import (DEFAULT_SYSTEM_PATHS, PODMAN_GPU_MODES, PODMAN_STORAGE_MODES, RUNTIME_KINDS,
+                       is_image_reference)
 
 # How the relay carries a kernel's stream (hpc_kernels.relay): a job step, mutual-TLS TCP, OpenSSH.
 RELAY_TRANSPORTS = ("srun", "tcp", "ssh")
@@ -228,10 +229,38 @@ def _python_env(value: Any) -> str:
 
 
 def _image(value: Any) -> str:
+    """An Apptainer image's path or a podman image reference: which one the kind says
+    (:func:`_check_image`, once the kind is known)."""
+    text = _str(value)
+    if any(c.isspace() for c in text) or text.startswith("-"):
+        raise ValueError("expected the absolute path of a kernel image (apptainer) or an image reference such as "
+                         "localhost/hpc-kernels/kernel:latest (podman), without spaces")
+    return text
+
+
+def _apptainer_image(text: str) -> str | None:
+    """Why ``text`` is no Apptainer image path, or None."""
+    if not text.startswith("/") or ":" in text:
+        return "expected the absolute path of a SIF file or image directory, without spaces or ':'"
+    return None
+
+
+def _podman_image(text: str) -> str | None:
+    """Why ``text`` is no podman image reference, or None."""
+    if not is_image_reference(text):
+        return ("expected an image reference such as localhost/hpc-kernels/kernel:latest (a file goes in "
+                "runtime.image_archive)")
+    return None
+
+
+def _archive(value: Any) -> str:
     text = _abs_path(value)
     if any(c.isspace() for c in text) or ":" in text:
-        raise ValueError("expected the absolute path of a SIF file or image directory, without spaces or ':'")
+        raise ValueError("expected the absolute path of an OCI or docker archive (.tar), without spaces or ':'")
     return text
+
+
+_COMMAND = re.compile(r"^[A-Za-z0-9_./+\-]+$")
 
 
 def _allowed_host(value: Any) -> str:
@@ -329,6 +358,11 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "kind": (_one_of(*RUNTIME_KINDS), "bwrap"),
         "image": (_opt(_image), None),
         "executable": (_opt(_str), None),
+        "image_archive": (_opt(_archive), None),
+        "podman_command": (_matching(_COMMAND, "a command name or absolute path, e.g. podman or podman-hpc"), "podman"),
+        "podman_oci_runtime": (_opt(_matching(_COMMAND, "an OCI runtime's name or path, e.g. runc or crun")), None),
+        "podman_storage": (_one_of(*PODMAN_STORAGE_MODES), "node"),
+        "podman_gpus": (_one_of(*PODMAN_GPU_MODES), "cdi"),
         "network": (_one_of("none"), "none"),
         "hide": (_list_of(_abs_path, "absolute paths"), ["/home", "/root", "/run", "/var/tmp", "/srv", "/mnt", "/media"]),
         "binds": (_list_of(_bind, "paths"), []),
@@ -384,6 +418,9 @@ class Profile:
 
     def get(self, section: str, key: str) -> Any:
         return self.settings[section][key]
+
+    def section(self, section: str) -> Mapping[str, Any]:
+        return self.settings[section]
 
 
 @dataclass(frozen=True)
@@ -739,12 +776,27 @@ def validate_profile(data: Any, path: Path, origins: Origins | None = None) -> P
 def _check_together(settings: Mapping[str, Mapping[str, Any]], at: Callable[..., str]) -> None:
     """Rules that concern more than one key."""
     runtime = settings["runtime"]
-    if runtime["kind"] == "apptainer" and not runtime["image"]:
+    kind = runtime["kind"]
+    if kind == "apptainer" and not runtime["image"]:
         raise ProfileError(f"{at('runtime', 'kind')}: runtime.image: required with runtime.kind apptainer "
                            "(the absolute path of a kernel image: see `hpc-kernel image build`)")
-    if runtime["kind"] == "bwrap" and runtime["image"]:
-        raise ProfileError(f"{at('runtime', 'image')}: runtime.image: only used with runtime.kind apptainer "
-                           "(bubblewrap runs the node's own file system)")
+    if kind == "podman" and not runtime["image"]:
+        raise ProfileError(f"{at('runtime', 'kind')}: runtime.image: required with runtime.kind podman "
+                           "(an image reference such as localhost/hpc-kernels/kernel:latest)")
+    if kind == "bwrap" and runtime["image"]:
+        raise ProfileError(f"{at('runtime', 'image')}: runtime.image: only used with runtime.kind apptainer or "
+                           "podman (bubblewrap runs the node's own file system)")
+    if runtime["image"]:
+        why = _podman_image(runtime["image"]) if kind == "podman" else _apptainer_image(runtime["image"])
+        if why:
+            raise ProfileError(f"{at('runtime', 'image')}: runtime.image: {runtime['image']!r} is not valid with "
+                               f"runtime.kind {kind}: {why}")
+    if kind != "podman" and runtime["image_archive"]:
+        raise ProfileError(f"{at('runtime', 'image_archive')}: runtime.image_archive: only used with runtime.kind "
+                           "podman (Apptainer runs runtime.image itself)")
+    if kind == "podman" and runtime["executable"]:
+        raise ProfileError(f"{at('runtime', 'executable')}: runtime.executable: not used with runtime.kind podman; "
+                           "set runtime.podman_command (podman, podman-hpc or a path)")
     relay = settings["relay"]
     if relay["allow"] is None:
         relay["allow"] = [relay["transport"]]

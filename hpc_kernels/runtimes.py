@@ -9,6 +9,7 @@ directory, the workspace (read-only unless asked) and, when Slurm gave the job G
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,20 @@ SANDBOX_HOME = "/tmp"
 # Set to the job's CPUs in the kernel's environment unless the job or the profile sets them.
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 
-RUNTIME_KINDS = ("bwrap", "apptainer")
+RUNTIME_KINDS = ("bwrap", "apptainer", "podman")
+
+# runtime.podman_storage: where podman keeps images and containers. ``node``: a per-user storage
+# on node-local tmp, kept between jobs; ``job``: one for the job, removed at its end; ``site``:
+# podman's own configuration (podman-hpc, a storage.conf), no --root/--runroot given.
+PODMAN_STORAGE_MODES = ("node", "job", "site")
+# runtime.podman_gpus: how the GPUs Slurm gave reach the container. ``cdi``: --device
+# nvidia.com/gpu=N (the NVIDIA Container Toolkit's CDI spec); ``podman-hpc``: its --gpu;
+# ``devices``: the device nodes themselves (the driver libraries must be in the image).
+PODMAN_GPU_MODES = ("cdi", "podman-hpc", "devices")
+
+_IMAGE_REFERENCE = re.compile(
+    r"[a-z0-9][a-z0-9._\-]*(:[0-9]+)?(/[a-z0-9][a-z0-9._\-]*)*(:[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127})?"
+    r"(@sha256:[0-9a-f]{64})?")
 
 # What of the node bubblewrap shows the kernel (read-only), unless a profile says otherwise
 # (runtime.system_paths): the programs, libraries and configuration a Python needs, and /opt,
@@ -177,6 +191,43 @@ def apptainer_argv(spec: SandboxSpec, kernel_argv: Sequence[str], image: str, ap
         argv.append("--nv")
     argv += ["--pwd", spec.workspace or SANDBOX_HOME, image, *kernel_argv]
     return argv
+
+
+def is_image_reference(text: str) -> bool:
+    """An OCI image reference (``registry/name:tag``, ``name@sha256:...``), nothing else: no
+    option, no transport prefix (``docker://``), no white space."""
+    return bool(_IMAGE_REFERENCE.fullmatch(text))
+
+
+@dataclass(frozen=True)
+class PodmanStorage:
+    """Where rootless podman keeps its images and containers (``--root``), its run-time state
+    (``--runroot``) and its temporary files (``--tmpdir``: what ``podman load`` unpacks)."""
+
+    root: str
+    runroot: str
+    tmpdir: str
+
+
+def podman_global_argv(storage: PodmanStorage | None = None, oci_runtime: str | None = None) -> list[str]:
+    """Podman's global options (before ``run``, ``load``, ``ps``, ...): the storage unless the
+    site's configuration chooses it (``storage`` None: runtime.podman_storage ``site``), and the
+    OCI runtime (``--runtime``: runc where crun cannot handle the node's cgroups). With our own
+    storage the events go to a file in it: a batch job has no journald session of the user's."""
+    argv: list[str] = []
+    if storage is not None:
+        argv += ["--root", storage.root, "--runroot", storage.runroot, "--tmpdir", storage.tmpdir,
+                 "--events-backend", "file"]
+    if oci_runtime:
+        argv += ["--runtime", oci_runtime]
+    return argv
+
+
+def podman_command_line(runtime: Mapping[str, object], storage: PodmanStorage | None = None) -> list[str]:
+    """The podman command with its global options, from a profile's ``runtime`` settings."""
+    command = str(runtime.get("podman_command") or "podman")
+    oci_runtime = runtime.get("podman_oci_runtime")
+    return [command, *podman_global_argv(storage, str(oci_runtime) if oci_runtime else None)]
 
 
 def kernel_argv(command: Sequence[str], *, python: str, connection_file: str) -> list[str]:

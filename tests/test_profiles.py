@@ -344,12 +344,48 @@ def test_extending_itself_without_a_profile_below_is_an_error(profile_dir: Path)
     ("runtime:\n  kind: bwrap\n  image: /i.sif\n", 3, "runtime.image: only used with runtime.kind apptainer"),
     ("runtime:\n  kind: docker\n", 2, "runtime.kind: 'docker' is not valid: expected one of: bwrap, apptainer"),
     ("runtime:\n  kind: apptainer\n  image: 'images/k.sif'\n", 3,
-     "runtime.image: 'images/k.sif' is not valid: expected an absolute path"),
+     "runtime.image: 'images/k.sif' is not valid with runtime.kind apptainer: expected the absolute path"),
+    ("runtime:\n  kind: podman\n", 2, "runtime.image: required with runtime.kind podman"),
+    ("runtime:\n  kind: podman\n  image: /opt/k.tar\n", 3,
+     "runtime.image: '/opt/k.tar' is not valid with runtime.kind podman: expected an image reference"),
+    ("runtime:\n  kind: podman\n  image: docker://k:1\n", 3,
+     "runtime.image: 'docker://k:1' is not valid with runtime.kind podman"),
+    ("runtime:\n  kind: apptainer\n  image: /i.sif\n  image_archive: /k.tar\n", 4,
+     "runtime.image_archive: only used with runtime.kind podman"),
+    ("runtime:\n  kind: podman\n  image: k\n  executable: /usr/bin/podman\n", 4,
+     "runtime.executable: not used with runtime.kind podman; set runtime.podman_command"),
+    ("runtime:\n  kind: podman\n  image: k\n  image_archive: k.tar\n", 4,
+     "runtime.image_archive: 'k.tar' is not valid: expected an absolute path"),
+    ("runtime:\n  kind: podman\n  image: k\n  podman_storage: nfs\n", 4,
+     "runtime.podman_storage: 'nfs' is not valid: expected one of: node, job, site"),
+    ("runtime:\n  kind: podman\n  image: k\n  podman_gpus: all\n", 4,
+     "runtime.podman_gpus: 'all' is not valid: expected one of: cdi, podman-hpc, devices"),
+    ("runtime:\n  kind: podman\n  image: k\n  podman_command: podman --log-level debug\n", 4,
+     "runtime.podman_command: 'podman --log-level debug' is not valid: expected a command name or absolute path"),
+    ("runtime:\n  kind: podman\n  image: k\n  podman_oci_runtime: 'runc;id'\n", 4,
+     "runtime.podman_oci_runtime: 'runc;id' is not valid: expected an OCI runtime's name or path"),
 ])
 def test_apptainer_needs_an_image_and_bwrap_takes_none(profile_dir: Path, text: str, line: int, message: str) -> None:
     path = write(profile_dir, "r", text)
     with pytest.raises(ProfileError, match=f"^{re.escape(f'{path}:{line}: {message}')}"):
         parse_profile(path)
+
+
+def test_a_podman_profile_and_its_defaults(profile_dir: Path) -> None:
+    path = write(profile_dir, "p", "runtime:\n  kind: podman\n  image: localhost/hpc-kernels/kernel:latest\n"
+                                   "  image_archive: /opt/k.oci.tar\n  podman_oci_runtime: runc\n")
+    runtime = parse_profile(path).section("runtime")
+    assert (runtime["image"], runtime["image_archive"], runtime["podman_oci_runtime"]) == (
+        "localhost/hpc-kernels/kernel:latest", "/opt/k.oci.tar", "runc")
+    assert (runtime["podman_command"], runtime["podman_storage"], runtime["podman_gpus"]) == ("podman", "node", "cdi")
+
+
+def test_image_on_the_command_line_is_checked_for_the_profiles_kind(profile_dir: Path) -> None:
+    path = write(profile_dir, "p", "runtime:\n  kind: podman\n  image: k\n")
+    profile = parse_profile(path)
+    assert apply_request(profile, KernelRequest("k", image="other/k:2")).get("runtime", "image") == "other/k:2"
+    with pytest.raises(ProfileError, match="runtime.image: '/opt/k.sif' is not valid with runtime.kind podman"):
+        apply_request(profile, KernelRequest("k", image="/opt/k.sif"))
 
 
 @pytest.mark.parametrize("value, expected", [(1, "1"), ("2", "2"), ("a100:2", "a100:2"), (0, None), (None, None)])
