@@ -353,7 +353,7 @@ def cmd_image_check(args: argparse.Namespace) -> int:
     image, apptainer, python = args.image, args.apptainer, "python3"
     kind = "podman" if image and image.endswith(".tar") else "apptainer"
     archive = Path(image) if kind == "podman" else None
-    podman = [args.podman]
+    podman: dict[str, object] = {"podman_command": args.podman}
     if args.profile:
         profile = load_profile(args.profile)
         kind = profile.get("runtime", "kind")
@@ -367,7 +367,7 @@ def cmd_image_check(args: argparse.Namespace) -> int:
             archive = Path(image) if image and image.endswith(".tar") else profile.get("runtime", "image_archive")
             archive = Path(archive) if archive else None
             image = image if image and not image.endswith(".tar") else profile.get("runtime", "image")
-            podman = podman_command_line(profile.section("runtime"))
+            podman = dict(profile.settings["runtime"])
     if not image:
         raise HpcKernelsError("name an image, or a profile with --profile")
     if kind == "podman":

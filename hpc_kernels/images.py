@@ -28,7 +28,8 @@ from . import __version__
 from .errors import HpcKernelsError
 from .oci_archive import REF_NAME, write_oci_archive
 from .render import template_environment
-from .runtimes import SANDBOX_HOME, apptainer_process_environment
+from .runtimes import (SANDBOX_HOME, PodmanStorage, apptainer_process_environment, is_image_reference,
+                       podman_command_line)
 
 DEFINITION_TEMPLATE = "kernel-image.def.j2"
 DEFAULT_SUITE = "bookworm"
@@ -280,16 +281,6 @@ def _make_removable(root: Path) -> None:
             os.chmod(directory, 0o700)
 
 
-_REFERENCE = re.compile(r"[a-z0-9][a-z0-9._\-]*(:[0-9]+)?(/[a-z0-9][a-z0-9._\-]*)*(:[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127})?"
-                        r"(@sha256:[0-9a-f]{64})?")
-
-
-def is_image_reference(text: str) -> bool:
-    """An OCI image reference (``registry/name:tag`` or ``@sha256:...``), nothing else: no option, no
-    transport prefix, no white space."""
-    return bool(_REFERENCE.fullmatch(text))
-
-
 def archive_reference(archive: Path) -> str | None:
     """The image name an OCI archive carries (what ``podman load`` tags it with), if one."""
     try:
@@ -347,15 +338,19 @@ def check_podman_image(reference: str, podman: Sequence[str], *, archive: Path |
 
 
 @contextlib.contextmanager
-def scratch_podman(podman: Sequence[str]) -> Iterator[tuple[list[str], dict[str, str]]]:
-    """A throw-away rootless storage for one check on this host: ``podman`` (the command and the
-    site's global options) extended with its own storage, and the environment to run it in. The
-    user's own podman storage is not touched; everything goes at the end, files of other IDs of the
+def scratch_podman(runtime: Mapping[str, object]) -> Iterator[tuple[list[str], dict[str, str]]]:
+    """Podman as a profile's ``runtime`` settings run it (its command, OCI runtime), with a
+    throw-away storage for one check on this host: the command line and the environment to run it
+    in. The user's own podman storage is not touched (with ``podman_storage: site``, podman's own
+    configuration is used as it is); the scratch storage goes at the end, files of other IDs of the
     user namespace included (``podman unshare rm``)."""
+    if runtime.get("podman_storage") == "site":
+        yield podman_command_line(runtime), dict(os.environ)
+        return
     with tempfile.TemporaryDirectory(prefix="hk-podman-") as work:
         runtime_dir = Path(work) / "xdg"
         runtime_dir.mkdir(mode=0o700)
-        argv = [*podman, "--root", f"{work}/root", "--runroot", f"{work}/run", "--tmpdir", f"{work}/tmp"]
+        argv = podman_command_line(runtime, PodmanStorage(f"{work}/root", f"{work}/run", f"{work}/tmp"))
         env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime_dir)}
         try:
             yield argv, env

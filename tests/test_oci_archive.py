@@ -119,7 +119,7 @@ def test_the_check_runs_the_image_isolated_as_a_kernel_would() -> None:
 def test_podman_loads_what_we_write_into_scratch_storage_and_nothing_stays(tmp_path: Path) -> None:
     out = tmp_path / "image.tar"
     write_oci_archive(tiny_root(tmp_path / "root"), out, REFERENCE)
-    with scratch_podman(["podman", "--cgroup-manager", "cgroupfs", "--events-backend", "file"]) as (argv, env):
+    with scratch_podman({"podman_command": "podman", "podman_oci_runtime": "runc"}) as (argv, env):
         work = Path(argv[argv.index("--root") + 1]).parent
         loaded = subprocess.run([*argv, "load", "--input", str(out)], capture_output=True, text=True, env=env,
                                 timeout=120)
