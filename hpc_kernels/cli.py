@@ -350,9 +350,10 @@ def cmd_image_export(args: argparse.Namespace) -> int:
 def cmd_image_check(args: argparse.Namespace) -> int:
     from .images import archive_reference, check_image, check_podman_image, scratch_podman
 
-    image, apptainer, python = args.image, args.apptainer, "python3"
-    kind = "podman" if image and image.endswith(".tar") else "apptainer"
-    archive = Path(image) if kind == "podman" else None
+    given, apptainer, python = args.image, args.apptainer, "python3"
+    # An OCI archive (.tar) given is checked with podman, its image named by the archive.
+    archive = Path(given) if given and given.endswith(".tar") else None
+    kind, image = ("podman", None) if archive else ("apptainer", given)
     podman: dict[str, object] = {"podman_command": args.podman}
     if args.profile:
         profile = load_profile(args.profile)
@@ -361,20 +362,22 @@ def cmd_image_check(args: argparse.Namespace) -> int:
             raise HpcKernelsError(f"profile {args.profile} runs kernels in {kind}, not in an image")
         python = profile.get("kernel", "python") or python
         if kind == "apptainer":
+            if archive:
+                raise HpcKernelsError(f"{archive} is an OCI archive, for podman; profile {args.profile} runs Apptainer")
             image = image or profile.get("runtime", "image")
             apptainer = profile.get("runtime", "executable") or apptainer
         else:
-            archive = Path(image) if image and image.endswith(".tar") else profile.get("runtime", "image_archive")
-            archive = Path(archive) if archive else None
-            image = image if image and not image.endswith(".tar") else profile.get("runtime", "image")
             podman = dict(profile.settings["runtime"])
+            if not archive:
+                image = image or profile.get("runtime", "image")
+                archive = Path(profile.get("runtime", "image_archive") or "") if profile.get("runtime", "image_archive") else None
+    if kind == "podman" and archive and not image:
+        image = archive_reference(archive)
+        if not image:
+            raise HpcKernelsError(f"{archive}: not an OCI archive with an image name (its index.json)")
     if not image:
         raise HpcKernelsError("name an image, or a profile with --profile")
     if kind == "podman":
-        if archive is not None and image.endswith(".tar"):
-            image = archive_reference(archive) or ""
-            if not image:
-                raise HpcKernelsError(f"{archive}: not an OCI archive with an image name (index.json)")
         with scratch_podman(podman) as (argv, env):
             report = check_podman_image(image, argv, archive=archive, env=env, python=python)
     else:

@@ -343,11 +343,11 @@ def scratch_podman(runtime: Mapping[str, object]) -> Iterator[tuple[list[str], d
     throw-away storage for one check on this host: the command line and the environment to run it
     in. The user's own podman storage is not touched (with ``podman_storage: site``, podman's own
     configuration is used as it is); the scratch storage goes at the end, files of other IDs of the
-    user namespace included (``podman unshare rm``)."""
+    user namespace and overlay mounts included (``podman system reset``)."""
     if runtime.get("podman_storage") == "site":
         yield podman_command_line(runtime), dict(os.environ)
         return
-    with tempfile.TemporaryDirectory(prefix="hk-podman-") as work:
+    with tempfile.TemporaryDirectory(prefix="hk-image-check-") as work:
         runtime_dir = Path(work) / "xdg"
         runtime_dir.mkdir(mode=0o700)
         argv = podman_command_line(runtime, PodmanStorage(f"{work}/root", f"{work}/run", f"{work}/tmp"))
@@ -355,9 +355,9 @@ def scratch_podman(runtime: Mapping[str, object]) -> Iterator[tuple[list[str], d
         try:
             yield argv, env
         finally:
-            if Path(work, "root").exists() and os.getuid() != 0:
-                subprocess.run([*argv, "unshare", "rm", "-rf", f"{work}/root", f"{work}/run", f"{work}/tmp"],
-                               capture_output=True, stdin=subprocess.DEVNULL, env=env, timeout=120)
+            # Also ends the pause process rootless podman leaves running for its user namespace.
+            subprocess.run([*argv, "system", "reset", "--force"], capture_output=True, stdin=subprocess.DEVNULL,
+                           env=env, timeout=120)
 
 
 def _report(image: str, proc: subprocess.CompletedProcess[str], python: str) -> ImageReport:

@@ -18,11 +18,25 @@ from conftest import hk
 IMAGES = Path("/opt/hpc-kernels/images")
 
 
-def leftovers() -> tuple[list[str], list[str]]:
+def scratch_processes(tmp: Path) -> list[int]:
+    """This user's processes started for a scratch storage (rootless podman's pause process)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and entry.stat().st_uid == os.getuid() and \
+                    f"XDG_RUNTIME_DIR={tmp}/hk-image-check-".encode() in (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            pass
+    return found
+
+
+def leftovers() -> tuple[list[str], list[str], list[int]]:
     own = Path.home() / ".local" / "share" / "containers"
     tmp = Path(os.environ.get("TMPDIR") or tempfile.gettempdir())
     return (sorted(p.name for p in own.rglob("*")) if own.exists() else [],
-            sorted(p.name for p in tmp.iterdir() if p.name.startswith(("hk-podman-", "hk-export-", "hk-image-"))))
+            sorted(p.name for p in tmp.iterdir() if p.name.startswith(("hk-image-check-", "hk-export-", "hk-image-"))),
+            scratch_processes(tmp))
 
 
 def test_image_check_of_a_podman_profile_and_of_an_archive_without_ipykernel(cluster: None) -> None:
@@ -45,10 +59,12 @@ def test_image_check_of_a_podman_profile_and_of_an_archive_without_ipykernel(clu
     finally:
         shutil.rmtree(out.parent, ignore_errors=True)
     assert leftovers() == before
+    assert before[2] == [], "no scratch storage's process left"
 
 
 def test_image_build_format_oci_gives_an_archive_podman_runs(cluster: None) -> None:
     out = Path.home() / "hk-test-images" / f"derived-{uuid.uuid4().hex[:6]}.tar"
+    before = leftovers()
     try:
         proc = hk("image", "build", str(out), "--format", "oci", "--from", str(IMAGES / "kernel.sif"),
                   "--name", "localhost/test/derived:2", timeout=900)
@@ -58,3 +74,4 @@ def test_image_build_format_oci_gives_an_archive_podman_runs(cluster: None) -> N
         assert report["ok"] is True and report["image"] == "localhost/test/derived:2"
     finally:
         shutil.rmtree(out.parent, ignore_errors=True)
+    assert leftovers() == before

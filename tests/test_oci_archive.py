@@ -130,3 +130,15 @@ def test_podman_loads_what_we_write_into_scratch_storage_and_nothing_stays(tmp_p
         assert listed.returncode == 0, listed.stderr
         assert json.loads(listed.stdout)[0]["Architecture"] == oci_architecture()
     assert not work.exists(), "the scratch storage is removed"
+    assert not processes_with(f"XDG_RUNTIME_DIR={work}/".encode()), "rootless podman's pause process is gone too"
+
+
+def processes_with(variable: bytes) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and variable in (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            pass
+    return found
