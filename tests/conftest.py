@@ -28,15 +28,15 @@ NODES = ("c1", "c2")
 # Lists a node's private /tmp or its processes as root (a root-owned copy of cluster/node-inspect.sh;
 # the sudo rule is setup.sh's).
 NODE_INSPECT = "/opt/hpc-kernels/cluster-tools/node-inspect.sh"
-# The shipped test-cluster profile of each sandbox runtime: the kernel tests run for both.
+# The shipped test-cluster profile of each sandbox runtime: the kernel tests run for each.
 # This login node's relay record in a kernel's state directory (each login node has its own).
 RELAY_RECORD = f"relay-{socket.gethostname()}.json"
 
-RUNTIME_PROFILES = {"bwrap": "local", "apptainer": "local-apptainer"}
+RUNTIME_PROFILES = {"bwrap": "local", "apptainer": "local-apptainer", "podman": "local-podman"}
 # Kernels the whole kernel suite runs against: each sandbox runtime over the default (srun)
 # transport, and bubblewrap over the relay's other transports (the relay does not depend on the
 # runtime). name -> (profile, relay transport)
-FLAVOURS = {"apptainer": ("local-apptainer", "srun"), "bwrap": ("local", "srun"),
+FLAVOURS = {"apptainer": ("local-apptainer", "srun"), "bwrap": ("local", "srun"), "podman": ("local-podman", "srun"),
             "bwrap-tcp": ("local", "tcp"), "bwrap-ssh": ("local", "ssh")}
 
 
