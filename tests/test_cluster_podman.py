@@ -74,7 +74,9 @@ def test_files_the_kernel_writes_in_a_rw_workspace_are_the_users(kernel: Kernel)
 
 PROBE = r"""
 import json, os, socket
+user_home = os.path.dirname(os.path.dirname(os.getcwd()))  # the workspace is ~/hk-test-workspaces/<name>
 out = {"uid": os.getuid(), "home": os.path.expanduser("~"), "home_dirs": sorted(os.listdir("/home")),
+       "in_user_home": sorted(os.listdir(user_home)), "workspaces": sorted(os.listdir(os.path.dirname(os.getcwd()))),
        "storage": os.path.exists(%r), "cap_eff": open("/proc/self/status").read().split("CapEff:")[1].split()[0],
        "pids": len([p for p in os.listdir("/proc") if p.isdigit()]), "ifaces": sorted(n for _, n in socket.if_nameindex())}
 try:
@@ -92,8 +94,10 @@ print(json.dumps(out))
 def test_no_network_no_home_no_storage_no_capabilities_inside(kernel: Kernel) -> None:
     seen = json.loads(kernel.exec(PROBE).stdout.strip().splitlines()[-1])
     assert seen["uid"] == os.getuid(), "keep-id: the kernel runs as the user"
-    assert seen["home"] == "/tmp" and "hk-alice" not in seen["home_dirs"] and os.environ.get("USER", "x") not in \
-        seen["home_dirs"]
+    assert seen["home"] == "/tmp"
+    # of the home only the path down to the workspace (mount points), nothing else of it
+    assert seen["home_dirs"] == [Path.home().name], seen["home_dirs"]
+    assert seen["in_user_home"] == ["hk-test-workspaces"] and seen["workspaces"] == [kernel.workspace.name]
     assert seen["storage"] is False, "podman's storage on the node is not reachable from inside"
     assert seen["cap_eff"] == "0000000000000000"
     assert seen["ifaces"] == ["lo"] and seen["net"] != "connected"
