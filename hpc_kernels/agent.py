@@ -32,6 +32,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from types import FrameType, ModuleType
 from typing import Any
@@ -49,13 +50,18 @@ from .limits import SandboxWatch, human, memory_limit
 from .node_view import bwrap_can_disable_userns, hidden_here, python_prefixes, shown_system_paths
 from .python_env import start_failure_hint
 from .userns import forbid_user_namespaces
+from . import podman_node
 from .runtimes import (
     DEFAULT_SYSTEM_PATHS,
+    SANDBOX_HOME,
     SandboxSpec,
     apptainer_process_environment,
     gpu_device_paths,
+    gpu_indices,
     has_gpus,
     kernel_argv,
+    podman_command_line,
+    podman_environment,
     sandbox_argv,
     sandbox_environment,
 )
@@ -147,6 +153,14 @@ class Agent:
         self.idle_timeout = 0.0  # limits.idle_timeout, in seconds (0: never)
         self.hibernation: dict[str, Any] | None = None  # what was saved, once the idle kernel was
         self.runtime_forbids_userns = False  # bwrap --disable-userns; else the agent forbids them itself
+        # podman: the command with its global options, its environment, the container's name, and
+        # the container's init (conmon daemonizes: the container is not below `podman run` but,
+        # the agent being a subreaper, below the agent)
+        self.podman: list[str] | None = None
+        self.podman_env: dict[str, str] = {}
+        self.container: str | None = None
+        self.container_init: int | None = None
+        self.podman_job_dir: Path | None = None
         # A job Slurm requeued (its node failed, it was preempted) runs this agent again on a new node.
         self.restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
         self.submit_time: str | None = None  # Slurm resets it at a requeue: names this run of the job
@@ -200,9 +214,16 @@ class Agent:
             pass
 
     def kernel_pid(self) -> int | None:
-        """The kernel's own process, found below the runtime by its connection file argument."""
+        """The kernel's own process, found below the runtime by its connection file argument
+        (podman's: below the agent, in the container)."""
         if self.kernel is None or self.connection_file is None or self.kernel.poll() is not None:
             return None
+        if self.podman is not None:
+            found = podman_node.container_processes(descendants(os.getpid()), str(self.connection_file))
+            if found is None:
+                return None
+            self.container_init = found[0]
+            return found[1]
         for pid in descendants(self.kernel.pid):
             if str(self.connection_file) in cmdline(pid):
                 return pid
@@ -252,11 +273,13 @@ class Agent:
             _say(f"Slurm allocated GPUs ({os.environ.get('SLURM_STEP_GPUS') or os.environ.get('SLURM_JOB_GPUS')}) "
                  "but no /dev/nvidiaN matches them: bubblewrap binds no GPU (only NVIDIA GPUs are known)")
         kind = launch["runtime"]
-        executable = launch.get("runtime_executable") or kind
+        executable = (launch.get("podman") or {}).get("command") if kind == "podman" else None
+        executable = executable or launch.get("runtime_executable") or kind
         found = shutil.which(executable)
         if found is None:
+            key = "runtime.podman_command" if kind == "podman" else "runtime.executable"
             raise AgentError(f"runtime {kind}: {executable!r} is not installed on {self.node} (not found on "
-                             f"PATH={os.environ.get('PATH', '')}); set runtime.executable, or load its module "
+                             f"PATH={os.environ.get('PATH', '')}); set {key}, or load its module "
                              "with slurm.modules")
         kernel_python = launch.get("kernel_python", launch["python"])
         system_paths, system_links = shown_system_paths(launch.get("system_paths") or DEFAULT_SYSTEM_PATHS)
@@ -288,6 +311,8 @@ class Agent:
         env = sandbox_environment(os.environ, {**self.kernel_startup(kernel_env), **kernel_env})
         if kind == "bwrap":
             return sandbox_argv(kind, spec, command, executable=found), env
+        if kind == "podman":
+            return self.prepare_podman(Path(root), spec, command, env, found)
         image = launch["image"]
         if not os.path.exists(image):
             raise AgentError(f"runtime.image {image} does not exist on {self.node}: kernel images must be on a "
@@ -296,6 +321,87 @@ class Agent:
         empty.mkdir(mode=0o500)
         argv = sandbox_argv(kind, spec, command, executable=found, image=image, empty_dir=str(empty))
         return argv, apptainer_process_environment(os.environ, env)
+
+    def prepare_podman(self, root: Path, spec: SandboxSpec, command: list[str], kernel_env: dict[str, str],
+                       podman: str) -> tuple[list[str], dict[str, str]]:
+        """Podman's storage and environment on this node, the image in it, leftovers of killed jobs
+        removed; the ``podman run`` command line and its environment."""
+        settings = self.launch.get("podman") or {}
+        mode = settings.get("storage") or "node"
+        try:
+            where = podman_node.places(root, mode, self.job_id, os.environ)
+        except (OSError, podman_node.PodmanNodeError) as e:
+            raise AgentError(f"podman: {e}") from None
+        self.podman_job_dir = where.job_dir
+        self.podman = podman_command_line({"podman_command": podman, "podman_oci_runtime": settings.get("oci_runtime")},
+                                          where.storage)
+        self.podman_env = {**podman_node.run_environment(os.environ), **where.environment}
+        user = os.environ.get("USER") or str(os.getuid())
+        kernel_name = self.files.name
+        self.container = f"hk-{self.job_id or 'nojob'}-{kernel_name}"
+        try:
+            self.sweep_podman(where, user)
+            podman_node.ensure_image(self.podman, self.podman_env, self.launch["image"], settings.get("image_archive"),
+                                     where.user_dir / "load.lock", _say)
+        except subprocess.TimeoutExpired as e:
+            raise AgentError(f"podman did not answer within {e.timeout:.0f} s: {shlex.join(e.cmd)}") from None
+        except podman_node.PodmanNodeError as e:
+            raise AgentError(f"podman: {e}") from None
+        memory = processes = None
+        if self.memory_limit or self.process_limit:
+            why_not = podman_node.cgroup_limits_apply(self.podman, self.podman_env)
+            if why_not:
+                _say(f"podman: no --memory or --pids-limit for the container ({why_not}); the agent's own watch "
+                     "enforces limits.memory and limits.processes")
+            else:
+                memory, processes = self.memory_limit, self.process_limit
+        spec = replace(spec, tmpfs_size=self.memory_limit)  # /tmp holds at most the memory limit
+        env, names, values = podman_environment(os.environ, kernel_env, self.podman_env)
+        argv = sandbox_argv("podman", spec, command, executable=podman, image=self.launch["image"], podman={
+            "podman": self.podman, "name": self.container,
+            "labels": {podman_node.LABEL_JOB: self.job_id, podman_node.LABEL_KERNEL: kernel_name,
+                       podman_node.LABEL_USER: user},
+            "env_names": names, "env_values": {**values, "HOME": SANDBOX_HOME},
+            "gpu_mode": settings.get("gpus") or "cdi", "gpu_indices": gpu_indices(os.environ),
+            "memory": memory, "processes": processes})
+        return argv, env
+
+    def sweep_podman(self, where: podman_node.PodmanPlaces, user: str) -> None:
+        """Remove what killed jobs of this user left in podman's storage on this node: containers
+        (a SIGKILLed agent, a node's reboot) and job storages."""
+        assert self.podman is not None
+        try:
+            removed = podman_node.sweep_containers(self.podman, self.podman_env, self.job_id, user, jobs_alive)
+            stale = podman_node.stale_job_dirs(where.user_dir, self.job_id, jobs_alive)
+        except SlurmError as e:
+            _say(f"left podman containers of earlier jobs alone: Slurm cannot say which ended ({e})")
+            return
+        if removed:
+            _say(f"podman: removed {len(removed)} containers of ended jobs: {', '.join(removed)}")
+        for directory in stale:
+            storage = podman_node.PodmanStorage(str(directory / "storage"), str(directory / "run"),
+                                                str(directory / "tmp"))
+            podman = podman_command_line({"podman_command": self.podman[0]}, storage)
+            podman_node.remove_storage(podman, self.podman_env, directory)
+            _say(f"podman: removed the storage {directory} of an ended job")
+
+    def remove_container(self) -> None:
+        """The container goes with the kernel (`podman run --rm` removes it unless podman was
+        killed), and a job's own storage with the job."""
+        if self.podman is None or self.container is None:
+            return
+        try:
+            podman_node.run(self.podman, ["rm", "--force", "--ignore", "--time", "0", self.container], self.podman_env)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            _say(f"podman: could not remove the container {self.container}: {e}")
+
+    def remove_job_storage(self) -> None:
+        if self.podman is not None and self.podman_job_dir is not None:
+            try:
+                podman_node.remove_storage(self.podman, self.podman_env, self.podman_job_dir)
+            except (OSError, subprocess.TimeoutExpired) as e:
+                _say(f"podman: could not remove the job's storage {self.podman_job_dir}: {e}")
+            self.podman_job_dir = None
 
     def sweep(self, root: Path) -> None:
         """Remove what killed jobs of this user left in this node's tmp (see node_tmp.py)."""
@@ -409,7 +515,7 @@ class Agent:
 
     def failure_reason(self, lines: int = 6) -> str:
         self.stderr_done.wait(2)
-        said = [line for line in self.stderr_tail if not line.startswith(_NOISE)]
+        said = [line for line in self.stderr_tail if not line.startswith(_NOISE) and "level=warning" not in line]
         return "\n".join(said[-lines:])
 
     def wait_for_sockets(self, timeout: float) -> None:
@@ -461,6 +567,7 @@ class Agent:
                         + f"; `hpc-kernel submit --resume {self.files.name}` brings them back on a new job"))
                     return 0
                 if self.stop_signal is None and self.limit_reason is None and self.take_restart_request():
+                    self.remove_container()
                     end_leftovers()
                     if self.deadline is not None:
                         self.deadline.clear_notice()  # said to the kernel the requeue replaced
@@ -510,7 +617,7 @@ class Agent:
         self.kernel_ready = True
         watches: list[SandboxWatch | IdleWatch] = []
         if self.memory_limit or self.process_limit:
-            watches.append(SandboxWatch(self.kernel.pid, self.memory_limit, self.process_limit, self.on_limit,
+            watches.append(SandboxWatch(self.sandbox_root(), self.memory_limit, self.process_limit, self.on_limit,
                                         lambda: bool((read_untrusted_json(sandbox_rw(self.node_dir) / LIMITS_REPORT)
                                                       or {}).get("nproc"))))
         if self.idle_timeout > 0 or self.launch.get("restore"):
@@ -525,6 +632,26 @@ class Agent:
         finally:
             for watch in watches:
                 watch.stop()
+
+    def sandbox_root(self) -> int:
+        """The process every process of the sandbox is below: the runtime's (bwrap, apptainer), or
+        podman's container's init (conmon daemonizes: the container is not below `podman run`)."""
+        assert self.kernel is not None
+        if self.podman is not None:
+            self.container_init = None
+            self.kernel_pid()
+            if self.container_init is not None:
+                return self.container_init
+            _say("podman: the container's processes were not found: the limits watch sees only `podman run`")
+        return self.kernel.pid
+
+    def kill_kernel(self) -> None:
+        """SIGKILL the kernel: the runtime's process, and podman's container (not below it)."""
+        if self.kernel is not None and self.kernel.poll() is None:
+            self.kernel.kill()
+        if self.container_init is not None:
+            with contextlib.suppress(OSError):
+                os.kill(self.container_init, signal.SIGKILL)
 
     def copy_restore(self, source: Path, expected_sha256: str | None) -> None:
         """The saved variables of a hibernated kernel, into the node-side directory for the
@@ -562,8 +689,7 @@ class Agent:
         """The watch found the sandbox over a limit: end the kernel, and say why."""
         self.limit_reason = reason
         _say(f"ending the kernel: {reason}")
-        if self.kernel is not None and self.kernel.poll() is None:
-            self.kernel.kill()  # a fork bomb or a memory hog gets no grace period
+        self.kill_kernel()  # a fork bomb or a memory hog gets no grace period
 
     def fail(self, e: Exception) -> int:
         """Every failure before readiness is reported the same way."""
@@ -616,14 +742,16 @@ class Agent:
         self.remove_node_dir()
         if self.kernel is not None and self.kernel.poll() is None:
             # SIGTERM first: Apptainer's starter passes it on to the container, which then ends
-            # whole; bwrap's sandbox dies with bwrap.
+            # whole; bwrap's sandbox dies with bwrap; `podman run` passes it to the container.
             self.kernel.terminate()
             try:
                 self.kernel.wait(KERNEL_STOP_SECONDS)
             except subprocess.TimeoutExpired:
-                self.kernel.kill()
+                self.kill_kernel()
                 self.kernel.wait()
+        self.remove_container()
         end_leftovers()
+        self.remove_job_storage()
         if self.deadline is not None:
             self.deadline.stop()
             self.deadline = None

@@ -239,6 +239,7 @@ def launch_spec(profile: Profile, request: KernelRequest, python: str, *,
         "runtime": profile.get("runtime", "kind"),
         "runtime_executable": profile.get("runtime", "executable"),
         "image": profile.get("runtime", "image"),
+        **({"podman": podman_spec(profile)} if profile.get("runtime", "kind") == "podman" else {}),
         "python": python,
         "kernel_python": kernel_python(profile, python),
         "kernel_command": profile.get("kernel", "command"),
@@ -262,6 +263,12 @@ def launch_spec(profile: Profile, request: KernelRequest, python: str, *,
         "tune_srun_tcp": profile.get("relay", "tune_srun_tcp"),
         "relay": relay_spec(profile, listen_tcp=listen_tcp),
     }
+
+
+def podman_spec(profile: Profile) -> dict[str, Any]:
+    """The podman runtime's settings in launch.json."""
+    return {key: profile.get("runtime", f"podman_{key}") for key in ("command", "oci_runtime", "storage", "gpus")} | {
+        "image_archive": profile.get("runtime", "image_archive")}
 
 
 def relay_spec(profile: Profile, *, listen_tcp: bool | None = None) -> dict[str, Any]:

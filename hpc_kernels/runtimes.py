@@ -1,8 +1,8 @@
 """Sandbox runtimes: how the kernel's command line is wrapped so that it runs isolated.
 
 Pure functions only: a :class:`SandboxSpec` becomes an argv and an environment. The node agent
-runs them. Two runtimes: bubblewrap (the node's own root file system, read-only) and Apptainer
-(a kernel image). Both give the kernel no network, no home, a private /tmp, the node-side socket
+runs them. Three runtimes: bubblewrap (the node's own root file system, read-only), Apptainer
+(a kernel image) and rootless podman (an OCI image). All give the kernel no network, no home, a private /tmp, the node-side socket
 directory, the workspace (read-only unless asked) and, when Slurm gave the job GPUs, those GPUs.
 """
 
@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .node_tmp import sandbox_ro, sandbox_rw
 
@@ -202,11 +203,14 @@ def is_image_reference(text: str) -> bool:
 @dataclass(frozen=True)
 class PodmanStorage:
     """Where rootless podman keeps its images and containers (``--root``), its run-time state
-    (``--runroot``) and its temporary files (``--tmpdir``: what ``podman load`` unpacks)."""
+    (``--runroot``) and its temporary files (``--tmpdir``: what ``podman load`` unpacks), and
+    with which storage driver: overlay (native in rootless podman on Linux >= 5.13) shares the
+    image's layer between containers; vfs, podman's fallback, copies it for every container."""
 
     root: str
     runroot: str
     tmpdir: str
+    driver: str | None = "overlay"
 
 
 def podman_global_argv(storage: PodmanStorage | None = None, oci_runtime: str | None = None) -> list[str]:
@@ -218,6 +222,8 @@ def podman_global_argv(storage: PodmanStorage | None = None, oci_runtime: str | 
     if storage is not None:
         argv += ["--root", storage.root, "--runroot", storage.runroot, "--tmpdir", storage.tmpdir,
                  "--events-backend", "file"]
+        if storage.driver:
+            argv += ["--storage-driver", storage.driver]
     if oci_runtime:
         argv += ["--runtime", oci_runtime]
     return argv
@@ -230,20 +236,149 @@ def podman_command_line(runtime: Mapping[str, object], storage: PodmanStorage | 
     return [command, *podman_global_argv(storage, str(oci_runtime) if oci_runtime else None)]
 
 
+# Of the job's environment, what the podman process itself may see (the kernel's own variables
+# reach the container by name, --env NAME, from this environment). HOME, XDG_* and TMPDIR are the
+# agent's (see podman_environment): podman reads its configuration from there, and a user's
+# ~/.config/containers in a workspace the kernel may write must not configure the next kernel.
+PODMAN_PROCESS_ENVIRONMENT = ("PATH", "LANG", "LC_*", "TZ", "USER", "LOGNAME")
+# What podman (and containers/storage, conmon) reads of its own environment: never taken from
+# the kernel's environment into podman's.
+PODMAN_READS = ("HOME", "XDG_*", "TMPDIR", "CONTAINERS_*", "CONTAINER_*", "PODMAN_*", "STORAGE_*", "BUILDAH_*",
+                "REGISTRY_AUTH_FILE", "DOCKER_*", "_CONTAINERS_*", "NOTIFY_SOCKET", "HTTP_PROXY", "HTTPS_PROXY",
+                "http_proxy", "https_proxy", "NO_PROXY", "no_proxy", "FTP_PROXY", "ftp_proxy")
+
+
+def podman_argv(spec: SandboxSpec, kernel_argv: Sequence[str], image: str, *, podman: Sequence[str] = ("podman",),
+                name: str, labels: Mapping[str, str] | None = None, env_names: Sequence[str] = (),
+                env_values: Mapping[str, str] | None = None, gpu_mode: str = "cdi",
+                gpu_indices: Sequence[str] = (), memory: int | None = None,
+                processes: int | None = None) -> list[str]:
+    """The ``podman run`` command line that runs ``kernel_argv`` in ``image``.
+
+    ``podman`` is the podman command with its global options (:func:`podman_command_line`).
+    Rootless podman: the container's root file system is the image, read-only; ``--network
+    none`` leaves a loopback device only; ``--userns keep-id`` runs the kernel as the user
+    (files it writes in a read-write workspace are the user's); every capability is dropped and
+    no-new-privileges set; /tmp is a tmpfs of at most ``spec.tmpfs_size``; the node's UTS
+    namespace is kept (the node's host name; changing it needs a capability the kernel has not).
+    Nothing of the node but the binds, the node directory's ``rw/`` and ``ro/`` and the workspace
+    is there: no home (HOME is /tmp). ``env_names`` pass by name, their values from podman's
+    own environment (never on the command line); ``env_values`` are constants given with their
+    value (HOME). ``memory`` and ``processes`` become --memory and --pids-limit: only where the
+    node's cgroups let rootless podman apply them (the caller knows). The container is named
+    ``name`` (replacing a leftover of that name) and labelled, so that what a killed job leaves
+    can be found and removed. GPUs per ``gpu_mode``: ``cdi`` (--device nvidia.com/gpu=N),
+    ``podman-hpc`` (its --gpu), ``devices`` (``spec.gpu_devices`` themselves).
+    """
+    argv = [*podman, "run", "--rm", "--replace", "--pull", "never", "--init", "--name", name]
+    for key, value in (labels or {}).items():
+        argv += ["--label", f"{key}={value}"]
+    argv += [
+        "--network", "none", "--uts", "host", "--userns", "keep-id",
+        "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+        "--read-only", "--read-only-tmpfs=false",  # no writable /run, /var/tmp: only the /tmp below
+        "--http-proxy=false",  # podman would pass the node's proxy variables into the container
+        "--log-driver", "none",  # stdout and stderr reach `podman run` (the job log); no copy in the storage
+    ]
+    size = f",size={spec.tmpfs_size}" if spec.tmpfs_size else ""
+    argv += ["--tmpfs", f"{SANDBOX_HOME}:rw,nosuid,nodev{size}"]
+    if memory:
+        argv += ["--memory", str(memory), "--memory-swap", str(memory)]
+    if processes:
+        argv += ["--pids-limit", str(processes)]
+    bound = []
+    for bind in spec.binds:
+        path, _, mode = bind.partition(":")
+        argv += ["--volume", _volume(path, "rw" if mode == "rw" else "ro")]
+        bound.append(path)
+    rw, ro = str(sandbox_rw(Path(spec.node_dir))), str(sandbox_ro(Path(spec.node_dir)))
+    argv += ["--volume", _volume(rw, "rw"), "--volume", _volume(ro, "ro")]
+    if spec.workspace:
+        argv += ["--volume", _volume(spec.workspace, "rw" if spec.workspace_rw else "ro")]
+        bound.append(spec.workspace)
+    # The image is not the node: only what is bound from the node can show a hidden path.
+    for path in _hidden_inside(spec.hide, bound):
+        argv += ["--tmpfs", f"{_no_colon(path)}:ro,nosuid,nodev,noexec,size=4k"]
+    if spec.gpus:
+        if gpu_mode == "cdi":
+            for index in gpu_indices:
+                argv += ["--device", f"nvidia.com/gpu={index}"]
+        elif gpu_mode == "podman-hpc":
+            argv.append("--gpu")
+        elif gpu_mode == "devices":
+            for device in spec.gpu_devices:
+                argv += ["--device", _volume(device, "rwm")]
+        else:
+            raise ValueError(f"unknown runtime.podman_gpus {gpu_mode!r}")
+    for env_name in env_names:
+        argv += ["--env", env_name]
+    for env_name, value in (env_values or {}).items():
+        argv += ["--env", f"{env_name}={value}"]
+    argv += ["--workdir", spec.workspace or SANDBOX_HOME, image, *kernel_argv]
+    return argv
+
+
+def _no_colon(path: str) -> str:
+    if ":" in path or "," in path:
+        raise ValueError(f"podman cannot bind {path}: it has ':' or ',' in it")
+    return path
+
+
+def _volume(path: str, options: str) -> str:
+    path = _no_colon(path)
+    return f"{path}:{path}:{options}"
+
+
+def podman_environment(host_env: Mapping[str, str], kernel_env: Mapping[str, str],
+                       podman_env: Mapping[str, str]) -> tuple[dict[str, str], list[str], dict[str, str]]:
+    """The environment of the ``podman`` process, and the kernel's variables for podman_argv:
+    the names that go by name (their values in that environment) and the constants that go with
+    their value. The process gets a short allowlist of the job's, ``podman_env`` (the agent's
+    HOME, XDG_RUNTIME_DIR, ...: where podman keeps its state), and the kernel's variables, except
+    those podman itself would read (PODMAN_READS): those, and HOME (/tmp in the container), go
+    with their value. PATH stays the image's: the node's PATH means nothing inside an image."""
+    env = _allowed(host_env, PODMAN_PROCESS_ENVIRONMENT)
+    env.update(podman_env)
+    names: list[str] = []
+    values: dict[str, str] = {}
+    for name, value in kernel_env.items():
+        if name == "PATH":
+            continue
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in PODMAN_READS) or (name in env and env[name] != value):
+            values[name] = value
+        else:
+            env[name] = value
+            names.append(name)
+    return env, names, values
+
+
+def gpu_indices(job_env: Mapping[str, str]) -> list[str]:
+    """The indices of the GPUs Slurm allocated to this step (``SLURM_STEP_GPUS``, in a batch step
+    ``SLURM_JOB_GPUS``)."""
+    indices = job_env.get("SLURM_STEP_GPUS") or job_env.get("SLURM_JOB_GPUS") or ""
+    return [i.strip() for i in indices.split(",") if i.strip().isdigit()]
+
+
 def kernel_argv(command: Sequence[str], *, python: str, connection_file: str) -> list[str]:
     """The profile's ``kernel.command`` with ``{python}`` and ``{connection_file}`` filled in."""
     return [arg.format(python=python, connection_file=connection_file) for arg in command]
 
 
 def sandbox_argv(kind: str, spec: SandboxSpec, kernel_argv: Sequence[str], *, executable: str,
-                 image: str | None = None, empty_dir: str | None = None) -> list[str]:
-    """The command line of runtime ``kind`` (``bwrap`` or ``apptainer``) for ``kernel_argv``."""
+                 image: str | None = None, empty_dir: str | None = None,
+                 podman: Mapping[str, Any] | None = None) -> list[str]:
+    """The command line of runtime ``kind`` for ``kernel_argv``. For podman, ``podman`` holds
+    podman_argv's keyword arguments (its ``podman`` command line among them)."""
     if kind == "bwrap":
         return bwrap_argv(spec, kernel_argv, bwrap=executable)
     if kind == "apptainer":
         if not image:
             raise ValueError("the apptainer runtime needs an image")
         return apptainer_argv(spec, kernel_argv, image, apptainer=executable, empty_dir=empty_dir)
+    if kind == "podman":
+        if not image or podman is None:
+            raise ValueError("the podman runtime needs an image and its settings")
+        return podman_argv(spec, kernel_argv, image, **podman)
     raise ValueError(f"unknown runtime {kind!r}")
 
 

@@ -28,15 +28,15 @@ NODES = ("c1", "c2")
 # Lists a node's private /tmp or its processes as root (a root-owned copy of cluster/node-inspect.sh;
 # the sudo rule is setup.sh's).
 NODE_INSPECT = "/opt/hpc-kernels/cluster-tools/node-inspect.sh"
-# The shipped test-cluster profile of each sandbox runtime: the kernel tests run for both.
+# The shipped test-cluster profile of each sandbox runtime: the kernel tests run for each.
 # This login node's relay record in a kernel's state directory (each login node has its own).
 RELAY_RECORD = f"relay-{socket.gethostname()}.json"
 
-RUNTIME_PROFILES = {"bwrap": "local", "apptainer": "local-apptainer"}
+RUNTIME_PROFILES = {"bwrap": "local", "apptainer": "local-apptainer", "podman": "local-podman"}
 # Kernels the whole kernel suite runs against: each sandbox runtime over the default (srun)
 # transport, and bubblewrap over the relay's other transports (the relay does not depend on the
 # runtime). name -> (profile, relay transport)
-FLAVOURS = {"apptainer": ("local-apptainer", "srun"), "bwrap": ("local", "srun"),
+FLAVOURS = {"apptainer": ("local-apptainer", "srun"), "bwrap": ("local", "srun"), "podman": ("local-podman", "srun"),
             "bwrap-tcp": ("local", "tcp"), "bwrap-ssh": ("local", "ssh")}
 
 
@@ -108,7 +108,10 @@ def no_kernel_left_behind(request: pytest.FixtureRequest) -> Iterator[None]:
     for row in rows:
         hk("shutdown", row["name"], check=False)
     assert not rows, f"kernels left behind by the tests: {[(r['name'], r['profile']) for r in rows]}"
-    left = {node: [" ".join(e) for e in node_tmp_entries(node) if e[0] in TEST_USERS] for node in NODES}
+    # hk-podman-<uid>: rootless podman's per-user storage, kept between jobs on purpose (warm
+    # starts; podman_node.py); test_cluster_podman.py checks no ended job's container is left in it.
+    left = {node: [" ".join(e) for e in node_tmp_entries(node) if e[0] in TEST_USERS
+                   and not (e[2].startswith("hk-podman-") and e[1] == "700")] for node in NODES}
     assert not any(left.values()), f"left in the nodes' /tmp by the tests: {left}"
     processes = leftover_processes()
     assert not processes, f"processes of the test users outlived their jobs on the nodes: {processes}"
@@ -158,10 +161,11 @@ class Kernel:
 
 
 def start_kernel(workspace: Path | None, *extra: str, prefix: str = "t", profile: str = "local",
-                 relay: str | None = None) -> Kernel:
+                 relay: str | None = None, env: dict[str, str] | None = None) -> Kernel:
     name = f"{prefix}-{uuid.uuid4().hex[:6]}"
     where = ["--workspace", str(workspace)] if workspace else ["--no-workspace"]
-    proc = hk("submit", "--profile", profile, "--name", name, *where, *(["--relay", relay] if relay else []), *extra)
+    proc = hk("submit", "--profile", profile, "--name", name, *where, *(["--relay", relay] if relay else []), *extra,
+              env=env)
     connection_file = Path(proc.stdout.strip().splitlines()[-1])
     status = json.loads(hk("status", name, "--json").stdout)
     assert status["state"] == "ready", status

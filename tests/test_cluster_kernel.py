@@ -331,11 +331,13 @@ def test_signal_interrupt_reaches_the_kernel_in_the_sandbox(kernel: Kernel) -> N
 
 def test_the_kernel_runs_in_its_runtime(kernel: Kernel) -> None:
     out = kernel.exec("import os, sys; print(sys.executable); print('APPTAINER_CONTAINER' in os.environ); "
-                      "print(os.environ['HOME'])").stdout.split()
+                      "print(os.environ['HOME']); print(os.environ.get('container'))").stdout.split()
     if kernel.profile == "local-apptainer":
-        assert out == ["/usr/bin/python3", "True", "/tmp"], "the image's own Python"
+        assert out == ["/usr/bin/python3", "True", "/tmp", "None"], "the image's own Python"
+    elif kernel.profile == "local-podman":
+        assert out == ["/usr/bin/python3", "False", "/tmp", "podman"], "the image's own Python, in podman"
     else:
-        assert out == ["/opt/hpc-kernels/venv/bin/python3", "False", "/tmp"], "the node's Python"
+        assert out == ["/opt/hpc-kernels/venv/bin/python3", "False", "/tmp", "None"], "the node's Python"
 
 
 def test_output_written_straight_to_file_descriptors_reaches_the_client(kernel: Kernel) -> None:

@@ -29,7 +29,8 @@ from hpc_kernels.launcher import launch_spec
 from hpc_kernels.profiles import KernelRequest, Profile, parse_profile
 from hpc_kernels.render import render_batch_script, render_kernel_script
 from hpc_kernels.resources import data_dir
-from hpc_kernels.runtimes import SandboxSpec, gpu_device_paths, kernel_argv, sandbox_argv
+from hpc_kernels.runtimes import (PodmanStorage, SandboxSpec, gpu_device_paths, kernel_argv, podman_command_line,
+                                  podman_environment, sandbox_argv, sandbox_environment)
 
 GOLDEN = Path(__file__).parent / "golden"
 MATRIX = GOLDEN / "matrix"
@@ -38,6 +39,8 @@ HOME = "/home/user"
 STATE = Path(f"{HOME}/.local/share/hpc-kernels/kernels/golden")
 PYTHON = "/opt/hpc-kernels/venv/bin/python3"
 EXAMPLE_IMAGE = "/shared/images/kernel.sif"
+EXAMPLE_REFERENCE = "localhost/hpc-kernels/kernel:latest"
+RUNTIMES = ("bwrap", "apptainer", "podman")
 NODE_DIR = "/tmp/hk-4242-golden"
 
 
@@ -72,7 +75,7 @@ def test_every_shipped_profile_has_golden_files() -> None:
     assert SHIPPED, "no shipped profiles found"
     for suffix in ("sbatch", "step", "batch"):
         assert sorted(p.name.removesuffix(f".{suffix}") for p in GOLDEN.glob(f"*.{suffix}")) == SHIPPED
-    expected = sorted(f"{n}.{r}.{d}" for n in SHIPPED for r in ("bwrap", "apptainer") for d in ("cpu", "gpu"))
+    expected = sorted(f"{n}.{r}.{d}" for n in SHIPPED for r in RUNTIMES for d in ("cpu", "gpu"))
     assert sorted(p.name for p in MATRIX.iterdir()) == expected
 
 
@@ -92,7 +95,13 @@ def test_batch_script_matches_golden_file(name: str) -> None:
 def variant(profile: Profile, runtime: str, device: str) -> Profile:
     settings = {section: dict(values) for section, values in profile.settings.items()}
     settings["runtime"]["kind"] = runtime
-    settings["runtime"]["image"] = (profile.get("runtime", "image") or EXAMPLE_IMAGE) if runtime == "apptainer" else None
+    own = profile.get("runtime", "kind") == runtime
+    settings["runtime"]["image"] = (profile.get("runtime", "image") if own else None) or \
+        {"apptainer": EXAMPLE_IMAGE, "podman": EXAMPLE_REFERENCE}.get(runtime)
+    if runtime == "podman":
+        settings["runtime"]["executable"] = None
+    else:
+        settings["runtime"]["image_archive"] = None
     settings["slurm"]["gpus"] = (profile.get("slurm", "gpus") or "1") if device == "gpu" else None
     return dataclasses.replace(profile, settings=settings)
 
@@ -106,7 +115,7 @@ def one_per_line(argv: list[str]) -> str:
 
 
 @pytest.mark.parametrize("device", ["cpu", "gpu"])
-@pytest.mark.parametrize("runtime", ["bwrap", "apptainer"])
+@pytest.mark.parametrize("runtime", RUNTIMES)
 @pytest.mark.parametrize("name", SHIPPED)
 def test_launch_matrix_matches_golden_file(name: str, runtime: str, device: str) -> None:
     profile = variant(shipped(name), runtime, device)
@@ -118,8 +127,17 @@ def test_launch_matrix_matches_golden_file(name: str, runtime: str, device: str)
                        if gpus else ())
     command = kernel_argv(launch["kernel_command"], python=launch["kernel_python"],
                           connection_file=f"{NODE_DIR}/kernel.json")
+    podman = None
+    if runtime == "podman":  # as the agent gives it, with node storage under the node's /tmp
+        storage = PodmanStorage("/tmp/hk-podman-1000/storage", "/tmp/hk-podman-1000/run", "/tmp/hk-podman-1000/tmp")
+        env = sandbox_environment({"SLURM_JOB_ID": "4242", "LANG": "C.UTF-8", "PATH": "/usr/bin"}, launch["kernel_env"])
+        _, names, values = podman_environment({}, env, {"HOME": "/tmp/hk-podman-1000/home"})
+        podman = {"podman": podman_command_line(profile.section("runtime"), storage), "name": "hk-4242-golden",
+                  "labels": {"hpc-kernels.job": "4242", "hpc-kernels.kernel": "golden", "hpc-kernels.user": "alice"},
+                  "env_names": names, "env_values": {**values, "HOME": "/tmp"},
+                  "gpu_mode": launch["podman"]["gpus"], "gpu_indices": ["0"] if gpus else []}
     argv = sandbox_argv(runtime, spec, command, executable=launch["runtime_executable"] or runtime,
-                        image=launch["image"], empty_dir=f"{NODE_DIR}/empty")
+                        image=launch["image"], empty_dir=f"{NODE_DIR}/empty", podman=podman)
     text = (script(profile) + "\n# ---- launch.json (the agent's instructions; no secret in it)\n"
             + json.dumps(launch, indent=2, sort_keys=True) + "\n\n# ---- the runtime command line on the node\n"
             + one_per_line(argv) + "\n")

@@ -204,3 +204,139 @@ def test_a_hidden_path_is_hidden_under_its_real_path_too(tmp_path) -> None:  # t
     assert python_prefixes(str(venv / "bin" / "python"), ["/usr", "/opt"]) == [str(venv)], \
         "the env's prefix is shown; its base Python (/usr) already is"
     assert python_prefixes("python3", ["/usr"]) == []
+
+
+# --- podman -----------------------------------------------------------------------------------
+
+from hpc_kernels import podman_node  # noqa: E402
+from hpc_kernels.runtimes import (  # noqa: E402
+    PodmanStorage,
+    gpu_indices,
+    podman_argv,
+    podman_command_line,
+    podman_environment,
+    podman_global_argv,
+    sandbox_argv as any_sandbox_argv,
+)
+
+POD_SPEC = SandboxSpec(node_dir="/tmp/hk-1-abc", hide=["/home", "/home/u/ws/.state", "/srv"], workspace="/home/u/ws",
+                       binds=["/data:ro", "/scratch/u:rw"], tmpfs_size=1 << 30)
+POD_KERNEL = ["python3", "-m", "ipykernel_launcher", "-f", "/tmp/hk-1-abc/rw/kernel.json"]
+
+
+def values_of(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == flag]
+
+
+def test_podman_global_options_name_the_storage_and_the_oci_runtime() -> None:
+    storage = PodmanStorage("/tmp/p/storage", "/tmp/p/run", "/tmp/p/tmp")
+    assert podman_global_argv(storage, "runc") == [
+        "--root", "/tmp/p/storage", "--runroot", "/tmp/p/run", "--tmpdir", "/tmp/p/tmp", "--events-backend", "file",
+        "--storage-driver", "overlay", "--runtime", "runc"]
+    assert podman_global_argv(None, None) == [], "site storage: podman's own configuration decides"
+    assert podman_command_line({"podman_command": "podman-hpc"}) == ["podman-hpc"]
+
+
+def test_podman_isolates_and_runs_the_kernel_in_the_image() -> None:
+    argv = podman_argv(POD_SPEC, POD_KERNEL, "localhost/k:1", podman=["podman", "--runtime", "runc"], name="hk-1-k",
+                       labels={"hpc-kernels.job": "1"}, env_names=["LANG"], env_values={"HOME": "/tmp"})
+    assert argv[:4] == ["podman", "--runtime", "runc", "run"]
+    for flag in ("--rm", "--replace", "--init", "--read-only", "--http-proxy=false", "--read-only-tmpfs=false"):
+        assert flag in argv
+    assert values_of(argv, "--pull") == ["never"] and values_of(argv, "--name") == ["hk-1-k"]
+    assert values_of(argv, "--network") == ["none"] and values_of(argv, "--userns") == ["keep-id"]
+    assert values_of(argv, "--cap-drop") == ["ALL"] and values_of(argv, "--security-opt") == ["no-new-privileges"]
+    assert values_of(argv, "--label") == ["hpc-kernels.job=1"]
+    assert values_of(argv, "--tmpfs")[0] == f"/tmp:rw,nosuid,nodev,size={1 << 30}"
+    assert values_of(argv, "--volume") == ["/data:/data:ro", "/scratch/u:/scratch/u:rw", "/tmp/hk-1-abc/rw:/tmp/hk-1-abc/rw:rw",
+                                       "/tmp/hk-1-abc/ro:/tmp/hk-1-abc/ro:ro", "/home/u/ws:/home/u/ws:ro"]
+    # only hidden paths inside a bind: the image is not the node
+    assert values_of(argv, "--tmpfs")[1:] == ["/home/u/ws/.state:ro,nosuid,nodev,noexec,size=4k"]
+    assert "--memory" not in argv and "--pids-limit" not in argv, "not given: the node's cgroups cannot"
+    assert values_of(argv, "--workdir") == ["/home/u/ws"]
+    assert argv[-6:] == ["localhost/k:1", *POD_KERNEL]
+    assert not any(arg.startswith(("--volume=/home", "/home:")) for arg in argv), "no home"
+
+
+def test_podman_workspace_rw_limits_and_no_workspace() -> None:
+    spec = SandboxSpec(node_dir="/tmp/hk-1-abc", hide=[], workspace="/w", workspace_rw=True)
+    argv = podman_argv(spec, ["k"], "i", name="n", memory=1000, processes=64)
+    assert "/w:/w:rw" in values_of(argv, "--volume")
+    assert values_of(argv, "--memory") == ["1000"] and values_of(argv, "--memory-swap") == ["1000"]
+    assert values_of(argv, "--pids-limit") == ["64"]
+    bare = podman_argv(SandboxSpec(node_dir="/n", hide=[]), ["k"], "i", name="n")
+    assert values_of(bare, "--workdir") == ["/tmp"] and values_of(bare, "--tmpfs") == ["/tmp:rw,nosuid,nodev"]
+
+
+def test_podman_refuses_a_path_it_would_split() -> None:
+    with pytest.raises(ValueError, match="':' or ','"):
+        podman_argv(SandboxSpec(node_dir="/n", hide=[], workspace="/w:x"), ["k"], "i", name="n")
+
+
+@pytest.mark.parametrize("mode, expected", [
+    ("cdi", ["--device", "nvidia.com/gpu=0", "--device", "nvidia.com/gpu=2"]),
+    ("podman-hpc", ["--gpu"]),
+    ("devices", ["--device", "/dev/nvidia0:/dev/nvidia0:rwm", "--device", "/dev/nvidiactl:/dev/nvidiactl:rwm"]),
+])
+def test_podman_gpus_per_mode(mode: str, expected: list[str]) -> None:
+    spec = SandboxSpec(node_dir="/n", hide=[], gpus=True, gpu_devices=["/dev/nvidia0", "/dev/nvidiactl"])
+    argv = podman_argv(spec, ["k"], "i", name="n", gpu_mode=mode, gpu_indices=gpu_indices({"SLURM_STEP_GPUS": "0,2"}))
+    got = [a for i, a in enumerate(argv) if a in ("--device", "--gpu") or (i and argv[i - 1] == "--device")]
+    assert got == expected
+    no_gpus = podman_argv(SandboxSpec(node_dir="/n", hide=[]), ["k"], "i", name="n", gpu_mode=mode, gpu_indices=["0"])
+    assert "--device" not in no_gpus and "--gpu" not in no_gpus
+
+
+def test_podman_environment_goes_by_name_and_podman_reads_only_its_own() -> None:
+    host = {"PATH": "/usr/bin", "LANG": "C.UTF-8", "API_TOKEN": "secret", "CONTAINERS_CONF": "/evil",
+            "XDG_CONFIG_HOME": "/home/u/.config", "SLURM_JOB_ID": "7"}
+    kernel = {"PATH": "/node/bin", "HOME": "/tmp", "LANG": "C.UTF-8", "SLURM_JOB_ID": "7", "IPYTHONDIR": "/n/rw/ipy",
+              "TMPDIR": "/tmp"}
+    own = {"HOME": "/tmp/hk-podman-1/home", "XDG_RUNTIME_DIR": "/tmp/hk-podman-1/xdg"}
+    env, names, values = podman_environment(host, kernel, own)
+    assert env == {"PATH": "/usr/bin", "LANG": "C.UTF-8", "SLURM_JOB_ID": "7", "IPYTHONDIR": "/n/rw/ipy", **own}
+    assert names == ["LANG", "SLURM_JOB_ID", "IPYTHONDIR"]
+    assert values == {"HOME": "/tmp", "TMPDIR": "/tmp"}, "what podman itself reads goes with its value"
+    argv = podman_argv(SandboxSpec(node_dir="/n", hide=[]), ["k"], "i", name="n", env_names=names, env_values=values)
+    assert values_of(argv, "--env") == ["LANG", "SLURM_JOB_ID", "IPYTHONDIR", "HOME=/tmp", "TMPDIR=/tmp"]
+    assert "secret" not in " ".join(argv) and "API_TOKEN" not in env
+
+
+def test_sandbox_argv_dispatches_to_podman() -> None:
+    argv = any_sandbox_argv("podman", SandboxSpec(node_dir="/n", hide=[]), ["k"], executable="podman", image="i",
+                            podman={"podman": ["podman"], "name": "n"})
+    assert argv[:2] == ["podman", "run"]
+    with pytest.raises(ValueError, match="needs an image"):
+        any_sandbox_argv("podman", SandboxSpec(node_dir="/n", hide=[]), ["k"], executable="podman")
+
+
+def test_stale_containers_are_those_of_ended_jobs() -> None:
+    listing = [{"Names": ["hk-5-a"], "Labels": {"hpc-kernels.job": "5"}},
+               {"Names": ["hk-6-b"], "Labels": {"hpc-kernels.job": "6"}},
+               {"Names": ["hk-7-c"], "Labels": {"hpc-kernels.job": "7"}},  # this job
+               {"Names": ["theirs"], "Labels": {}}, {"Names": [], "Labels": {"hpc-kernels.job": "8"}}]
+    asked = []
+
+    def alive(jobs):  # type: ignore[no-untyped-def]
+        asked.append(list(jobs))
+        return {"6"}
+
+    assert podman_node.stale_containers(listing, "7", alive) == ["hk-5-a"]
+    assert asked == [["5", "6"]]
+    assert podman_node.stale_containers(listing[2:], "7", alive) == [] and len(asked) == 1
+
+
+def test_the_podman_user_dir_is_private_and_ours(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    where = podman_node.places(tmp_path, "job", "42", {})
+    assert where.user_dir.stat().st_mode & 0o777 == 0o700
+    assert where.job_dir == where.user_dir / "job-42" and where.storage is not None
+    assert where.storage.root == str(where.user_dir / "job-42" / "storage")
+    assert where.environment["HOME"] == str(where.user_dir / "home"), "no configuration from the user's home"
+    assert podman_node.places(tmp_path, "site", "42", {"HOME": "/home/u"}).storage is None
+    other = tmp_path / "o"
+    other.mkdir()
+    (other / f"hk-podman-{__import__('os').getuid()}").symlink_to(tmp_path)
+    with pytest.raises(podman_node.PodmanNodeError, match="not a private directory"):
+        podman_node.user_dir(other)
+    assert podman_node.stale_job_dirs(where.user_dir, "43", lambda jobs: set()) == [where.job_dir]
+    assert podman_node.stale_job_dirs(where.user_dir, "42", lambda jobs: set()) == []
