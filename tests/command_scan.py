@@ -22,7 +22,6 @@ import re
 import shlex
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 COMMAND_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.+-]*$")
 PROGRAM_PATH = re.compile(r"^/(?:usr/)?(?:local/)?s?bin/([A-Za-z][A-Za-z0-9_.+-]*)$")
