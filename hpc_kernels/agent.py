@@ -381,8 +381,10 @@ class Agent:
         for directory in stale:
             storage = podman_node.PodmanStorage(str(directory / "storage"), str(directory / "run"),
                                                 str(directory / "tmp"))
+            podman_node.forget_dead_pause_process(storage, directory / "xdg")
             podman = podman_command_line({"podman_command": self.podman[0]}, storage)
-            podman_node.remove_storage(podman, self.podman_env, directory)
+            podman_node.remove_storage(podman, {**self.podman_env, "XDG_RUNTIME_DIR": str(directory / "xdg")},
+                                       directory)
             _say(f"podman: removed the storage {directory} of an ended job")
 
     def remove_container(self) -> None:
@@ -750,8 +752,8 @@ class Agent:
                 self.kill_kernel()
                 self.kernel.wait()
         self.remove_container()
+        self.remove_job_storage()  # before the pause process it may use is killed below
         end_leftovers()
-        self.remove_job_storage()
         if self.deadline is not None:
             self.deadline.stop()
             self.deadline = None

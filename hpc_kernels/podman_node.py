@@ -12,7 +12,7 @@ The agent runs podman as the user. Its storage (``runtime.podman_storage``):
 Layout of ``hk-podman-<uid>/`` (trust: podman's, outside every sandbox, never bound into one):
 ``storage/`` (--root: images, containers), ``run/`` (--runroot), ``tmp/`` (--tmpdir: what
 ``podman load`` unpacks), ``xdg/`` (XDG_RUNTIME_DIR: podman's sockets, the rootless pause
-process's pid), ``home/`` (podman's HOME and XDG_CONFIG_HOME: empty; podman reads no
+process's pid; a job storage has these four of its own), ``home/`` (podman's HOME and XDG_CONFIG_HOME: empty; podman reads no
 configuration of the user's home, which a kernel with a read-write workspace may write),
 ``load.lock`` (one ``podman load`` at a time for jobs of the user on the node).
 """
@@ -24,6 +24,7 @@ import fcntl
 import fnmatch
 import json
 import os
+import shutil
 import stat
 import subprocess
 import time
@@ -88,11 +89,38 @@ def places(root: Path, mode: str, job_id: str, environ: Mapping[str, str]) -> Po
     top = job_dir or base
     top.mkdir(mode=0o700, exist_ok=True)
     storage = PodmanStorage(root=str(top / "storage"), runroot=str(top / "run"), tmpdir=str(top / "tmp"))
-    for directory in (storage.runroot, storage.tmpdir):
+    # A job's own storage gets its own rootless pause process too: its end removes both.
+    runtime_dir = top / "xdg"
+    for directory in (storage.runroot, storage.tmpdir, runtime_dir):
         Path(directory).mkdir(mode=0o700, exist_ok=True)
+    forget_dead_pause_process(storage, runtime_dir)
     env = {"HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"), "XDG_DATA_HOME": str(home / ".local/share"),
-           "XDG_RUNTIME_DIR": str(xdg)}
+           "XDG_RUNTIME_DIR": str(runtime_dir)}
     return PodmanPlaces(base, storage, job_dir, env)
+
+
+def pause_pid_files(storage: PodmanStorage, runtime_dir: Path) -> list[Path]:
+    """Where rootless podman records its pause process (the holder of the user namespace every
+    podman command of the user joins): in --tmpdir (podman 4), under XDG_RUNTIME_DIR (podman 5)."""
+    return [Path(storage.tmpdir) / "pause.pid", runtime_dir / "libpod" / "tmp" / "pause.pid"]
+
+
+def forget_dead_pause_process(storage: PodmanStorage, runtime_dir: Path) -> None:
+    """A job's end kills the pause process it started (every process below the agent goes), and
+    podman 5 then refuses to start ("cannot re-exec process to join the existing user
+    namespace") until its pid file goes: remove a pid file whose process is not a live pause
+    process of this user."""
+    for path in pause_pid_files(storage, runtime_dir):
+        try:
+            pid = int(path.read_text().strip())
+            alive = os.stat(f"/proc/{pid}").st_uid == os.getuid() and b"catatonit" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        except FileNotFoundError:
+            alive = not path.exists()
+        except (OSError, ValueError):
+            alive = False
+        if not alive:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
 
 def run_environment(environ: Mapping[str, str]) -> dict[str, str]:
@@ -219,11 +247,17 @@ def stale_job_dirs(user_directory: Path, own_job: str, alive: Callable[[Iterable
 
 
 def remove_storage(podman: Sequence[str], env: Mapping[str, str], directory: Path) -> None:
-    """Remove a job's storage: its files belong to IDs of the user's namespace too, so through
-    ``podman unshare`` (as that namespace's root)."""
+    """Remove a job's storage (``podman`` names it with its global options, ``env`` its
+    XDG_RUNTIME_DIR). Its files belong to IDs of the user's namespace too and its overlay is
+    mounted in the pause process's namespace: ``podman system reset`` removes all that and ends
+    the pause process; what it leaves (empty directories of the user's) goes after."""
     if not directory.exists():
         return
-    run(podman, ["unshare", "rm", "-rf", "--one-file-system", str(directory)], env)
+    run(podman, ["system", "reset", "--force"], env)
+    shutil.rmtree(directory, ignore_errors=True)
+    if directory.exists():
+        run(podman, ["unshare", "rm", "-rf", str(directory)], env)
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def cgroup_limits_apply(podman: Sequence[str], env: Mapping[str, str]) -> str | None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import pytest
 
 from hpc_kernels.runtimes import (
@@ -340,3 +343,31 @@ def test_the_podman_user_dir_is_private_and_ours(tmp_path) -> None:  # type: ign
         podman_node.user_dir(other)
     assert podman_node.stale_job_dirs(where.user_dir, "43", lambda jobs: set()) == [where.job_dir]
     assert podman_node.stale_job_dirs(where.user_dir, "42", lambda jobs: set()) == []
+
+
+def test_a_dead_pause_process_is_forgotten_a_live_one_kept(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A job's end kills the rootless pause process; its pid file would stop podman 5 in the next
+    job. Only a live catatonit of ours keeps its file (a real catatonit where installed)."""
+    import shutil
+    import subprocess
+    where = podman_node.places(tmp_path, "node", "42", {})
+    assert where.storage is not None
+    runtime_dir = Path(where.environment["XDG_RUNTIME_DIR"])
+    old, new = podman_node.pause_pid_files(where.storage, runtime_dir)
+    new.parent.mkdir(parents=True)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    old.write_text(f"{gone.pid}\n")
+    new.write_text(f"{__import__('os').getpid()}\n")  # alive, but not a pause process
+    podman_node.forget_dead_pause_process(where.storage, runtime_dir)
+    assert not old.exists() and not new.exists()
+    if shutil.which("catatonit"):
+        pause = subprocess.Popen(["catatonit", "-P"])
+        try:
+            time.sleep(0.2)
+            old.write_text(f"{pause.pid}\n")
+            podman_node.forget_dead_pause_process(where.storage, runtime_dir)
+            assert old.exists()
+        finally:
+            pause.kill()
+            pause.wait()
