@@ -397,13 +397,16 @@ class Agent:
         except (OSError, subprocess.TimeoutExpired) as e:
             _say(f"podman: could not remove the container {self.container}: {e}")
 
-    def remove_job_storage(self) -> None:
-        if self.podman is not None and self.podman_job_dir is not None:
-            try:
-                podman_node.remove_storage(self.podman, self.podman_env, self.podman_job_dir)
-            except (OSError, subprocess.TimeoutExpired) as e:
-                _say(f"podman: could not remove the job's storage {self.podman_job_dir}: {e}")
-            self.podman_job_dir = None
+    def remove_job_storage(self) -> bool:
+        """The job's own storage (podman_storage job), once nothing of podman runs; whether there was one."""
+        if self.podman is None or self.podman_job_dir is None:
+            return False
+        try:
+            podman_node.remove_storage(self.podman, self.podman_env, self.podman_job_dir)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            _say(f"podman: could not remove the job's storage {self.podman_job_dir}: {e}")
+        self.podman_job_dir = None
+        return True
 
     def sweep(self, root: Path) -> None:
         """Remove what killed jobs of this user left in this node's tmp (see node_tmp.py)."""
@@ -752,8 +755,9 @@ class Agent:
                 self.kill_kernel()
                 self.kernel.wait()
         self.remove_container()
-        self.remove_job_storage()  # before the pause process it may use is killed below
         end_leftovers()
+        if self.remove_job_storage():
+            end_leftovers()  # the pause process `podman unshare` started
         if self.deadline is not None:
             self.deadline.stop()
             self.deadline = None

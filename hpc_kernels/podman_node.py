@@ -248,16 +248,14 @@ def stale_job_dirs(user_directory: Path, own_job: str, alive: Callable[[Iterable
 
 def remove_storage(podman: Sequence[str], env: Mapping[str, str], directory: Path) -> None:
     """Remove a job's storage (``podman`` names it with its global options, ``env`` its
-    XDG_RUNTIME_DIR). Its files belong to IDs of the user's namespace too and its overlay is
-    mounted in the pause process's namespace: ``podman system reset`` removes all that and ends
-    the pause process; what it leaves (empty directories of the user's) goes after."""
+    XDG_RUNTIME_DIR) once nothing of podman runs on it any more (no conmon, whose clean-up would
+    write it again; no pause process, in whose namespace the overlay is mounted). Its files
+    belong to IDs of the user's namespace too: ``podman unshare`` removes them as that
+    namespace's root; the pause process that starts for it is the caller's to end."""
     if not directory.exists():
         return
-    run(podman, ["system", "reset", "--force"], env)
+    run(podman, ["unshare", "rm", "-rf", str(directory)], env)
     shutil.rmtree(directory, ignore_errors=True)
-    if directory.exists():
-        run(podman, ["unshare", "rm", "-rf", str(directory)], env)
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def cgroup_limits_apply(podman: Sequence[str], env: Mapping[str, str]) -> str | None:
