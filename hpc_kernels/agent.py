@@ -757,7 +757,7 @@ class Agent:
         self.remove_container()
         end_leftovers()
         if self.remove_job_storage():
-            end_leftovers()  # the pause process `podman unshare` started
+            end_leftovers()  # anything `podman system reset` left running
         if self.deadline is not None:
             self.deadline.stop()
             self.deadline = None

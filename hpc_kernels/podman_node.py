@@ -249,12 +249,12 @@ def stale_job_dirs(user_directory: Path, own_job: str, alive: Callable[[Iterable
 def remove_storage(podman: Sequence[str], env: Mapping[str, str], directory: Path) -> None:
     """Remove a job's storage (``podman`` names it with its global options, ``env`` its
     XDG_RUNTIME_DIR) once nothing of podman runs on it any more (no conmon, whose clean-up would
-    write it again; no pause process, in whose namespace the overlay is mounted). Its files
-    belong to IDs of the user's namespace too: ``podman unshare`` removes them as that
-    namespace's root; the pause process that starts for it is the caller's to end."""
+    write it again). Its files belong to IDs of the user's namespace too, and podman mounts its
+    overlay directory in that namespace, where ``rm`` cannot remove it: ``podman system reset``
+    removes it all and ends the pause process; the empty directories it leaves go after."""
     if not directory.exists():
         return
-    run(podman, ["unshare", "rm", "-rf", str(directory)], env)
+    run(podman, ["system", "reset", "--force"], env)
     shutil.rmtree(directory, ignore_errors=True)
 
 
