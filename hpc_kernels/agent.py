@@ -383,8 +383,12 @@ class Agent:
                                                 str(directory / "tmp"))
             podman_node.forget_dead_pause_process(storage, directory / "xdg")
             podman = podman_command_line({"podman_command": self.podman[0]}, storage)
-            podman_node.remove_storage(podman, {**self.podman_env, "XDG_RUNTIME_DIR": str(directory / "xdg")},
-                                       directory)
+            try:
+                podman_node.reset_storage(podman, {**self.podman_env, "XDG_RUNTIME_DIR": str(directory / "xdg")})
+            except (OSError, subprocess.TimeoutExpired, podman_node.PodmanNodeError) as e:
+                _say(f"podman: could not empty the storage {directory} of an ended job: {e}")
+                continue
+            shutil.rmtree(directory, ignore_errors=True)
             _say(f"podman: removed the storage {directory} of an ended job")
 
     def remove_container(self) -> None:
@@ -397,16 +401,19 @@ class Agent:
         except (OSError, subprocess.TimeoutExpired) as e:
             _say(f"podman: could not remove the container {self.container}: {e}")
 
-    def remove_job_storage(self) -> bool:
-        """The job's own storage (podman_storage job), once nothing of podman runs; whether there was one."""
+    def remove_job_storage(self) -> None:
+        """The job's own storage (podman_storage job), once nothing of podman runs."""
         if self.podman is None or self.podman_job_dir is None:
-            return False
+            return
+        directory, self.podman_job_dir = self.podman_job_dir, None
         try:
-            podman_node.remove_storage(self.podman, self.podman_env, self.podman_job_dir)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            _say(f"podman: could not remove the job's storage {self.podman_job_dir}: {e}")
-        self.podman_job_dir = None
-        return True
+            podman_node.reset_storage(self.podman, self.podman_env)
+        except (OSError, subprocess.TimeoutExpired, podman_node.PodmanNodeError) as e:
+            _say(f"podman: could not empty the job's storage {directory}: {e}")
+        end_leftovers()  # what the reset left running, which could write there again
+        shutil.rmtree(directory, ignore_errors=True)
+        if directory.exists():
+            _say(f"podman: the job's storage {directory} is left; the user's next kernel on {self.node} removes it")
 
     def sweep(self, root: Path) -> None:
         """Remove what killed jobs of this user left in this node's tmp (see node_tmp.py)."""
@@ -756,8 +763,8 @@ class Agent:
                 self.kernel.wait()
         self.remove_container()
         end_leftovers()
-        if self.remove_job_storage():
-            end_leftovers()  # anything `podman system reset` left running
+        self.remove_job_storage()
+        self.podman = None  # done: a second clean-up must not run podman again (it would make its storage anew)
         if self.deadline is not None:
             self.deadline.stop()
             self.deadline = None

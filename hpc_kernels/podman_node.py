@@ -24,7 +24,6 @@ import fcntl
 import fnmatch
 import json
 import os
-import shutil
 import stat
 import subprocess
 import time
@@ -131,8 +130,10 @@ def run_environment(environ: Mapping[str, str]) -> dict[str, str]:
 
 def run(podman: Sequence[str], args: Sequence[str], env: Mapping[str, str],
         timeout: float = COMMAND_TIMEOUT) -> subprocess.CompletedProcess[str]:
+    """One podman command, in a session of its own: ``podman system reset`` with no pause process
+    left signals its own process group, which would otherwise be the agent's."""
     return subprocess.run([*podman, *args], capture_output=True, text=True, timeout=timeout, env=dict(env),
-                          stdin=subprocess.DEVNULL, cwd="/")
+                          stdin=subprocess.DEVNULL, cwd="/", start_new_session=True)
 
 
 def container_processes(pids: Iterable[int], marker: str) -> tuple[int, int] | None:
@@ -246,16 +247,16 @@ def stale_job_dirs(user_directory: Path, own_job: str, alive: Callable[[Iterable
     return sorted(path for path, job in found.items() if job not in running)
 
 
-def remove_storage(podman: Sequence[str], env: Mapping[str, str], directory: Path) -> None:
-    """Remove a job's storage (``podman`` names it with its global options, ``env`` its
+def reset_storage(podman: Sequence[str], env: Mapping[str, str]) -> None:
+    """Empty a job's storage (``podman`` names it with its global options, ``env`` its
     XDG_RUNTIME_DIR) once nothing of podman runs on it any more (no conmon, whose clean-up would
     write it again). Its files belong to IDs of the user's namespace too, and podman mounts its
     overlay directory in that namespace, where ``rm`` cannot remove it: ``podman system reset``
-    removes it all and ends the pause process; the empty directories it leaves go after."""
-    if not directory.exists():
-        return
-    run(podman, ["system", "reset", "--force"], env)
-    shutil.rmtree(directory, ignore_errors=True)
+    removes it all. It leaves empty directories of the user's, and processes that may write
+    some again until they end: the caller ends them, then removes the directory."""
+    reset = run(podman, ["system", "reset", "--force"], env)
+    if reset.returncode != 0:
+        raise PodmanNodeError(f"podman system reset failed (exit code {reset.returncode}): {_said(reset.stderr)}")
 
 
 def cgroup_limits_apply(podman: Sequence[str], env: Mapping[str, str]) -> str | None:
