@@ -381,6 +381,8 @@ class Agent:
         for directory in stale:
             storage = podman_node.PodmanStorage(str(directory / "storage"), str(directory / "run"),
                                                 str(directory / "tmp"))
+            with contextlib.suppress(OSError):  # podman falls back to /tmp without one
+                (directory / "xdg").mkdir(mode=0o700, exist_ok=True)
             podman_node.forget_dead_pause_process(storage, directory / "xdg")
             podman = podman_command_line({"podman_command": self.podman[0]}, storage)
             try:
