@@ -29,7 +29,7 @@ from . import launcher
 from .errors import HpcKernelsError, KernelGone, ProfileError, RelayError
 from .profiles import KernelRequest, available_profiles, default_profile_name, parse_profile
 from .state import kernel_files
-from .terminal import plain
+from .terminal import strip_ansi
 
 __all__ = ["AsyncKernel", "Batch", "BatchTaskInfo", "ExecutionError", "ExecutionResult", "Kernel", "KernelInfo",
            "ProfileInfo"]
@@ -122,7 +122,7 @@ class ResultBuilder:
             self._displays.clear()
         elif kind == "error":
             self.error = ExecutionError(ename=str(content.get("ename", "")), evalue=str(content.get("evalue", "")),
-                                        traceback=plain("\n".join(content.get("traceback") or [])))
+                                        traceback=strip_ansi("\n".join(content.get("traceback") or [])))
         elif kind == "execute_input":
             self.execution_count = content.get("execution_count", self.execution_count)
 
@@ -132,7 +132,7 @@ class ResultBuilder:
             status = content["status"]
         if status == "error" and self.error is None and content.get("ename"):
             self.error = ExecutionError(str(content.get("ename")), str(content.get("evalue", "")),
-                                        plain("\n".join(content.get("traceback") or [])))
+                                        strip_ansi("\n".join(content.get("traceback") or [])))
         return ExecutionResult(status=status,  # type: ignore[arg-type]
                                stdout="".join(self.stdout), stderr="".join(self.stderr), result=self.result,
                                error=self.error, outputs=list(self.outputs),
@@ -272,7 +272,7 @@ class Kernel:
                gpus: int | str | None = None, image: str | None = None, python_env: str | None = None,
                workspace: str | Path | None = None, rw: bool = False, allow_hosts: Sequence[str] = (),
                idle_timeout: str | float | None = None, relay: str | None = None, time_warning: str | None = None,
-               allocation: str | None = None, timeout: float | None = None,
+               allocation: str | None = None, wait: bool = True, timeout: float | None = None,
                on_progress: Progress | None = None) -> Kernel:
         """Submit a kernel job and return once its kernel is ready.
 
@@ -291,7 +291,8 @@ class Kernel:
         cancels the job and is raised again; so is ``timeout`` (s) running out, as
         KernelStartError. A job that fails before its kernel is ready raises KernelStartError
         with Slurm's reason and the log's tail (the failed kernel stays listed until shut down,
-        as with the CLI).
+        as with the CLI). ``wait=False``: return once the job is submitted (``hpc-kernel submit
+        --no-wait``); :meth:`execute` then waits until the kernel is ready.
         """
         profile_name, request = _request(profile, name, time=time, cpus=cpus, mem=mem, partition=partition,
                                          gpus=gpus, image=image, python_env=python_env, workspace=workspace, rw=rw,
@@ -299,7 +300,8 @@ class Kernel:
                                          time_warning=time_warning, allocation=allocation)
         record = launcher.submit(profile_name, request)
         kernel = cls(record.name)
-        kernel._wait_ready(timeout, on_progress or _quiet)
+        if wait:
+            kernel._wait_ready(timeout, on_progress or _quiet)
         return kernel
 
     def _wait_ready(self, timeout: float | None, progress: Progress) -> None:
@@ -503,7 +505,7 @@ class AsyncKernel:
         return f"AsyncKernel({self.name!r})"
 
     @classmethod
-    async def submit(cls, profile: str | None = None, *, on_progress: Progress | None = None,
+    async def submit(cls, profile: str | None = None, *, wait: bool = True, on_progress: Progress | None = None,
                      timeout: float | None = None, **options: Any) -> AsyncKernel:
         """As :meth:`Kernel.submit` (the same options). ``on_progress`` is called in the event
         loop's thread. Cancelling the task while it waits ends the job (and is raised again)."""
@@ -520,7 +522,10 @@ class AsyncKernel:
         profile_name, request = _request(profile, name, **{**_SUBMIT_DEFAULTS, **options})
         record = await asyncio.to_thread(launcher.submit, profile_name, request)
         kernel = Kernel(record.name)
+        if not wait:
+            return cls(kernel)
         waiting = asyncio.ensure_future(asyncio.to_thread(kernel._wait_ready, timeout, progress))
+        waiting.add_done_callback(lambda done: done.cancelled() or done.exception())  # seen, even after a cancel
         try:
             await asyncio.shield(waiting)
         except asyncio.CancelledError:
