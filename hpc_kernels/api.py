@@ -376,8 +376,12 @@ class Kernel:
         until then; the kernel and its variables are kept. ``on_output`` is called with each
         IOPub message of the cell as it comes (for live output). If the kernel ends while the
         cell runs (killed at its memory limit, its job ended), KernelGone says why, as
-        ``hpc-kernel status`` does; its ``result`` holds the output until then. One cell at a
-        time per handle (a second caller waits).
+        ``hpc-kernel status`` does; its ``result`` holds the output until then; so it does for a
+        kernel that had already ended. One cell at a time per handle (a second caller waits).
+        A cell that ignores the interrupt for 30 s more is left running (the kernel stays busy).
+
+        The handle stays connected after the cell (the next one starts at once); a connected
+        client keeps the kernel from its idle timeout until :meth:`close` (or :meth:`shutdown`).
         """
         from .execute import wait_for_reply
 
@@ -421,7 +425,12 @@ class Kernel:
                 raise KernelGone(str(e), builder.finish("error")) from None
 
     def _connected(self) -> Any:
-        """The client of this handle, connected through the kernel's relay (waits until ready)."""
+        """The client of this handle, connected through the kernel's relay (waits until ready).
+        A kernel that has ended is KernelGone with the reason, its record left as it is."""
+        current = launcher.view(self.name)
+        if current.state in ("ended", "failed", "hibernated"):
+            self._disconnect()
+            raise KernelGone(launcher.gone_reason(self.name) or f"kernel {self.name!r} is {current.state}")
         connection_file = launcher.ensure_relay(self.name)
         if self._client is not None and connection_file == self._connection_file:
             return self._client

@@ -177,6 +177,7 @@ def build_server() -> Any:
             said = msg.get("content", {}).get("text") if msg.get("msg_type") == "stream" else None
             asyncio.ensure_future(ctx.report_progress(messages, None, clean(said)[-200:] if said else None))
 
+        kernel = None
         try:
             kernel = await handle(name)
             result = await kernel.execute(code, timeout=timeout, on_output=on_output)
@@ -188,6 +189,9 @@ def build_server() -> Any:
             return to_result(blocks, error=True)
         except HpcKernelsError as e:
             raise failing(e) from None
+        finally:
+            if kernel is not None:  # a connected client would keep a forgotten kernel from its idle timeout
+                await kernel.close()
         return to_result(result_blocks(result))
 
     @server.tool()

@@ -5,6 +5,7 @@ KeyboardInterrupt while the job is pending (the ``down`` partition never starts 
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import threading
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from hpc_kernels import Kernel
+from hpc_kernels import AsyncKernel, Kernel
 from hpc_kernels.errors import KernelGone, KernelNotFound
 
 # A PNG made with the standard library only (the kernel may have no matplotlib), shown with IPython.
@@ -139,5 +140,29 @@ def test_a_keyboard_interrupt_while_pending_cancels_the_job(cluster: None) -> No
     with pytest.raises(KeyboardInterrupt):
         Kernel.submit(profile="local", name=name, partition="down", on_progress=progress)
     assert any("PENDING" in line for line in seen), seen
+    assert name not in {info.name for info in Kernel.list()}
+    assert our_jobs() <= before
+
+
+def test_cancelling_an_async_submit_while_pending_cancels_the_job(cluster: None) -> None:
+    """The asyncio flavour: the task that awaits AsyncKernel.submit is cancelled while the job
+    waits in the queue (as the MCP server's start_kernel is when the agent gives up)."""
+    before = our_jobs()
+    name = f"api-adown-{uuid.uuid4().hex[:6]}"
+
+    async def submit_then_cancel() -> None:
+        pending = asyncio.Event()
+
+        def progress(line: str) -> None:
+            if line.startswith("PENDING"):
+                pending.set()
+
+        task = asyncio.ensure_future(AsyncKernel.submit("local", name=name, partition="down", on_progress=progress))
+        await asyncio.wait_for(pending.wait(), 60)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(submit_then_cancel())
     assert name not in {info.name for info in Kernel.list()}
     assert our_jobs() <= before

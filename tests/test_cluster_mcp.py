@@ -1,7 +1,8 @@
 """``hpc-kernel mcp`` driven by the MCP SDK's own stdio client, as an agent would, against real
 kernels on the test cluster: start a kernel, run a cell that shows a PNG (the agent gets MCP
 image content), a cell past its timeout, an interrupt, a kernel killed at its memory limit (the
-agent is told why), shut down; nothing is left in the queue."""
+agent is told why), shut down; a kernel the agent forgets hibernates at its idle timeout while the
+server runs; nothing is left in the queue."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from typing import Any
 from mcp import ClientSession, StdioServerParameters, stdio_client
 
 from test_cluster_api import MEMORY_HOG, PNG_CELL, our_jobs
+
+STATE_ROOT = Path.home() / ".local" / "share" / "hpc-kernels" / "kernels"
 
 
 def text_of(result: Any) -> str:
@@ -49,6 +52,14 @@ async def agent_session(tmp_path: Path) -> None:
         status = json.loads(text_of(started))
         assert status["state"] == "ready" and status["node"] in ("c1", "c2"), status
         assert any(m and m.startswith("kernel ready on") for m in progress), progress
+        launch = json.loads((STATE_ROOT / name / "launch.json").read_text())
+        assert launch["idle_timeout"] == 3600.0, "an agent's kernel gets kernel.mcp_idle_timeout by default"
+        # A kernel the agent forgets: after one cell, it hibernates at its idle timeout while the
+        # server still runs (the server holds no connection to it between calls).
+        forgotten = f"mcp-idle-{uuid.uuid4().hex[:6]}"
+        idle = await call(session, "start_kernel", profile="local", name=forgotten, idle_timeout="8s", time="0:10:00")
+        assert not idle.is_error, text_of(idle)
+        assert "status: ok" in text_of(await call(session, "execute", name=forgotten, code="y = 1"))
         listed = json.loads(text_of(await call(session, "list_kernels")))
         assert name in {k["name"] for k in listed}
         # It is the user's own kernel: the CLI sees it too.
@@ -85,6 +96,14 @@ async def agent_session(tmp_path: Path) -> None:
         assert "over the limit of 400.0 MiB (limits.memory)" in text_of(killed), text_of(killed)
         status = json.loads(text_of(await call(session, "status", name=name)))
         assert status["state"] == "ended" and "limits.memory" in status["message"], status
+
+        for _ in range(60):
+            status = json.loads(text_of(await call(session, "status", name=forgotten)))
+            if status["state"] != "ready":
+                break
+            await asyncio.sleep(1)
+        assert status["state"] == "hibernated", status
+        assert not (await call(session, "shutdown", name=forgotten)).is_error
 
         done = await call(session, "shutdown", name=name)
         assert not done.is_error, text_of(done)
