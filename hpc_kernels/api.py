@@ -21,13 +21,18 @@ import secrets
 import threading
 import time as _time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from . import launcher
 from .errors import HpcKernelsError, KernelGone, ProfileError, RelayError
-from .profiles import KernelRequest, available_profiles, default_profile_name, parse_profile
+from .profiles import (
+    KernelRequest,
+    available_profiles,
+    default_profile_name,
+    parse_profile,
+)
 from .state import kernel_files
 from .terminal import strip_ansi
 
@@ -514,9 +519,14 @@ class AsyncKernel:
         return f"AsyncKernel({self.name!r})"
 
     @classmethod
-    async def submit(cls, profile: str | None = None, *, wait: bool = True, on_progress: Progress | None = None,
-                     timeout: float | None = None, **options: Any) -> AsyncKernel:
-        """As :meth:`Kernel.submit` (the same options). ``on_progress`` is called in the event
+    async def submit(cls, profile: str | None = None, *, name: str | None = None, time: str | None = None,
+                     cpus: int | None = None, mem: str | None = None, partition: str | None = None,
+                     gpus: int | str | None = None, image: str | None = None, python_env: str | None = None,
+                     workspace: str | Path | None = None, rw: bool = False, allow_hosts: Sequence[str] = (),
+                     idle_timeout: str | float | None = None, relay: str | None = None,
+                     time_warning: str | None = None, allocation: str | None = None, wait: bool = True,
+                     timeout: float | None = None, on_progress: Progress | None = None) -> AsyncKernel:
+        """As :meth:`Kernel.submit`, the same options. ``on_progress`` is called in the event
         loop's thread. Cancelling the task while it waits ends the job (and is raised again)."""
         loop = asyncio.get_running_loop()
         cancelled = threading.Event()
@@ -527,8 +537,10 @@ class AsyncKernel:
             if on_progress is not None:
                 loop.call_soon_threadsafe(on_progress, line)
 
-        name = options.pop("name", None)
-        profile_name, request = _request(profile, name, **{**_SUBMIT_DEFAULTS, **options})
+        profile_name, request = _request(profile, name, time=time, cpus=cpus, mem=mem, partition=partition,
+                                         gpus=gpus, image=image, python_env=python_env, workspace=workspace, rw=rw,
+                                         allow_hosts=allow_hosts, idle_timeout=idle_timeout, relay=relay,
+                                         time_warning=time_warning, allocation=allocation)
         record = await asyncio.to_thread(launcher.submit, profile_name, request)
         kernel = Kernel(record.name)
         if not wait:
@@ -597,11 +609,6 @@ class AsyncKernel:
             pass
 
 
-_SUBMIT_DEFAULTS: dict[str, Any] = {
-    "time": None, "cpus": None, "mem": None, "partition": None, "gpus": None, "image": None, "python_env": None,
-    "workspace": None, "rw": False, "allow_hosts": (), "idle_timeout": None, "relay": None, "time_warning": None,
-    "allocation": None,
-}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -684,7 +691,7 @@ class Batch:
         """Every task's state now (result records and one squeue)."""
         from . import batch as batches
 
-        batch, statuses = batches.view(self.name)
+        _, statuses = batches.view(self.name)
         return [BatchTaskInfo(index=s.task.index, name=s.task.name, notebook=s.task.notebook,
                               parameters=dict(s.task.parameters), state=s.state, attempt=s.attempt, node=s.node,
                               duration=s.duration, message=s.message,

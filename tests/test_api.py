@@ -8,7 +8,12 @@ import asyncio
 import base64
 
 from hpc_kernels.api import ResultBuilder
-from hpc_kernels.mcp_server import build_server, idle_timeout_for, result_blocks, tool_names
+from hpc_kernels.mcp_server import (
+    build_server,
+    idle_timeout_for,
+    result_blocks,
+    tool_names,
+)
 from hpc_kernels.profiles import SCHEMA
 from hpc_kernels.slurm import parse_queue_position
 

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from mcp import ClientSession, StdioServerParameters, stdio_client
-
 from test_cluster_api import MEMORY_HOG, PNG_CELL, our_jobs
 
 STATE_ROOT = Path.home() / ".local" / "share" / "hpc-kernels" / "kernels"
@@ -63,7 +62,8 @@ async def agent_session(tmp_path: Path) -> None:
         listed = json.loads(text_of(await call(session, "list_kernels")))
         assert name in {k["name"] for k in listed}
         # It is the user's own kernel: the CLI sees it too.
-        assert name in subprocess.run(["hpc-kernel", "list"], capture_output=True, text=True).stdout
+        cli = await asyncio.to_thread(subprocess.run, ["hpc-kernel", "list"], capture_output=True, text=True, check=True)
+        assert name in cli.stdout
 
         plot = await call(session, "execute", name=name, code=PNG_CELL)
         assert not plot.is_error and "status: ok" in text_of(plot) and "shown" in text_of(plot), text_of(plot)
