@@ -6,6 +6,8 @@ KeyboardInterrupt while the job is pending (the ``down`` partition never starts 
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
 import subprocess
 import threading
 import time
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from hpc_kernels import AsyncKernel, Kernel
+from hpc_kernels import AsyncKernel, Batch, Kernel
 from hpc_kernels.errors import KernelGone, KernelNotFound
 
 # A PNG made with the standard library only (the kernel may have no matplotlib), shown with IPython.
@@ -166,3 +168,37 @@ def test_cancelling_an_async_submit_while_pending_cancels_the_job(cluster: None)
     asyncio.run(submit_then_cancel())
     assert name not in {info.name for info in Kernel.list()}
     assert our_jobs() <= before
+
+
+def notebook(path: Path, *cells: str) -> Path:
+    """A notebook of code cells (nbformat 4), with a ``parameters`` cell first, as papermill has it."""
+    nb = {"nbformat": 4, "nbformat_minor": 5, "metadata": {"kernelspec": {"name": "python3", "language": "python",
+                                                                          "display_name": "Python 3"}},
+          "cells": [{"cell_type": "code", "id": f"c{i}", "metadata": {"tags": ["parameters"] if i == 0 else []},
+                     "execution_count": None, "outputs": [], "source": source} for i, source in enumerate(cells)]}
+    path.write_text(json.dumps(nb))
+    return path
+
+
+def shared_dir() -> Path:
+    """On the shared file system (home): the nodes read the notebook and write the results."""
+    path = Path.home() / "hk-test-workspaces" / f"api-{uuid.uuid4().hex[:8]}"
+    path.mkdir(parents=True)
+    return path
+
+
+def test_a_batch_through_the_api(cluster: None) -> None:
+    """Batch.submit: one notebook over two parameter sets, one job array; wait; each task's state,
+    parameters and executed notebook; one that raises is FAILED with the exception."""
+    where = shared_dir()
+    try:
+        nb = notebook(where / "square.ipynb", "n = 1", "assert n != 3, 'three'\nprint(n * n)")
+        batch = Batch.submit([nb], out=where / "out", profile="local", parameters=[{"n": 2}, {"n": 3}],
+                             task_timeout=120)
+        assert batch is not None and batch.name in Batch.list()
+        tasks = {t.parameters["n"]: t for t in batch.wait(timeout=240)}
+        assert tasks[2].state == "COMPLETED" and tasks[2].output and Path(tasks[2].output).exists(), tasks[2]
+        assert tasks[3].state == "FAILED" and tasks[3].error.get("ename") == "AssertionError", tasks[3]
+        assert Batch.attach(batch.name).counts() == {"COMPLETED": 1, "FAILED": 1}
+    finally:
+        shutil.rmtree(where, ignore_errors=True)

@@ -2,20 +2,22 @@
 kernels on the test cluster: start a kernel, run a cell that shows a PNG (the agent gets MCP
 image content), a cell past its timeout, an interrupt, a kernel killed at its memory limit (the
 agent is told why), shut down; a kernel the agent forgets hibernates at its idle timeout while the
-server runs; nothing is left in the queue."""
+server runs; a batch of two notebooks submitted, followed and its results read; nothing is left
+in the queue."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import uuid
 from pathlib import Path
 from typing import Any
 
 from mcp import ClientSession, StdioServerParameters, stdio_client
-from test_cluster_api import MEMORY_HOG, PNG_CELL, our_jobs
+from test_cluster_api import MEMORY_HOG, PNG_CELL, notebook, our_jobs, shared_dir
 
 STATE_ROOT = Path.home() / ".local" / "share" / "hpc-kernels" / "kernels"
 
@@ -65,6 +67,14 @@ async def agent_session(tmp_path: Path) -> None:
         cli = await asyncio.to_thread(subprocess.run, ["hpc-kernel", "list"], capture_output=True, text=True, check=True)
         assert name in cli.stdout
 
+        # A batch runs meanwhile, on its own (its tasks are jobs of their own).
+        where = shared_dir()
+        nb = notebook(where / "double.ipynb", "n = 1", "print(2 * n)")
+        submitted = await call(session, "batch_submit", notebooks=[str(nb)], out=str(where / "out"), profile="local",
+                               parameters=[{"n": 1}, {"n": 2}], task_timeout=120)
+        assert not submitted.is_error and text_of(submitted).startswith("batch "), text_of(submitted)
+        batch = text_of(submitted).split()[1]
+
         plot = await call(session, "execute", name=name, code=PNG_CELL)
         assert not plot.is_error and "status: ok" in text_of(plot) and "shown" in text_of(plot), text_of(plot)
         images = [b for b in plot.content if b.type == "image"]
@@ -104,6 +114,16 @@ async def agent_session(tmp_path: Path) -> None:
             await asyncio.sleep(1)
         assert status["state"] == "hibernated", status
         assert not (await call(session, "shutdown", name=forgotten)).is_error
+
+        for _ in range(120):
+            counts = json.loads(text_of(await call(session, "batch_status", name=batch)))["counts"]
+            if set(counts) <= {"COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "LOST"}:
+                break
+            await asyncio.sleep(2)
+        assert counts == {"COMPLETED": 2}, counts
+        results = json.loads(text_of(await call(session, "batch_results", name=batch)))
+        assert sorted(r["parameters"]["n"] for r in results if r["state"] == "COMPLETED") == [1, 2], results
+        shutil.rmtree(where, ignore_errors=True)
 
         done = await call(session, "shutdown", name=name)
         assert not done.is_error, text_of(done)
