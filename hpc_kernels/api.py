@@ -236,6 +236,17 @@ def _quiet(_: str) -> None:
     pass
 
 
+def _tolerant(progress: Progress) -> Progress:
+    """``progress`` for a clean-up: one that raises (again) must not stop it half-way."""
+    def say(line: str) -> None:
+        try:
+            progress(line)
+        except BaseException:  # noqa: BLE001, S110 - a second Ctrl-C, the caller's own error
+            pass
+
+    return say
+
+
 def _request(profile: str | None, name: str | None, *, workspace: str | Path | None, rw: bool,
              allow_hosts: Sequence[str], gpus: int | str | None, idle_timeout: str | float | None,
              python_env: str | None, **rest: Any) -> tuple[str, KernelRequest]:
@@ -314,7 +325,7 @@ class Kernel:
         try:
             self._connection_file = launcher.ensure_relay(self.name, timeout=timeout, progress=progress)
         except KeyboardInterrupt:
-            launcher.shutdown(self.name, progress=progress)
+            launcher.shutdown(self.name, progress=_tolerant(progress))
             raise
         except RelayError as e:  # the kernel is ready but cannot be reached: it would only hold its job
             job_id = self.job_id
