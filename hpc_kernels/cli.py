@@ -513,6 +513,12 @@ def cmd_shutdown(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_mcp(args: argparse.Namespace) -> int:
+    from .mcp_server import main as serve
+
+    return serve()
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
@@ -712,6 +718,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="*", metavar="name")
     p.add_argument("--all", action="store_true", help="every kernel of yours")
     p.set_defaults(func=cmd_shutdown)
+
+    p = sub.add_parser("mcp", help="serve your kernels to a coding agent: a Model Context Protocol server on stdio")
+    p.set_defaults(func=cmd_mcp)
 
     p = sub.add_parser("doctor", help="try the relay's transports a profile allows on a short test job")
     p.add_argument("--profile", "-p", help="site profile (default: $HPC_KERNELS_PROFILE, or 'default')")

@@ -35,3 +35,13 @@ class RelayError(HpcKernelsError):
 
 class BatchError(HpcKernelsError):
     """A batch (notebooks, parameter files, a batch name) is wrong or cannot be submitted."""
+
+
+class KernelGone(HpcKernelsError):
+    """The kernel ended (its job ended, it went over a limit, it was shut down) while code ran in
+    it. The message says why, as ``hpc-kernel status`` does; ``result`` holds what the code wrote
+    before (an :class:`hpc_kernels.api.ExecutionResult`, or None)."""
+
+    def __init__(self, message: str, result: object = None) -> None:
+        super().__init__(message)
+        self.result = result

@@ -59,11 +59,11 @@ def execute(connection_file: Path, code: str, *, timeout: float | None = None,
             raise HpcKernelsError(gone() or f"the kernel did not answer through {connection_file}: {e}") from None
         try:
             msg_id = client.execute(code, allow_stdin=sys.stdin.isatty())
-            reply = _wait_for_reply(client, msg_id, timeout, gone)
+            reply = wait_for_reply(client, msg_id, timeout, gone)
         except KeyboardInterrupt:
             client.control_channel.send(client.session.msg("interrupt_request", {}))
             print("\n(interrupted: sent interrupt_request to the kernel)", file=sys.stderr)
-            reply = _wait_for_reply(client, msg_id, timeout, gone)
+            reply = wait_for_reply(client, msg_id, timeout, gone)
         except TimeoutError:
             raise HpcKernelsError(f"no reply within {timeout} s; the code may still be running") from None
         return bool(reply["content"].get("status") == "ok")
@@ -71,10 +71,12 @@ def execute(connection_file: Path, code: str, *, timeout: float | None = None,
         client.stop_channels()
 
 
-def _wait_for_reply(client: BlockingKernelClient, msg_id: str, timeout: float | None,
-                    gone: Callable[[], str | None]) -> dict[str, Any]:
-    """Show the request's output as it comes, answer its input requests, and return its
-    execute_reply once the kernel is idle again."""
+def wait_for_reply(client: BlockingKernelClient, msg_id: str, timeout: float | None,
+                   gone: Callable[[], str | None] = _never_gone,
+                   on_output: Callable[[dict[str, Any]], None] = print_output) -> dict[str, Any]:
+    """Hand each IOPub message of request ``msg_id`` to ``on_output`` as it comes (default: show
+    it), answer its input requests, and return its execute_reply once the kernel is idle again.
+    TimeoutError after ``timeout`` s; HpcKernelsError with ``gone``'s answer if the kernel went."""
     deadline = None if timeout is None else time.monotonic() + timeout
     next_check = time.monotonic() + GONE_CHECK_SECONDS
     while True:
@@ -94,7 +96,7 @@ def _wait_for_reply(client: BlockingKernelClient, msg_id: str, timeout: float | 
             continue
         if msg["msg_type"] == "status" and msg["content"].get("execution_state") == "idle":
             break
-        print_output(msg)
+        on_output(msg)
     while True:
         reply: dict[str, Any] = client.get_shell_msg(timeout=READY_TIMEOUT)
         if reply["parent_header"].get("msg_id") == msg_id:

@@ -379,6 +379,8 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "start_timeout": (_positive_number, 60.0),
         "on_node": (_bool, True),
         "time_warning": (_duration, 600.0),
+        # limits.idle_timeout for a kernel an agent starts through `hpc-kernel mcp` (0: the profile's)
+        "mcp_idle_timeout": (_duration, 3600.0),
     },
     "paths": {
         "node_tmp": (_opt(_node_tmp), None),

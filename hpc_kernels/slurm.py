@@ -331,3 +331,19 @@ def array_spec(indices: Sequence[int], max_parallel: int | None = None) -> str:
         if index is not None:
             start = previous = index
     return ",".join(parts) + (f"%{max_parallel}" if max_parallel else "")
+
+
+def queue_position(job_id: str, partition: str) -> int | None:
+    """Where pending job ``job_id`` stands among the pending jobs of ``partition`` (1: next to
+    start), in Slurm's scheduling order (priority, then id); None if it is not pending there.
+    One squeue of the partition's pending jobs: ids only."""
+    proc = _run(["squeue", "--noheader", "--states=PENDING", f"--partition={partition}", "--sort=-p,i",
+                 "--format=%i"])
+    if proc.returncode != 0:
+        raise SlurmError(f"squeue --partition={partition} failed: {_slurm_message(proc)}")
+    return parse_queue_position(proc.stdout, job_id)
+
+
+def parse_queue_position(stdout: str, job_id: str) -> int | None:
+    ids = [line.strip() for line in stdout.splitlines() if line.strip()]
+    return ids.index(job_id) + 1 if job_id in ids else None
