@@ -350,12 +350,13 @@ def test_a_dead_pause_process_is_forgotten_a_live_one_kept(tmp_path) -> None:  #
     job. Only a live catatonit of ours keeps its file (a real catatonit where installed)."""
     import shutil
     import subprocess
+    import sys
     where = podman_node.places(tmp_path, "node", "42", {})
     assert where.storage is not None
     runtime_dir = Path(where.environment["XDG_RUNTIME_DIR"])
     old, new = podman_node.pause_pid_files(where.storage, runtime_dir)
     new.parent.mkdir(parents=True)
-    gone = subprocess.Popen(["true"])
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     old.write_text(f"{gone.pid}\n")
     new.write_text(f"{__import__('os').getpid()}\n")  # alive, but not a pause process
