@@ -327,7 +327,7 @@ class Agent:
         """Podman's storage and environment on this node, the image in it, leftovers of killed jobs
         removed; the ``podman run`` command line and its environment."""
         settings = self.launch.get("podman") or {}
-        mode = settings.get("storage") or "node"
+        mode = settings.get("storage") or "job"
         try:
             where = podman_node.places(root, mode, self.job_id, os.environ)
         except (OSError, podman_node.PodmanNodeError) as e:

@@ -2,11 +2,16 @@
 
 The agent runs podman as the user. Its storage (``runtime.podman_storage``):
 
-- ``node`` (the default): ``<node tmp>/hk-podman-<uid>/`` (0700), kept between jobs, so that a
-  second kernel of the user on the node starts warm (the image loaded once per node). Rootless
-  storage cannot live on NFS; node-local tmp is where it can.
-- ``job``: ``<node tmp>/hk-podman-<uid>/job-<job id>/``, removed when the job ends (and, if a
-  killed job left it, by the next kernel of the user on that node).
+- ``job`` (the default): ``<node tmp>/hk-podman-<uid>/job-<job id>/``, removed when the job ends
+  (and, if a killed job left it, by the next kernel of the user on that node). Nothing is shared
+  between jobs, so each loads the image (a cold start) and has its own pause process, which
+  ends with the job without touching another job.
+- ``node``: ``<node tmp>/hk-podman-<uid>/`` (0700), kept between jobs, so that a later kernel of
+  the user on the node starts warm (the image loaded once per node). The jobs share one pause
+  process: the job that started it ends it (Slurm ends every process of a job), and another job
+  of the user still running on the node then finds podman refusing commands until it starts a
+  new one. For one kernel per user and node at a time. Rootless storage cannot live on NFS;
+  node-local tmp is where it can.
 - ``site``: podman's own configuration (podman-hpc, a site's storage.conf); no --root given.
 
 Layout of ``hk-podman-<uid>/`` (trust: podman's, outside every sandbox, never bound into one):

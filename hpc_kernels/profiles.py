@@ -361,7 +361,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "image_archive": (_opt(_archive), None),
         "podman_command": (_matching(_COMMAND, "a command name or absolute path, e.g. podman or podman-hpc"), "podman"),
         "podman_oci_runtime": (_opt(_matching(_COMMAND, "an OCI runtime's name or path, e.g. runc or crun")), None),
-        "podman_storage": (_one_of(*PODMAN_STORAGE_MODES), "node"),
+        "podman_storage": (_one_of(*PODMAN_STORAGE_MODES), "job"),
         "podman_gpus": (_one_of(*PODMAN_GPU_MODES), "cdi"),
         "network": (_one_of("none"), "none"),
         "hide": (_list_of(_abs_path, "absolute paths"), ["/home", "/root", "/run", "/var/tmp", "/srv", "/mnt", "/media"]),

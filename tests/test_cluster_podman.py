@@ -3,8 +3,9 @@
 Everything every runtime must do (the kernel suite, the security and escape tests, relay
 transports, batch, provisioner) runs for podman through conftest's RUNTIME_PROFILES and FLAVOURS;
 here only what podman adds: the container's name, labels and removal (at shutdown, after a
-SIGKILLed agent), keep-id ownership, the per-user storage on the node (outside the sandbox,
-warm for the next kernel). One module kernel (read-write workspace) serves most tests.
+SIGKILLed agent), keep-id ownership, the job's storage (outside the sandbox, gone with the job),
+the per-user storage kept on the node (warm for the next kernel). One module kernel (read-write
+workspace) serves most tests.
 """
 
 from __future__ import annotations
@@ -25,18 +26,20 @@ UID = os.getuid()
 USER_DIR = f"/tmp/hk-podman-{UID}"
 
 
-def podman_on(kernel: Kernel, *args: str) -> str:
-    """Run podman as the user on the kernel's node, inside its job, with the agent's storage."""
+def podman_on(kernel: Kernel, *args: str, storage: str | None = None) -> str:
+    """Run podman as the user on the kernel's node, inside its job, on a storage of the agent's:
+    the kernel's own (podman_storage job, the default), or ``storage``."""
+    top = storage or f"{USER_DIR}/job-{kernel.job_id}"
     argv = ["srun", f"--jobid={kernel.job_id}", "--overlap", "--nodes=1", "--ntasks=1", "env",
-            f"HOME={USER_DIR}/home", f"XDG_CONFIG_HOME={USER_DIR}/home/.config", f"XDG_RUNTIME_DIR={USER_DIR}/xdg",
-            "podman", "--root", f"{USER_DIR}/storage", "--runroot", f"{USER_DIR}/run", "--tmpdir", f"{USER_DIR}/tmp",
+            f"HOME={USER_DIR}/home", f"XDG_CONFIG_HOME={USER_DIR}/home/.config", f"XDG_RUNTIME_DIR={top}/xdg",
+            "podman", "--root", f"{top}/storage", "--runroot", f"{top}/run", "--tmpdir", f"{top}/tmp",
             "--events-backend", "file", "--storage-driver", "overlay", "--runtime", "runc", *args]
     return run(argv, timeout=120).stdout
 
 
-def containers(kernel: Kernel) -> dict[str, dict[str, str]]:
-    """Name -> labels of every container in the user's storage on the kernel's node."""
-    listing = json.loads(podman_on(kernel, "ps", "--all", "--format", "json") or "[]")
+def containers(kernel: Kernel, storage: str | None = None) -> dict[str, dict[str, str]]:
+    """Name -> labels of every container in a storage of the user's on the kernel's node."""
+    listing = json.loads(podman_on(kernel, "ps", "--all", "--format", "json", storage=storage) or "[]")
     return {c["Names"][0]: c.get("Labels") or {} for c in listing}
 
 
@@ -45,7 +48,9 @@ def state_dir(kernel: Kernel) -> Path:
 
 
 def pinned_profile(tmp_path: Path, node: str) -> dict[str, str]:
-    (tmp_path / "pinned-podman.yaml").write_text(f"extends: {PROFILE}\nslurm:\n  extra_options: [--nodelist={node}]\n")
+    """A profile on ``node`` whose kernels keep podman's storage on the node between jobs."""
+    (tmp_path / "pinned-podman.yaml").write_text(f"extends: {PROFILE}\nslurm:\n  extra_options: [--nodelist={node}]\n"
+                                                 "runtime:\n  podman_storage: node\n")
     return {"HPC_KERNELS_PROFILE_PATH": str(tmp_path)}
 
 
@@ -106,13 +111,14 @@ def test_no_network_no_home_no_storage_no_capabilities_inside(kernel: Kernel) ->
 
 
 def test_a_killed_agents_container_is_removed_and_the_next_kernel_starts_warm(kernel: Kernel, tmp_path: Path) -> None:
-    """SIGKILL to the agent: Slurm ends the job; the container it left in the user's storage is
-    removed by the next kernel of the user on that node, which starts without loading the image."""
+    """podman_storage node: SIGKILL to the agent, Slurm ends the job; the container it left in the
+    user's storage on the node is removed by the next kernel of the user on that node, which starts
+    without loading the image (the first kernel there loaded it)."""
     env = pinned_profile(tmp_path, kernel.node)
     victim = start_kernel(None, prefix="pok", profile="pinned-podman", env=env)
     assert victim.node == kernel.node
     agent = json.loads((state_dir(victim) / "agent.json").read_text())
-    assert f"hk-{victim.job_id}-{victim.name}" in containers(kernel)
+    assert f"hk-{victim.job_id}-{victim.name}" in containers(kernel, USER_DIR)
     run(["srun", f"--jobid={victim.job_id}", "--overlap", "--nodes=1", "--ntasks=1", "kill", "-KILL", str(agent["pid"])])
     deadline = time.monotonic() + 60
     while run(["squeue", "-h", "-j", victim.job_id], check=False).stdout.strip() and time.monotonic() < deadline:
@@ -122,9 +128,9 @@ def test_a_killed_agents_container_is_removed_and_the_next_kernel_starts_warm(ke
     try:
         log = hk("logs", warm.name).stdout
         assert "podman: loaded" not in log, "the image was already in the node's storage: a warm start"
-        left = containers(kernel)
+        left = containers(kernel, USER_DIR)
         assert f"hk-{victim.job_id}-{victim.name}" not in left, f"the killed job's container is left: {left}"
         assert f"hk-{warm.job_id}-{warm.name}" in left
     finally:
         hk("shutdown", warm.name, check=False)
-    assert f"hk-{warm.job_id}-{warm.name}" not in containers(kernel), "removed at shutdown"
+    assert f"hk-{warm.job_id}-{warm.name}" not in containers(kernel, USER_DIR), "removed at shutdown"

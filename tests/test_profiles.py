@@ -377,7 +377,7 @@ def test_a_podman_profile_and_its_defaults(profile_dir: Path) -> None:
     runtime = parse_profile(path).section("runtime")
     assert (runtime["image"], runtime["image_archive"], runtime["podman_oci_runtime"]) == (
         "localhost/hpc-kernels/kernel:latest", "/opt/k.oci.tar", "runc")
-    assert (runtime["podman_command"], runtime["podman_storage"], runtime["podman_gpus"]) == ("podman", "node", "cdi")
+    assert (runtime["podman_command"], runtime["podman_storage"], runtime["podman_gpus"]) == ("podman", "job", "cdi")
 
 
 def test_image_on_the_command_line_is_checked_for_the_profiles_kind(profile_dir: Path) -> None:
