@@ -30,10 +30,16 @@ def podman_on(kernel: Kernel, *args: str, storage: str | None = None) -> str:
     """Run podman as the user on the kernel's node, inside its job, on a storage of the agent's:
     the kernel's own (podman_storage job, the default), or ``storage``."""
     top = storage or f"{USER_DIR}/job-{kernel.job_id}"
+    podman = ["podman", "--root", f"{top}/storage", "--runroot", f"{top}/run", "--tmpdir", f"{top}/tmp",
+              "--events-backend", "file", "--storage-driver", "overlay", "--runtime", "runc", *args]
+    # A pause process this command starts (none of the storage's agents runs) would outlive the
+    # step: Slurm's proctrack/linuxproc loses processes that daemonize. End it here.
+    pause = f"{top}/tmp/pause.pid"
+    script = (f'before=$(cat {pause} 2>/dev/null); "$@"; rc=$?; after=$(cat {pause} 2>/dev/null); '
+              f'if [ -n "$after" ] && [ "$after" != "$before" ]; then kill -9 "$after"; fi; exit $rc')
     argv = ["srun", f"--jobid={kernel.job_id}", "--overlap", "--nodes=1", "--ntasks=1", "env",
             f"HOME={USER_DIR}/home", f"XDG_CONFIG_HOME={USER_DIR}/home/.config", f"XDG_RUNTIME_DIR={top}/xdg",
-            "podman", "--root", f"{top}/storage", "--runroot", f"{top}/run", "--tmpdir", f"{top}/tmp",
-            "--events-backend", "file", "--storage-driver", "overlay", "--runtime", "runc", *args]
+            "sh", "-c", script, "podman-on", *podman]
     return run(argv, timeout=120).stdout
 
 
@@ -134,3 +140,8 @@ def test_a_killed_agents_container_is_removed_and_the_next_kernel_starts_warm(ke
     finally:
         hk("shutdown", warm.name, check=False)
     assert f"hk-{warm.job_id}-{warm.name}" not in containers(kernel, USER_DIR), "removed at shutdown"
+    # The victim's pause process, started below the agent SIGKILLed above, escaped its job: this
+    # cluster's Slurm tracks a job's processes by parentage (proctrack/linuxproc), where
+    # proctrack/cgroup would have ended it with the job. The warm kernel used it and left it.
+    run(["srun", f"--jobid={kernel.job_id}", "--overlap", "--nodes=1", "--ntasks=1", "sh", "-c",
+         f"kill -9 $(cat {USER_DIR}/tmp/pause.pid) 2>/dev/null; true"], timeout=60)

@@ -74,6 +74,8 @@ def test_a_gpu_kernel_gets_the_gpu_slurm_chose(cluster: None, runtime_profile: s
         argv = runtime_command_line(k.name)
         if runtime_profile == RUNTIME_PROFILES["apptainer"]:
             assert " --nv " in argv, argv
+        elif runtime_profile == RUNTIME_PROFILES["podman"]:  # runtime.podman_gpus devices
+            assert "--device /dev/nvidia0:/dev/nvidia0:rwm --device /dev/nvidiactl:/dev/nvidiactl:rwm" in argv, argv
         else:
             assert "--dev-bind /dev/nvidia0 /dev/nvidia0" in argv, argv
     finally:
@@ -164,8 +166,9 @@ def test_an_image_without_ipykernel_fails_at_submit_with_the_reason(cluster: Non
 
 @pytest.mark.parametrize("runtime", sorted(RUNTIME_PROFILES))
 def test_a_runtime_that_is_not_installed_is_a_clear_error(cluster: None, profile_path: Path, runtime: str) -> None:
+    key = "podman_command" if runtime == "podman" else "executable"
     (profile_path / "noruntime.yaml").write_text(
-        f"extends: {RUNTIME_PROFILES[runtime]}\nruntime:\n  executable: /opt/nowhere/{runtime}\n")
+        f"extends: {RUNTIME_PROFILES[runtime]}\nruntime:\n  {key}: /opt/nowhere/{runtime}\n")
     name = f"nort-{uuid.uuid4().hex[:6]}"
     before = squeue_ids()
     proc = hk("submit", "-p", "noruntime", "-n", name, "--no-workspace", check=False)
@@ -196,6 +199,11 @@ def test_the_runtime_is_called_without_the_key_and_with_its_isolation_flags(kern
     argv = runtime_command_line(kernel.name)
     if kernel.profile == RUNTIME_PROFILES["apptainer"]:
         flags = ("--containall", "--no-home", "--cleanenv", "--network none", "--no-mount bind-paths")
+    elif kernel.profile == RUNTIME_PROFILES["podman"]:
+        # the kernel's environment goes by name: only HOME has a value on the command line
+        flags = ("--network none", "--userns keep-id", "--cap-drop ALL", "--security-opt no-new-privileges",
+                 "--read-only", "--pull never", "--env SLURM_JOB_ID ", "--env HOME=/tmp ")
+        assert "--env SLURM_JOB_ID=" not in argv and "--volume /home/hk-alice:" not in argv, argv
     else:
         # deny by default: the system paths, never the node's root; no user namespaces inside
         flags = ("--unshare-all", "--die-with-parent", "--new-session", "--disable-userns", "--ro-bind /usr /usr")
