@@ -56,8 +56,11 @@ def runtime_pid(kernel_name: str) -> int:
     """The runtime process: the node agent's child (the node shares this machine's /proc)."""
     agent = json.loads((STATE_ROOT / kernel_name / "agent.json").read_text())["pid"]
     children = Path(f"/proc/{agent}/task/{agent}/children").read_text().split()
-    assert len(children) == 1, children
-    return int(children[0])
+    # podman's conmon and pause process are the agent's children too (they daemonize; the agent
+    # is a subreaper): the runtime is `podman run`
+    runtimes = [c for c in children if len(children) == 1 or b"\0run\0" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    assert len(runtimes) == 1, children
+    return int(runtimes[0])
 
 
 def test_a_gpu_kernel_gets_the_gpu_slurm_chose(cluster: None, runtime_profile: str) -> None:
