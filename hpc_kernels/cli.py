@@ -367,7 +367,7 @@ def cmd_image_check(args: argparse.Namespace) -> int:
             image = image or profile.get("runtime", "image")
             apptainer = profile.get("runtime", "executable") or apptainer
         else:
-            podman = dict(profile.settings["runtime"])
+            podman = dict(profile.section("runtime"))
             if not archive:
                 image = image or profile.get("runtime", "image")
                 archive = Path(profile.get("runtime", "image_archive") or "") if profile.get("runtime", "image_archive") else None

@@ -24,11 +24,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import __version__
+from . import __version__, podman_node
 from .errors import HpcKernelsError
 from .oci_archive import REF_NAME, write_oci_archive
 from .render import template_environment
-from .runtimes import (SANDBOX_HOME, PodmanStorage, apptainer_process_environment, is_image_reference,
+from .runtimes import (PODMAN_ISOLATION, SANDBOX_HOME, PodmanStorage, apptainer_process_environment, is_image_reference,
                        podman_command_line)
 
 DEFINITION_TEMPLATE = "kernel-image.def.j2"
@@ -299,9 +299,8 @@ def archive_reference(archive: Path) -> str | None:
 def podman_check_argv(podman: Sequence[str], reference: str, python: str = "python3") -> list[str]:
     """Start ``reference`` as the agent does (runtimes.podman_argv's isolation, no binds) and probe.
     ``podman`` is the podman command with its global options."""
-    return [*podman, "run", "--rm", "--pull", "never", "--network", "none", "--userns", "keep-id",
-            "--cap-drop", "ALL", "--security-opt", "no-new-privileges", "--read-only",
-            "--tmpfs", "/tmp", "--env", f"HOME={SANDBOX_HOME}", "--workdir", SANDBOX_HOME,
+    return [*podman, "run", "--rm", "--pull", "never", *PODMAN_ISOLATION,
+            "--tmpfs", SANDBOX_HOME, "--env", f"HOME={SANDBOX_HOME}", "--workdir", SANDBOX_HOME,
             reference, python, "-c", PROBE]
 
 
@@ -312,26 +311,25 @@ def check_podman_image(reference: str, podman: Sequence[str], *, archive: Path |
     storage ``podman`` (the command and its global options) names."""
     run_env = dict(env if env is not None else os.environ)
 
-    def run(argv: list[str]) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
-                              env=run_env)
+    def podman_says(args: list[str]) -> subprocess.CompletedProcess[str]:
+        return podman_node.run(podman, args, run_env, timeout=timeout)
 
     try:
-        if run([*podman, "image", "exists", reference]).returncode != 0:
+        if podman_says(["image", "exists", reference]).returncode != 0:
             if archive is None:
                 return ImageReport(reference, problems=[f"{reference} is not in podman's image storage here "
                                                         "(and no runtime.image_archive to load it from)"])
             if not archive.is_file():
                 return ImageReport(reference, problems=[f"{archive} does not exist"])
-            loaded = run([*podman, "load", "--input", str(archive)])
+            loaded = podman_says(["load", "--input", str(archive)])
             if loaded.returncode != 0:
                 return ImageReport(reference, problems=[f"podman load --input {archive} failed "
                                                         f"(exit code {loaded.returncode}): {loaded.stderr.strip()}"])
-            if run([*podman, "image", "exists", reference]).returncode != 0:
+            if podman_says(["image", "exists", reference]).returncode != 0:
                 named = archive_reference(archive)
                 return ImageReport(reference, problems=[f"{archive} holds {named or 'an image with no name'}, "
                                                         f"not {reference}"])
-        proc = run(podman_check_argv(podman, reference, python))
+        proc = podman_node.run(podman_check_argv(podman, reference, python), [], run_env, timeout=timeout)
     except subprocess.TimeoutExpired:
         return ImageReport(reference, problems=[f"podman did not answer within {timeout:.0f} s"])
     return _report(reference, proc, python)
@@ -356,8 +354,7 @@ def scratch_podman(runtime: Mapping[str, object]) -> Iterator[tuple[list[str], d
             yield argv, env
         finally:
             # Also ends the pause process rootless podman leaves running for its user namespace.
-            subprocess.run([*argv, "system", "reset", "--force"], capture_output=True, stdin=subprocess.DEVNULL,
-                           env=env, timeout=120)
+            podman_node.run(argv, ["system", "reset", "--force"], env)
 
 
 def _report(image: str, proc: subprocess.CompletedProcess[str], python: str) -> ImageReport:

@@ -248,6 +248,15 @@ PODMAN_READS = ("HOME", "XDG_*", "TMPDIR", "CONTAINERS_*", "CONTAINER_*", "PODMA
                 "http_proxy", "https_proxy", "NO_PROXY", "no_proxy", "FTP_PROXY", "ftp_proxy")
 
 
+# What every container of a kernel (and `hpc-kernel image check`'s) is started with.
+PODMAN_ISOLATION = (
+    "--network", "none", "--uts", "host", "--userns", "keep-id",
+    "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+    "--read-only", "--read-only-tmpfs=false",  # no writable /run, /var/tmp: only the /tmp given
+    "--http-proxy=false",  # podman would pass the node's proxy variables into the container
+)
+
+
 def podman_argv(spec: SandboxSpec, kernel_argv: Sequence[str], image: str, *, podman: Sequence[str] = ("podman",),
                 name: str, labels: Mapping[str, str] | None = None, env_names: Sequence[str] = (),
                 env_values: Mapping[str, str] | None = None, gpu_mode: str = "cdi",
@@ -273,13 +282,8 @@ def podman_argv(spec: SandboxSpec, kernel_argv: Sequence[str], image: str, *, po
     argv = [*podman, "run", "--rm", "--replace", "--pull", "never", "--init", "--name", name]
     for key, value in (labels or {}).items():
         argv += ["--label", f"{key}={value}"]
-    argv += [
-        "--network", "none", "--uts", "host", "--userns", "keep-id",
-        "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
-        "--read-only", "--read-only-tmpfs=false",  # no writable /run, /var/tmp: only the /tmp below
-        "--http-proxy=false",  # podman would pass the node's proxy variables into the container
-        "--log-driver", "none",  # stdout and stderr reach `podman run` (the job log); no copy in the storage
-    ]
+    argv += [*PODMAN_ISOLATION,
+             "--log-driver", "none"]  # stdout and stderr reach `podman run` (the job log); no copy in the storage
     size = f",size={spec.tmpfs_size}" if spec.tmpfs_size else ""
     argv += ["--tmpfs", f"{SANDBOX_HOME}:rw,nosuid,nodev{size}"]
     if memory:
@@ -386,8 +390,7 @@ def gpu_device_paths(job_env: Mapping[str, str], existing: Sequence[str]) -> lis
     """The device nodes of the GPUs Slurm allocated to this step (``SLURM_STEP_GPUS``, in a batch
     step ``SLURM_JOB_GPUS``: indices into gres.conf's ``File=/dev/nvidia[...]``), with the control
     devices; only those in ``existing`` (the device nodes present on the node)."""
-    indices = job_env.get("SLURM_STEP_GPUS") or job_env.get("SLURM_JOB_GPUS") or ""
-    wanted = [f"/dev/nvidia{i.strip()}" for i in indices.split(",") if i.strip().isdigit()]
+    wanted = [f"/dev/nvidia{i}" for i in gpu_indices(job_env)]
     if not wanted:
         return []
     present = set(existing)
